@@ -1,0 +1,99 @@
+"""The notebook-level API: quantize a loaded model with a method and a scheme, evaluate it."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+
+import torch
+
+from . import data
+from .eval.perplexity import PerplexityResult, perplexity
+from .methods import get_method
+from .scheme import get_scheme
+from .sim import check_calibrated, simulate
+from .zoo import LoadedModel
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    samples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    corpus: str = data.DEFAULT_CALIB
+
+
+def check_seqlen(lm: LoadedModel, seqlen: int) -> None:
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+    if lm.max_context and seqlen > lm.max_context:
+        raise ValueError(f"seqlen {seqlen} is above the context of {lm.name} ({lm.max_context} tokens)")
+
+
+def versions() -> dict:
+    import transformers
+
+    from . import __version__
+
+    return {"quant": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+@dataclass
+class QuantizeResult:
+    lm: LoadedModel
+    recipe: dict = field(default_factory=dict)
+
+
+def _config_dict(cfg) -> dict:
+    return asdict(cfg) if is_dataclass(cfg) else dict(cfg or {})
+
+
+def make_method_config(method: str, overrides: dict | None = None):
+    mod = get_method(method)
+    overrides = dict(overrides or {})
+    known = {f.name for f in fields(mod.Config)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"method {method!r} has no option(s) {sorted(unknown)}; options: {sorted(known)}")
+    return mod.Config(**overrides)
+
+
+def quantize(lm: LoadedModel, scheme: str = "w8a8", method: str = "rtn", calib: CalibConfig | None = None,
+             method_config=None, progress: bool = True) -> QuantizeResult:
+    """Quantize ``lm.model`` in place with ``method`` under ``scheme``; returns the model and its recipe."""
+    calib = calib or CalibConfig()
+    scheme_obj = get_scheme(scheme)
+    check_seqlen(lm, calib.seqlen)
+    mod = get_method(method)
+    method_config = method_config if method_config is not None else mod.Config()
+    recipe = {
+        "model": lm.name, "num_layers": lm.num_layers, "total_layers": lm.total_layers, "add_bos": lm.add_bos,
+        "scheme": scheme_obj.name, "method": method, "method_config": _config_dict(method_config),
+        "calibration": asdict(calib), "versions": versions(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    t0 = time.perf_counter()
+    if scheme_obj.is_float:
+        recipe["method"] = "none"
+        recipe["method_config"] = {}
+        recipe["timing"] = {"quantize_s": 0.0}
+        return QuantizeResult(lm, recipe)
+    windows = data.calibration_windows(lm.tokenizer, calib.samples, calib.seqlen, calib.seed, calib.corpus,
+                                       add_bos=lm.add_bos)
+    recipe["calibration"]["corpus_id"] = data.corpus_id(calib.corpus)
+    simulate(lm.model, scheme_obj)
+    info = mod.apply(lm.model, windows, method_config, progress=progress) or {}
+    check_calibrated(lm.model)
+    recipe["method_info"] = info
+    recipe["timing"] = {"quantize_s": round(time.perf_counter() - t0, 3)}
+    return QuantizeResult(lm, recipe)
+
+
+def evaluate_perplexity(lm: LoadedModel, seqlen: int = 512, corpus: str = data.DEFAULT_EVAL,
+                        limit: int | None = None, batch_size: int = 1, progress: bool = True) -> PerplexityResult:
+    check_seqlen(lm, seqlen)
+    windows = data.eval_windows(lm.tokenizer, seqlen, corpus, limit=limit, add_bos=lm.add_bos)
+    return perplexity(lm.model, windows, corpus=corpus if corpus in data.CORPORA else "custom",
+                      batch_size=batch_size, progress=progress)

@@ -1,0 +1,189 @@
+"""Real text for calibration and evaluation, from the files shipped in the ``gensim`` wheel.
+
+* ``wiki`` (evaluation, our WikiText stand-in): the English Wikipedia dump in gensim's test data,
+  cleaned with gensim's own ``extract_pages`` + ``filter_wiki`` and a fixed post-processing; 104
+  articles of 100+ words.
+* ``news`` (calibration): ``lee_background.cor``, 300 news articles, one per line.
+
+The two sources are disjoint (different documents, different genre; ``tests/test_data.py`` checks
+that they share no 13-word span). Cleaned text and token streams are cached under
+``$MQFARM_CACHE/corpora`` and ``$MQFARM_CACHE/tokens``; cleaning is deterministic, so the cache is only
+a speed-up. Any UTF-8 text file can stand in for either corpus by passing its path.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import importlib.util
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .zoo import cache_root
+
+CLEANING_VERSION = 1
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+NEWS_FILE = "lee_background.cor"
+CORPORA = {"wiki": "evaluation: 104 Wikipedia articles (gensim test data)",
+           "news": "calibration: 300 news articles, Lee background corpus (gensim test data)"}
+DEFAULT_EVAL = "wiki"
+DEFAULT_CALIB = "news"
+
+
+class CorpusError(ValueError):
+    """A corpus is missing, empty or too short for what was asked."""
+
+
+def _gensim_data_dir() -> Path:
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError("the text corpora come from the gensim wheel: run `pip install gensim==4.4.0`")
+    return Path(spec.submodule_search_locations[0]) / "test" / "test_data"
+
+
+_HEADING = re.compile(r"^(=+)\s*(.*?)\s*=+\s*$")
+_SPACES = re.compile(r"[ \t\u00a0]+")
+
+
+def _clean_article(title: str, text: str) -> str:
+    lines = [f"= {title} ="]
+    for raw in text.replace("'''", "").replace("''", "").splitlines():
+        line = _SPACES.sub(" ", raw).strip()
+        if not line or not any(c.isalpha() for c in line):
+            continue
+        m = _HEADING.match(line)
+        if m:
+            line = f"{m.group(1)} {m.group(2)} {m.group(1)}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _build_wiki() -> str:
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    path = _gensim_data_dir() / WIKI_FILE
+    if not path.exists():
+        raise CorpusError(f"{path} is missing from the gensim wheel: reinstall gensim==4.4.0")
+    articles = []
+    with bz2.BZ2File(path) as f:
+        for title, text, _pageid in extract_pages(f, filter_namespaces=("0",)):
+            if not text or text.lstrip().lower().startswith("#redirect"):
+                continue
+            body = filter_wiki(text)
+            if len(body.split()) >= 100:
+                articles.append(_clean_article(title, body))
+    return "\n\n".join(articles)
+
+
+def _build_news() -> str:
+    path = _gensim_data_dir() / NEWS_FILE
+    if not path.exists():
+        raise CorpusError(f"{path} is missing from the gensim wheel: reinstall gensim==4.4.0")
+    docs = [_SPACES.sub(" ", line).strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return "\n\n".join(d for d in docs if d)
+
+
+_BUILDERS = {"wiki": _build_wiki, "news": _build_news}
+
+
+def corpus_text(corpus: str) -> str:
+    """The cleaned text of a named corpus (``wiki``, ``news``) or of a UTF-8 text file."""
+    if corpus in _BUILDERS:
+        cache = cache_root() / "corpora" / f"{corpus}-v{CLEANING_VERSION}.txt"
+        if cache.exists():
+            return cache.read_text(encoding="utf-8")
+        text = _BUILDERS[corpus]()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(cache)
+        return text
+    path = Path(corpus).expanduser()
+    if not path.is_file():
+        raise CorpusError(f"corpus {corpus!r} is neither a known corpus ({', '.join(CORPORA)}) nor an existing file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise CorpusError(f"corpus file {path} is empty")
+    return text
+
+
+def corpus_id(corpus: str) -> str:
+    """A stable identity for a corpus: its name and the sha256 of its cleaned text (first 16 hex)."""
+    digest = hashlib.sha256(corpus_text(corpus).encode("utf-8")).hexdigest()[:16]
+    name = corpus if corpus in _BUILDERS else Path(corpus).name
+    return f"{name}:{digest}"
+
+
+def _tokenizer_id(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def token_stream(tokenizer, corpus: str) -> np.ndarray:
+    """All tokens of a corpus, without special tokens (cached per corpus text and tokenizer)."""
+    key = f"{corpus_id(corpus).replace(':', '-')}-{_tokenizer_id(tokenizer)}"
+    cache = cache_root() / "tokens" / f"{key}.npy"
+    if cache.exists():
+        return np.load(cache)
+    ids = tokenizer(corpus_text(corpus), add_special_tokens=False)["input_ids"]
+    arr = np.asarray(ids, dtype=np.int64)
+    if arr.size == 0:
+        raise CorpusError(f"corpus {corpus!r} tokenizes to nothing")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.stem + ".tmp.npy")
+    np.save(tmp, arr)
+    tmp.replace(cache)
+    return arr
+
+
+def _window_len(seqlen: int, add_bos: bool) -> int:
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+    return seqlen - 1 if add_bos else seqlen
+
+
+def _with_bos(windows: np.ndarray, tokenizer, add_bos: bool) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(windows))
+    if add_bos:
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            raise ValueError("add_bos is set but the tokenizer has no BOS token")
+        t = torch.cat([torch.full((t.shape[0], 1), bos, dtype=t.dtype), t], dim=1)
+    return t
+
+
+def calibration_windows(tokenizer, n: int, seqlen: int, seed: int = 0, corpus: str = DEFAULT_CALIB,
+                        add_bos: bool = False) -> torch.Tensor:
+    """``n`` windows of ``seqlen`` tokens at seeded random offsets of the calibration stream: (n, seqlen)."""
+    if n < 1:
+        raise ValueError(f"the number of calibration samples must be at least 1, got {n}")
+    stream = token_stream(tokenizer, corpus)
+    length = _window_len(seqlen, add_bos)
+    if stream.size <= length:
+        raise CorpusError(f"calibration corpus {corpus!r} has {stream.size} tokens, fewer than seqlen {seqlen}")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, stream.size - length) for _ in range(n)]
+    return _with_bos(np.stack([stream[s:s + length] for s in starts]), tokenizer, add_bos)
+
+
+def eval_windows(tokenizer, seqlen: int, corpus: str = DEFAULT_EVAL, limit: int | None = None,
+                 add_bos: bool = False) -> torch.Tensor:
+    """Non-overlapping consecutive windows over the whole evaluation stream (remainder dropped): (N, seqlen).
+
+    ``limit`` keeps the first N windows, for quick looks.
+    """
+    stream = token_stream(tokenizer, corpus)
+    length = _window_len(seqlen, add_bos)
+    count = stream.size // length
+    if count == 0:
+        raise CorpusError(f"evaluation corpus {corpus!r} has {stream.size} tokens, fewer than seqlen {seqlen}")
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        count = min(count, limit)
+    return _with_bos(stream[: count * length].reshape(count, length), tokenizer, add_bos)

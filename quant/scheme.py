@@ -1,0 +1,141 @@
+"""Quantization schemes as data: a table from tensor role to :class:`QSpec` (or ``None`` = float).
+
+The roles follow the reference precision table (`MOBILEQUANT.md` §1.2). Per decoder layer:
+
+==================  =======================================================================
+role                tensor
+==================  =======================================================================
+norm.in             input of a norm that feeds linears (input_layernorm, the MLP's pre-norm)
+norm.weight         that norm's effective gain (Gemma's ``1 + w``)
+norm.out            that norm's output = the q/k/v or gate/up input
+post_norm.weight    Gemma-3's post-attention / post-feedforward norm gains (residual side)
+qk_norm.weight      Gemma-3's per-head q/k norm gains
+qkv.weight          q/k/v projection weights
+qkv.out             q/k/v projection outputs (before RoPE)
+attn.q / attn.k     QK^T matmul inputs (after RoPE)
+attn.scores         raw QK^T output, before the 1/sqrt(d) scale and the mask
+attn.probs          softmax probabilities (PV matmul input 1)
+attn.v              PV matmul input 2
+attn.out            PV output = o_proj input
+o.weight / o.out    o_proj
+gate_up.weight      gate and up projection weights
+gate_up.out         their outputs
+act.sigmoid         SiLU's sigmoid branch (Llama)
+act.out             activation output (SiLU product or GELU)
+down.in             down_proj input = act(gate) * up
+down.weight         down_proj weight
+down.out            down_proj output
+==================  =======================================================================
+
+Residual stream, embedding, final norm and lm_head stay float, as in the reference simulation.
+A stricter device-exact scheme is another table here, not another code path.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .quantizer import ALLOWED_BITS, QSpec
+
+ROLES = (
+    "norm.in", "norm.weight", "norm.out", "post_norm.weight", "qk_norm.weight",
+    "qkv.weight", "qkv.out",
+    "attn.q", "attn.k", "attn.scores", "attn.probs", "attn.v", "attn.out",
+    "o.weight", "o.out",
+    "gate_up.weight", "gate_up.out", "act.sigmoid", "act.out",
+    "down.in", "down.weight", "down.out",
+)
+WEIGHT_ROLES = tuple(r for r in ROLES if r.endswith(".weight"))
+ACT_ROLES = tuple(r for r in ROLES if not r.endswith(".weight"))
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    table: dict = field(default_factory=dict)  # role -> QSpec | None
+    description: str = ""
+
+    def __post_init__(self):
+        unknown = set(self.table) - set(ROLES)
+        if unknown:
+            raise ValueError(f"scheme {self.name!r}: unknown roles {sorted(unknown)}; known: {list(ROLES)}")
+
+    def spec(self, role: str) -> QSpec | None:
+        if role not in ROLES:
+            raise KeyError(f"unknown role {role!r}")
+        return self.table.get(role)
+
+    @property
+    def is_float(self) -> bool:
+        return all(v is None for v in self.table.values())
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description,
+                "table": {r: (s.to_dict() if s else None) for r, s in self.table.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scheme":
+        table = {r: (QSpec.from_dict(s) if s else None) for r, s in d["table"].items()}
+        return cls(name=d["name"], table=table, description=d.get("description", ""))
+
+
+def _reference_table(weight: QSpec, down_weight: QSpec, act_bits: int) -> dict:
+    a = QSpec(act_bits)
+    a16 = QSpec(16)
+    w16 = QSpec(16)
+    return {
+        "norm.in": a16, "norm.weight": w16, "norm.out": a,
+        "post_norm.weight": w16, "qk_norm.weight": w16,
+        "qkv.weight": weight, "qkv.out": a,
+        "attn.q": a, "attn.k": a, "attn.scores": a16, "attn.probs": a16, "attn.v": a, "attn.out": a,
+        "o.weight": weight, "o.out": a16,
+        "gate_up.weight": weight, "gate_up.out": a, "act.sigmoid": a, "act.out": a,
+        "down.in": a, "down.weight": down_weight, "down.out": a16,
+    }
+
+
+def uniform_scheme(name: str, bits: int | None, symmetric: bool = False) -> Scheme:
+    """Every role at the same precision (``bits=None``: the float model); used by equivalence tests."""
+    spec = QSpec(bits, symmetric=symmetric) if bits else None
+    return Scheme(name, {r: spec for r in ROLES}, f"every site at {bits or 'float'} bits")
+
+
+SCHEMES: dict[str, Scheme] = {
+    "fp": Scheme("fp", {r: None for r in ROLES}, "float reference: no quantizer"),
+    # Today's on-device default: 8-bit per-channel symmetric weights (what QNN's per-channel/per-row
+    # path takes), 16-bit activations everywhere the reference would use 8.
+    "w8a16": Scheme("w8a16", _reference_table(QSpec(8, True, True), QSpec(8, True, True), 16),
+                    "W8 per-channel symmetric, A16 static per-tensor"),
+    "w8a8": Scheme("w8a8", _reference_table(QSpec(8), QSpec(8, per_channel=True), 8),
+                   "W8 per-tensor asymmetric (down_proj per-channel), A8 static per-tensor, 16-bit exceptions"),
+    "w4a8": Scheme("w4a8", _reference_table(QSpec(4, per_channel=True), QSpec(4, per_channel=True), 8),
+                   "W4 per-channel asymmetric, A8 static per-tensor, 16-bit exceptions"),
+    "w4a8-sym": Scheme("w4a8-sym", _reference_table(QSpec(4, True, True), QSpec(4, True, True), 8),
+                       "W4 per-channel symmetric (the variant QNN deploys), A8 static per-tensor"),
+}
+
+
+_PATTERN = re.compile(r"^w(\d+)a(\d+)(-sym)?$")
+
+
+def get_scheme(name: str | Scheme) -> Scheme:
+    """A named scheme, or a generic ``w<bits>a<bits>[-sym]`` in the reference layout.
+
+    Generic schemes use per-tensor weights at 8+ bits (down_proj per-channel, as the reference) and
+    per-channel weights below 8 bits; ``-sym`` makes the weights symmetric.
+    """
+    if isinstance(name, Scheme):
+        return name
+    if name in SCHEMES:
+        return SCHEMES[name]
+    m = _PATTERN.match(str(name))
+    if not m:
+        raise ValueError(f"unknown scheme {name!r}; available: {', '.join(SCHEMES)} or w<bits>a<bits>[-sym]")
+    wb, ab, sym = int(m.group(1)), int(m.group(2)), bool(m.group(3))
+    for what, bits in (("weight", wb), ("activation", ab)):
+        if bits not in ALLOWED_BITS:
+            raise ValueError(f"scheme {name!r}: {what} bits must be one of {ALLOWED_BITS}, got {bits}")
+    weight = QSpec(wb, sym, per_channel=wb < 8)
+    return Scheme(name, _reference_table(weight, QSpec(wb, sym, per_channel=True), ab),
+                  f"W{wb} {'per-channel' if wb < 8 else 'per-tensor'} {'symmetric' if sym else 'asymmetric'}, A{ab}")
