@@ -1,2 +1,184 @@
-def main():
-    raise SystemExit("placeholder")
+"""`farm`: the command line of MobileQuant Farm.
+
+    farm quantize --model smollm2-135m --scheme w8a8 --method rtn --calib-samples 32 --seqlen 512 --out DIR
+    farm eval DIR                                   # a saved artifact
+    farm eval --model smollm2-135m --scheme fp      # a model quantized in memory (or float)
+    farm models [list|convert NAME|verify NAME]
+
+Errors in user input exit with status 2 and one line naming what is wrong; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    pass
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--model", required=required, help="embedded model name, local folder or hub id")
+    p.add_argument("--layers", type=int, default=None, help="load only the first N decoder layers (quick looks)")
+    p.add_argument("--scheme", default="w8a8", help="fp | w8a16 | w8a8 | w4a8 | w4a8-sym | w<b>a<b>[-sym]")
+    p.add_argument("--method", default="rtn", help="quantization method (rtn)")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
+    p.add_argument("--calib-corpus", default="news", help="calibration corpus name or text file")
+    p.add_argument("--seqlen", type=int, default=None, help="window length in tokens (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default="wiki", help="evaluation corpus name or text file")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="farm", description="MobileQuant Farm: quantize, evaluate, sweep.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save the artifact folder")
+    _add_model_args(q, required=True)
+    q.add_argument("--out", required=True, help="artifact folder to write")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.add_argument("--eval", action="store_true", help="also evaluate perplexity after quantizing")
+    _add_eval_args(q)
+
+    e = sub.add_parser("eval", help="evaluate an artifact folder, or a model with --model")
+    e.add_argument("artifact", nargs="?", help="artifact folder written by `farm quantize`")
+    _add_model_args(e, required=False)
+    _add_eval_args(e)
+
+    m = sub.add_parser("models", help="list, convert or verify the embedded models")
+    m.add_argument("action", nargs="?", default="list", choices=["list", "convert", "verify"])
+    m.add_argument("name", nargs="?")
+    m.add_argument("--force", action="store_true")
+    return parser
+
+
+def _print_table(rows: list[dict], columns: list[str], out=sys.stdout) -> None:
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=out)
+
+
+def _metrics_row(label: dict, ppl) -> dict:
+    return {**label, "ppl": f"{ppl.ppl:.3f}", "windows": ppl.windows, "seqlen": ppl.seqlen,
+            "tokens/s": f"{ppl.tokens_per_s:.0f}", "eval_s": f"{ppl.seconds:.1f}"}
+
+
+def _report(label: dict, ppl, as_json: bool, extra: dict | None = None) -> None:
+    if as_json:
+        print(json.dumps({**label, **(extra or {}), "perplexity": ppl.to_dict()}, sort_keys=True))
+    else:
+        _print_table([_metrics_row(label, ppl)], list(label) + ["ppl", "windows", "seqlen", "tokens/s", "eval_s"])
+
+
+def _quantize_in_memory(args, progress: bool):
+    from quant import CalibConfig, load_model, quantize
+    from quant.api import check_seqlen
+
+    lm = load_model(args.model, num_layers=args.layers)
+    seqlen = args.seqlen or 512
+    check_seqlen(lm, seqlen)
+    res = quantize(lm, scheme=args.scheme, method=args.method,
+                   calib=CalibConfig(args.calib_samples, seqlen, args.seed, args.calib_corpus), progress=progress)
+    return lm, res, seqlen
+
+
+def cmd_quantize(args) -> int:
+    from quant import artifact, evaluate_perplexity
+    from quant.scheme import get_scheme
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"output folder {out} already exists; pass --overwrite to replace it")
+    get_scheme(args.scheme)  # fail before loading anything
+    progress = not args.json
+    lm, res, seqlen = _quantize_in_memory(args, progress)
+    path = artifact.save(lm.model, lm.tokenizer, out, res.recipe, overwrite=args.overwrite)
+    label = {"model": args.model, "scheme": args.scheme, "method": res.recipe["method"]}
+    print(f"wrote {path} (quantize {res.recipe['timing']['quantize_s']:.1f}s)", file=sys.stderr)
+    if args.eval:
+        ppl = evaluate_perplexity(lm, seqlen, args.corpus, args.limit, args.batch_size, progress=progress)
+        _report(label, ppl, args.json, {"artifact": str(path)})
+    elif args.json:
+        print(json.dumps({**label, "artifact": str(path), "recipe": res.recipe}, sort_keys=True, default=str))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from quant import artifact, evaluate_perplexity
+
+    progress = not args.json
+    if args.artifact and args.model:
+        raise UsageError("give either an artifact folder or --model, not both")
+    if args.artifact:
+        lm = artifact.load(args.artifact)
+        recipe = lm.recipe
+        seqlen = args.seqlen or recipe.get("calibration", {}).get("seqlen", 512)
+        label = {"model": recipe.get("model"), "scheme": recipe.get("scheme"), "method": recipe.get("method")}
+    elif args.model:
+        lm, res, seqlen = _quantize_in_memory(args, progress)
+        label = {"model": args.model, "scheme": args.scheme, "method": res.recipe["method"]}
+    else:
+        raise UsageError("farm eval needs an artifact folder or --model")
+    ppl = evaluate_perplexity(lm, seqlen, args.corpus, args.limit, args.batch_size, progress=progress)
+    _report(label, ppl, args.json)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from quant import zoo
+
+    if args.action == "list":
+        rows = []
+        for name, e in zoo.ZOO.items():
+            cached = (zoo.model_dir(name) / zoo.MANIFEST).exists()
+            rows.append({"name": name, "cached": "yes" if cached else "no", "license": e.license,
+                         "description": e.description})
+        _print_table(rows, ["name", "cached", "license", "description"])
+        print(f"\ncache: {zoo.cache_root()} (set MQFARM_CACHE to move it)")
+        return 0
+    if not args.name:
+        raise UsageError(f"farm models {args.action} needs a model name ({', '.join(zoo.ZOO)})")
+    if args.action == "convert":
+        print(zoo.convert(args.name, force=args.force))
+    else:
+        if args.name not in zoo.ZOO:
+            raise UsageError(f"unknown embedded model {args.name!r}; available: {', '.join(zoo.ZOO)}")
+        print(json.dumps(zoo.verify(zoo.model_dir(args.name), full=True), indent=2))
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from quant.artifact import ArtifactError
+    from quant.data import CorpusError
+    from quant.zoo import ModelLoadError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, ValueError, ArtifactError, CorpusError, ModelLoadError, FileNotFoundError) as e:
+        print(f"farm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"farm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

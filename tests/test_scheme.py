@@ -1,0 +1,42 @@
+import pytest
+
+from quant.quantizer import QSpec
+from quant.scheme import ACT_ROLES, ROLES, SCHEMES, WEIGHT_ROLES, Scheme, get_scheme
+
+
+def test_reference_w8a8_table():
+    s = get_scheme("w8a8")
+    assert s.spec("qkv.weight") == QSpec(8) and s.spec("o.weight") == QSpec(8)
+    assert s.spec("down.weight") == QSpec(8, per_channel=True)  # the reference forces per-channel down_proj
+    for role in ("norm.in", "attn.scores", "attn.probs", "o.out", "down.out"):
+        assert s.spec(role).bits == 16, role
+    for role in ("norm.out", "qkv.out", "attn.q", "attn.k", "attn.v", "attn.out", "gate_up.out", "down.in"):
+        assert s.spec(role) == QSpec(8), role
+
+
+def test_w4a8_and_w8a16():
+    w4 = get_scheme("w4a8")
+    assert all(w4.spec(r) == QSpec(4, per_channel=True) for r in ("qkv.weight", "o.weight", "gate_up.weight"))
+    w8a16 = get_scheme("w8a16")
+    assert all(w8a16.spec(r).bits == 16 for r in ACT_ROLES)
+    assert w8a16.spec("qkv.weight") == QSpec(8, symmetric=True, per_channel=True)
+    assert SCHEMES["fp"].is_float and not w4.is_float
+
+
+def test_generic_and_bad_schemes():
+    s = get_scheme("w4a16-sym")
+    assert s.spec("qkv.weight") == QSpec(4, True, True) and s.spec("qkv.out") == QSpec(16)
+    with pytest.raises(ValueError, match="weight bits must be one of"):
+        get_scheme("w6a8")
+    with pytest.raises(ValueError, match="activation bits must be one of"):
+        get_scheme("w8a12")
+    with pytest.raises(ValueError, match="unknown scheme 'int8'"):
+        get_scheme("int8")
+    with pytest.raises(ValueError, match="unknown roles"):
+        Scheme("bad", {"residual": QSpec(8)})
+
+
+def test_round_trip_every_scheme():
+    for s in SCHEMES.values():
+        assert Scheme.from_dict(s.to_dict()) == s
+    assert set(WEIGHT_ROLES) | set(ACT_ROLES) == set(ROLES)
