@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_table(rows: list[dict], columns: list[str], out=sys.stdout) -> None:
+def _print_table(rows: list[dict], columns: list[str], out=None) -> None:
+    out = out or sys.stdout
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=out)
@@ -86,7 +87,11 @@ def _report(label: dict, ppl, as_json: bool, extra: dict | None = None) -> None:
 def _quantize_in_memory(args, progress: bool):
     from quant import CalibConfig, load_model, quantize
     from quant.api import check_seqlen
+    from quant.methods import get_method
+    from quant.scheme import get_scheme
 
+    if not get_scheme(args.scheme).is_float:  # fail before loading anything
+        get_method(args.method)
     lm = load_model(args.model, num_layers=args.layers)
     seqlen = args.seqlen or 512
     check_seqlen(lm, seqlen)
@@ -97,12 +102,10 @@ def _quantize_in_memory(args, progress: bool):
 
 def cmd_quantize(args) -> int:
     from quant import artifact, evaluate_perplexity
-    from quant.scheme import get_scheme
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"output folder {out} already exists; pass --overwrite to replace it")
-    get_scheme(args.scheme)  # fail before loading anything
     progress = not args.json
     lm, res, seqlen = _quantize_in_memory(args, progress)
     path = artifact.save(lm.model, lm.tokenizer, out, res.recipe, overwrite=args.overwrite)

