@@ -43,7 +43,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row) if args.json else
               f"{scheme:10s} {row['method']:6s} ppl {row['ppl']:10.3f}  x{row['ratio_to_fp'] or float('nan'):.3f}  "
-              f"{ppl.windows} windows  quantize {row['quantize_s']}s  eval {row['eval_s']}s", flush=True)
+              f"{ppl.windows} windows  quantize {row['quantize_s']}s  eval {row['eval_s']}s")
+        sys.stdout.flush()
     return 0
 
 

@@ -82,12 +82,14 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(x) - x).detach() + x
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, spec: QSpec, axis: int = 0) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, spec: QSpec, axis: int = 0,
+               inplace: bool = False) -> torch.Tensor:
     """Quantize-dequantize ``x``; per-channel ``scale``/``offset`` run along ``axis``.
 
     With autograd: straight-through for ``x`` inside the range, LSQ-style gradients for ``scale`` and
     ``offset`` (the reference's). Without: one temporary and in-place ops, about 3x faster than ATen's
     fused fake-quant kernel on CPU, which matters because the simulator calls this ~20 times per layer.
+    ``inplace`` (no-autograd path only) overwrites ``x``: for fresh temporaries such as matmul outputs.
     """
     if scale.numel() > 1:
         shape = [1] * x.dim()
@@ -96,7 +98,8 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, spec:
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or offset.requires_grad):
         q = torch.clamp(round_ste(x / scale) + offset, spec.qmin, spec.qmax)
         return (q - offset) * scale
-    y = torch.mul(x, 1.0 / scale)  # a multiply is cheaper than a divide; ATen's fused kernel does the same
+    inv = 1.0 / scale  # a multiply is cheaper than a divide; ATen's fused kernel does the same
+    y = x.mul_(inv) if inplace else torch.mul(x, inv)
     y.round_().add_(offset).clamp_(spec.qmin, spec.qmax).sub_(offset).mul_(scale)
     return y
 
@@ -123,6 +126,7 @@ class Quantizer(nn.Module):
         self.name = name
         self.enabled = spec is not None
         self.observing = False
+        self.generation = 0  # bumped whenever scale/offset are replaced: caches of quantized weights key on it
         self.register_buffer("scale", None, persistent=False)
         self.register_buffer("offset", None, persistent=False)
         self.register_buffer("obs_min", None, persistent=False)
@@ -163,6 +167,7 @@ class Quantizer(nn.Module):
             raise ValueError(f"quantizer {self.name!r}: non-finite scale or offset")
         self.scale = scale.detach().float().clone()
         self.offset = offset.detach().float().clone()
+        self.generation += 1
 
     def finish_observing(self) -> None:
         """Turn the observed running min/max into static ``scale``/``offset``."""
@@ -174,7 +179,8 @@ class Quantizer(nn.Module):
         self.obs_min = self.obs_max = None
         self.observing = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``inplace``: ``x`` is a temporary the caller no longer needs (saves an allocation without autograd)."""
         if self.spec is None or not self.enabled:
             return x
         if self.observing:
@@ -182,4 +188,4 @@ class Quantizer(nn.Module):
             return x
         if self.scale is None:
             raise RuntimeError(f"quantizer {self.name!r} is enabled but has no range: calibrate the model first")
-        return fake_quant(x, self.scale, self.offset, self.spec)
+        return fake_quant(x, self.scale, self.offset, self.spec, inplace=inplace)

@@ -85,7 +85,7 @@ class _CachedWeight:
         w = self.weight
         if torch.is_grad_enabled() and (w.requires_grad or q.scale.requires_grad):
             return q(self.effective_weight())
-        key = (w.data_ptr(), w._version, q.scale.data_ptr(), q.scale._version, q.offset._version)
+        key = (w.data_ptr(), w._version, q.generation, q.scale._version, q.offset._version)
         if getattr(self, "_wq_key", None) != key:
             self._wq = q(self.effective_weight()).detach()
             self._wq_key = key
@@ -96,7 +96,7 @@ class QLinear(_CachedWeight, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quantizer(x)
         y = F.linear(x, self._quantized_weight(), self.bias)
-        return self.output_quantizer(y)
+        return self.output_quantizer(y, inplace=True)
 
 
 class QNormMixin(_CachedWeight):
@@ -117,7 +117,7 @@ class QNormMixin(_CachedWeight):
             h = x.float()
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
             y = (h * g.float()).to(x.dtype) if self.unit_offset else g * h.to(x.dtype)
-        return self.output_quantizer(y)
+        return self.output_quantizer(y, inplace=True)
 
 
 class QActivation(nn.Module):
@@ -133,10 +133,10 @@ class QActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sq = self.sigmoid_quantizer
         if self.is_silu and sq.spec is not None and sq.enabled:  # quantizing or observing
-            y = x * sq(torch.sigmoid(x))
+            y = x * sq(torch.sigmoid(x), inplace=True)
         else:
             y = self.inner(x)
-        return self.output_quantizer(y)
+        return self.output_quantizer(y, inplace=True)
 
 
 class AttnQuantizers(nn.Module):
@@ -167,7 +167,7 @@ def sim_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
     value_states = _repeat_kv(value, module.num_key_value_groups)
     scores = torch.matmul(query, key_states.transpose(2, 3))
     if aq is not None:
-        scores = aq.scores(scores)  # the reference quantizes before the 1/sqrt(d) scale and the mask
+        scores = aq.scores(scores, inplace=True)  # the reference quantizes before the 1/sqrt(d) scale and the mask
     attn_weights = scores * scaling
     if softcap is not None:
         attn_weights = torch.tanh(attn_weights / softcap) * softcap
@@ -175,11 +175,11 @@ def sim_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
         attn_weights = attn_weights + attention_mask
     probs = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
     if aq is not None:
-        probs = aq.probs(probs)
+        probs = aq.probs(probs, inplace=True)
     probs_d = F.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs_d, value_states)
     if aq is not None:
-        out = aq.out(out)
+        out = aq.out(out, inplace=True)
     return out.transpose(1, 2).contiguous(), probs
 
 

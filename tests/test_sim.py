@@ -113,3 +113,17 @@ def test_unsupported_architecture_is_refused():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
         simulate(model, "w8a8")
+
+
+def test_weight_cache_follows_new_encodings_and_weights(small_ids):
+    lm = _sim("smollm2-135m", get_scheme("w8a8"), small_ids["smollm2-135m"][1])
+    lin = lm.model.model.layers[0].mlp.up_proj
+    q = lin.weight_quantizer
+    with torch.no_grad():
+        a = lin._quantized_weight().clone()
+        q.set_qparams(q.scale * 2, q.offset)
+        q.set_qparams(q.scale * 2, q.offset)  # twice without a forward in between
+        b = lin._quantized_weight().clone()
+        assert torch.equal(b, q(lin.weight)) and not torch.equal(a, b)
+        lin.weight.mul_(0.5)
+        assert torch.equal(lin._quantized_weight(), q(lin.weight))
