@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 
 import torch
 
@@ -48,16 +48,6 @@ class QuantizeResult:
 
 def _config_dict(cfg) -> dict:
     return asdict(cfg) if is_dataclass(cfg) else dict(cfg or {})
-
-
-def make_method_config(method: str, overrides: dict | None = None):
-    mod = get_method(method)
-    overrides = dict(overrides or {})
-    known = {f.name for f in fields(mod.Config)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ValueError(f"method {method!r} has no option(s) {sorted(unknown)}; options: {sorted(known)}")
-    return mod.Config(**overrides)
 
 
 def quantize(lm: LoadedModel, scheme: str = "w8a8", method: str = "rtn", calib: CalibConfig | None = None,

@@ -299,11 +299,6 @@ def calibrate_activations(model: nn.Module, batches, progress: bool = True) -> N
         model.train(was_training)
 
 
-def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
-    for q in quantizers(model).values():
-        q.enabled = enabled
-
-
 def check_calibrated(model: nn.Module) -> None:
     missing = [n for n, q in quantizers(model).items() if not q.calibrated]
     if missing:
