@@ -2,6 +2,7 @@
 
     python bench/ppl_table.py --model smollm2-135m --schemes fp w8a16 w8a8 w4a8 --seqlen 512
     python bench/ppl_table.py --limit 40 --json        # quick look
+    python bench/ppl_table.py --rows runs/ppl.jsonl    # append each finished row; a rerun skips done rows
 
 Prints one row per scheme with perplexity, ratio to FP, windows, quantize and evaluation wall time.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from quant import CalibConfig, evaluate_perplexity, load_model, quantize
@@ -25,12 +27,26 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="first N evaluation windows only")
     p.add_argument("--json", action="store_true", help="print rows as JSON lines")
+    p.add_argument("--rows", default=None, help="JSON-lines file: finished rows are appended and skipped on rerun")
     args = p.parse_args(argv)
+    done = {}
+    if args.rows and os.path.exists(args.rows):
+        with open(args.rows) as f:
+            for line in f:
+                r = json.loads(line)
+                key = (r["model"], r["method"] in ("none", args.method), r["seqlen"], r.get("limit"),
+                       r.get("calib_samples"), r.get("seed"))
+                if key == (args.model, True, args.seqlen, args.limit, args.calib_samples, args.seed):
+                    done[r["scheme"]] = r
     calib = CalibConfig(args.calib_samples, args.seqlen, args.seed)
     print(f"# model={args.model} method={args.method} calib={calib} limit={args.limit}", file=sys.stderr)
     fp_ppl = None
     rows = []
     for scheme in args.schemes:
+        if scheme in done:
+            fp_ppl = done[scheme]["ppl"] if scheme == "fp" else fp_ppl
+            print(f"{scheme}: already in {args.rows}, skipped", file=sys.stderr)
+            continue
         lm = load_model(args.model)
         res = quantize(lm, scheme, args.method, calib)
         ppl = evaluate_perplexity(lm, args.seqlen, limit=args.limit)
@@ -39,8 +55,12 @@ def main(argv=None) -> int:
         row = {"model": args.model, "scheme": scheme, "method": res.recipe["method"], "ppl": round(ppl.ppl, 3),
                "ratio_to_fp": round(ppl.ppl / fp_ppl, 3) if fp_ppl else None, "windows": ppl.windows,
                "seqlen": args.seqlen, "quantize_s": res.recipe["timing"]["quantize_s"],
-               "eval_s": round(ppl.seconds, 1), "tokens_per_s": round(ppl.tokens_per_s)}
+               "eval_s": round(ppl.seconds, 1), "tokens_per_s": round(ppl.tokens_per_s), "limit": args.limit,
+               "calib_samples": args.calib_samples, "seed": args.seed}
         rows.append(row)
+        if args.rows:
+            with open(args.rows, "a") as f:
+                f.write(json.dumps(row) + "\n")
         print(json.dumps(row) if args.json else
               f"{scheme:10s} {row['method']:6s} ppl {row['ppl']:10.3f}  x{row['ratio_to_fp'] or float('nan'):.3f}  "
               f"{ppl.windows} windows  quantize {row['quantize_s']}s  eval {row['eval_s']}s")
