@@ -86,15 +86,13 @@ def _report(label: dict, ppl, as_json: bool, extra: dict | None = None) -> None:
 
 def _quantize_in_memory(args, progress: bool):
     from quant import CalibConfig, load_model, quantize
-    from quant.api import check_seqlen
     from quant.methods import get_method
     from quant.scheme import get_scheme
 
     if not get_scheme(args.scheme).is_float:  # fail before loading anything
         get_method(args.method)
     lm = load_model(args.model, num_layers=args.layers)
-    seqlen = args.seqlen or 512
-    check_seqlen(lm, seqlen)
+    seqlen = args.seqlen or 512  # quantize() checks it against the model's context
     res = quantize(lm, scheme=args.scheme, method=args.method,
                    calib=CalibConfig(args.calib_samples, seqlen, args.seed, args.calib_corpus), progress=progress)
     return lm, res, seqlen
