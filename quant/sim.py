@@ -10,6 +10,8 @@ the float model's own, so the simulation with every quantizer off reproduces the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,17 +75,40 @@ def _q(scheme: Scheme, role: str | None, name: str) -> Quantizer:
 
 
 class _CachedWeight:
-    """Fake-quantizes the weight once per (weight, encoding) version when no gradient is needed."""
+    """Fake-quantizes the weight once per (weight, encoding) version when no gradient is needed.
+
+    While an equivalent transformation is being learned (``_let`` set by ``quant.learn``), the effective
+    weight is ``W * col / row`` for the layer's current LET scales; nothing is cached then, because the
+    weight changes with every optimizer step.
+    """
+
+    _let = None  # (column-scale fn | None, row-divisor fn | None) while LET is attached
+
+    def base_weight(self) -> torch.Tensor:
+        return self.weight
 
     def effective_weight(self) -> torch.Tensor:
-        return self.weight
+        w = self.base_weight()
+        if self._let is not None:
+            col, row = self._let
+            if col is not None:
+                w = w * col()
+            if row is not None:
+                w = w / (row().unsqueeze(-1) if w.dim() == 2 else row())
+        return w
+
+    def effective_bias(self):
+        b = getattr(self, "bias", None)
+        if b is not None and self._let is not None and self._let[1] is not None:
+            b = b / self._let[1]()
+        return b
 
     def _quantized_weight(self) -> torch.Tensor:
         q = self.weight_quantizer
         if not q.active:
             return self.effective_weight()
         w = self.weight
-        if torch.is_grad_enabled() and (w.requires_grad or q.scale.requires_grad):
+        if self._let is not None or q.learning or (torch.is_grad_enabled() and w.requires_grad):
             return q(self.effective_weight())
         key = (w.data_ptr(), w._version, q.generation, q.scale._version, q.offset._version)
         if getattr(self, "_wq_key", None) != key:
@@ -95,7 +120,7 @@ class _CachedWeight:
 class QLinear(_CachedWeight, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quantizer(x)
-        y = F.linear(x, self._quantized_weight(), self.bias)
+        y = F.linear(x, self._quantized_weight(), self.effective_bias())
         return self.output_quantizer(y, inplace=True)
 
 
@@ -104,12 +129,16 @@ class QNormMixin(_CachedWeight):
 
     unit_offset = False
 
-    def effective_weight(self) -> torch.Tensor:
+    def base_weight(self) -> torch.Tensor:
         return 1.0 + self.weight.float() if self.unit_offset else self.weight
+
+    def set_effective_weight(self, g: torch.Tensor) -> None:
+        """Store an effective gain (after folding a transformation) back into the parameter."""
+        self.weight.data.copy_(g - 1.0 if self.unit_offset else g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quantizer(x)
-        if not self.weight_quantizer.active:
+        if not self.weight_quantizer.active and self._let is None:
             y = super().forward(x)
         else:
             g = self._quantized_weight()
@@ -297,6 +326,20 @@ def calibrate_activations(model: nn.Module, batches, progress: bool = True) -> N
         for q in wqs.values():
             q.enabled = True
         model.train(was_training)
+
+
+@contextmanager
+def float_mode(model: nn.Module):
+    """Every quantizer off (the float model, exactly) inside the block; restored afterwards."""
+    qs = [m for m in model.modules() if isinstance(m, Quantizer)]
+    before = [q.enabled for q in qs]
+    for q in qs:
+        q.enabled = False
+    try:
+        yield model
+    finally:
+        for q, e in zip(qs, before):
+            q.enabled = e
 
 
 def check_calibrated(model: nn.Module) -> None:
