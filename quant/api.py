@@ -10,7 +10,8 @@ import torch
 
 from . import data
 from .eval.perplexity import PerplexityResult, perplexity
-from .methods import get_method
+from .methods import MethodContext, get_method
+from .methods import method_config as method_config_for
 from .scheme import get_scheme
 from .sim import check_calibrated, simulate
 from .zoo import LoadedModel
@@ -51,13 +52,18 @@ def _config_dict(cfg) -> dict:
 
 
 def quantize(lm: LoadedModel, scheme: str = "w8a8", method: str = "rtn", calib: CalibConfig | None = None,
-             method_config=None, progress: bool = True) -> QuantizeResult:
-    """Quantize ``lm.model`` in place with ``method`` under ``scheme``; returns the model and its recipe."""
+             method_config=None, progress: bool = True, on_step=None) -> QuantizeResult:
+    """Quantize ``lm.model`` in place with ``method`` under ``scheme``; returns the model and its recipe.
+
+    ``method_config``: the method's ``Config`` or a dict of overrides. ``on_step``: called by training
+    methods with a dict per optimizer step (``step``, ``epoch``, ``loss``, learning rates).
+    """
     calib = calib or CalibConfig()
     scheme_obj = get_scheme(scheme)
     check_seqlen(lm, calib.seqlen)
-    mod = get_method(method)
-    method_config = method_config if method_config is not None else mod.Config()
+    get_method(method)
+    if method_config is None or isinstance(method_config, dict):
+        method_config = method_config_for(method, method_config)
     recipe = {
         "model": lm.name, "num_layers": lm.num_layers, "total_layers": lm.total_layers, "add_bos": lm.add_bos,
         "scheme": scheme_obj.name, "method": method, "method_config": _config_dict(method_config),
@@ -74,7 +80,8 @@ def quantize(lm: LoadedModel, scheme: str = "w8a8", method: str = "rtn", calib: 
                                        add_bos=lm.add_bos)
     recipe["calibration"]["corpus_id"] = data.corpus_id(calib.corpus)
     simulate(lm.model, scheme_obj)
-    info = mod.apply(lm.model, windows, method_config, progress=progress) or {}
+    ctx = MethodContext(lm=lm, calib=calib, on_step=on_step, progress=progress, name=method)
+    info = get_method(method).apply(lm.model, windows, method_config, ctx) or {}
     check_calibrated(lm.model)
     recipe["method_info"] = info
     recipe["timing"] = {"quantize_s": round(time.perf_counter() - t0, 3)}

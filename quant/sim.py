@@ -26,6 +26,7 @@ ATTN_IMPL = "mq_sim"
 ARCHS = {
     "llama": {
         "norms": {"input_layernorm": "norm", "post_attention_layernorm": "norm"},
+        "ffn_norm": "post_attention_layernorm",  # the norm that feeds gate/up
         "unit_offset_norm": False,
     },
     "gemma3_text": {
@@ -37,6 +38,7 @@ ARCHS = {
             "self_attn.q_norm": "qk_norm",
             "self_attn.k_norm": "qk_norm",
         },
+        "ffn_norm": "pre_feedforward_layernorm",
         "unit_offset_norm": True,  # Gemma norms multiply by (1 + w)
     },
 }
@@ -131,10 +133,6 @@ class QNormMixin(_CachedWeight):
 
     def base_weight(self) -> torch.Tensor:
         return 1.0 + self.weight.float() if self.unit_offset else self.weight
-
-    def set_effective_weight(self, g: torch.Tensor) -> None:
-        """Store an effective gain (after folding a transformation) back into the parameter."""
-        self.weight.data.copy_(g - 1.0 if self.unit_offset else g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quantizer(x)

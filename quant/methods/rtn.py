@@ -14,11 +14,14 @@ class RTNConfig:
     batch_size: int = 4  # calibration forward batch
 
 
-def apply(model: torch.nn.Module, calib: torch.Tensor, config: RTNConfig | None = None,
-          progress: bool = True) -> dict:
-    config = config or RTNConfig()
+def calibrate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> None:
     calibrate_weights(model)
-    calibrate_activations(model, calib.split(config.batch_size), progress=progress)
+    calibrate_activations(model, windows.split(batch_size), progress=progress)
+
+
+def apply(model: torch.nn.Module, windows: torch.Tensor, config: RTNConfig | None = None, ctx=None) -> dict:
+    config = config or RTNConfig()
+    calibrate(model, windows, config.batch_size, progress=ctx.progress if ctx else True)
     return {}
 
 

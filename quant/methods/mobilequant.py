@@ -1,0 +1,45 @@
+"""MobileQuant end to end (MOBILEQUANT.md §5): LET + LWC + learnable activation ranges trained jointly
+across the whole decoder stack from the SmoothQuant model, on the MSE of the last decoder hidden state.
+
+Fixes relative to the reference: training checkpoints are resumable (optimizer and schedule included)
+and refuse a changed configuration; a NaN or exploding loss stops with a message instead of writing a
+broken model; ``epochs=0`` works (it is the SmoothQuant+RTN model); learned offsets are rounded to
+integer zero points at the end, so the evaluated model is the one a device runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..train import E2ETrainer, TrainConfig
+from . import omniquant, rtn
+
+
+@dataclass(frozen=True)
+class MobileQuantConfig(TrainConfig):
+    lrl: bool = True
+    loss: str = "hidden"            # hidden | logits | hidden+logits (logits = KL to the float model's logits)
+    kd_weight: float = 1.0          # weight of the logits term in hidden+logits
+    kd_temperature: float = 1.0
+    checkpoint_dir: str | None = None  # resumable training state, one file per epoch (atomic)
+    ram_budget_gb: float = 4.0      # float targets above this go to a memory-mapped file in checkpoint_dir
+
+    def check(self) -> None:
+        super().check()
+        if self.loss not in ("hidden", "logits", "hidden+logits"):
+            raise ValueError(f"mobilequant loss must be hidden, logits or hidden+logits, got {self.loss!r}")
+
+
+def apply(model: torch.nn.Module, windows: torch.Tensor, config: MobileQuantConfig | None = None, ctx=None) -> dict:
+    config = config or MobileQuantConfig()
+    config.check()
+    init = omniquant.initialise(model, windows, config, ctx)
+    identity = {"calibration": vars(ctx.calib) if ctx is not None and ctx.calib is not None else None}
+    info = E2ETrainer(model, windows, config, ctx, identity).run()
+    rtn.calibrate_weights(model)
+    return {"smoothquant": init, **info}
+
+
+Config = MobileQuantConfig

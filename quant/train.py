@@ -1,0 +1,371 @@
+"""Training loops of the learned methods: block-wise (OmniQuant-style, §4) and end to end (MobileQuant, §5).
+
+Both start from the SmoothQuant model with RTN ranges, attach LET/LWC (and optionally learnable ranges,
+``quant.learn``), train with AdamW and one parameter group per kind, each with its own per-step cosine
+schedule, then fold everything into the weights. The end-to-end loop checkpoints after every epoch and
+resumes from the last checkpoint; a checkpoint made with a different configuration is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .layers import LayerRunner
+from .learn import Learnables, attach, fold
+from .sim import decoder_layers, float_mode
+from .stats import model_fingerprint
+
+# Configuration fields that do not change the result: a resume may differ in them.
+VOLATILE = ("checkpoint_dir", "ram_budget_gb", "calib_batch_size")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf or exploded; the last good checkpoint (if any) is kept."""
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint exists for a different configuration."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters shared by the learned methods (defaults: the reference's TinyLlama W8A8 scripts)."""
+
+    alpha: float = 0.5          # SmoothQuant initialisation
+    pairs: str = "modified"     # LET / SmoothQuant pairs: original | omniquant | modified
+    epochs: int = 2
+    batch_size: int = 1
+    let: bool = True
+    lwc: bool = True
+    lrl: bool = False
+    let_lr: float = 1e-3
+    let_min_lr: float = 1e-4
+    lwc_lr: float = 1e-2
+    lwc_min_lr: float = 1e-3
+    lrl_lr: float = 1e-6
+    lrl_min_lr: float = 1e-7
+    lwc_init: float = 4.0
+    seed: int = 0
+    max_loss_ratio: float = 100.0  # stop when the loss exceeds this multiple of the first step's loss
+    calib_batch_size: int = 4      # forward batch for statistics and ranges
+
+    def check(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {self.epochs} and {self.batch_size}")
+        for k in ("let_lr", "let_min_lr", "lwc_lr", "lwc_min_lr", "lrl_lr", "lrl_min_lr"):
+            v = getattr(self, k)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{k} must be a finite number >= 0, got {v}")
+
+
+def cosine(step: int, total: int, lr: float, min_lr: float) -> float:
+    if total <= 1:
+        return lr
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+def make_optimizer(learn: Learnables, cfg: TrainConfig) -> torch.optim.AdamW:
+    groups = []
+    for kind in ("let", "lwc", "lrl"):
+        params = [p for p in getattr(learn, kind).values() if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": getattr(cfg, f"{kind}_lr"), "kind": kind,
+                           "max_lr": getattr(cfg, f"{kind}_lr"), "min_lr": getattr(cfg, f"{kind}_min_lr")})
+    if not groups:
+        raise ValueError("nothing to train: enable at least one of let, lwc, lrl")
+    return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
+def set_lrs(opt: torch.optim.Optimizer, step: int, total: int) -> dict:
+    lrs = {}
+    for g in opt.param_groups:
+        g["lr"] = cosine(step, total, g["max_lr"], g["min_lr"])
+        lrs[f"lr_{g['kind']}"] = g["lr"]
+    return lrs
+
+
+def freeze_model(model: nn.Module, learn: Learnables) -> None:
+    keep = {id(p) for p in learn.named().values()}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+
+
+class TensorStore:
+    """``n`` float32 tensors of one shape, in RAM or, above ``budget_bytes``, in a memory-mapped file."""
+
+    def __init__(self, n: int, shape: tuple, budget_bytes: float, folder: Path | None):
+        self.nbytes = n * int(np.prod(shape)) * 4
+        self.path = None
+        if self.nbytes <= budget_bytes:
+            self.data = torch.empty((n, *shape))
+        else:
+            if folder is None:
+                raise ValueError(f"targets need {self.nbytes / 2**30:.1f} GiB, above ram_budget_gb; "
+                                 "give a checkpoint_dir to keep them on disk")
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path = folder / "targets.f32"
+            mm = np.memmap(self.path, dtype=np.float32, mode="w+", shape=(n, *shape))
+            self.data = torch.from_numpy(mm)
+
+    def __getitem__(self, idx):
+        return self.data[idx]
+
+    def __setitem__(self, idx, value):
+        self.data[idx] = value
+
+    def close(self) -> None:
+        if self.path is not None:
+            del self.data
+            self.path.unlink(missing_ok=True)
+
+
+def _loss_check(loss: float, first: float | None, cfg: TrainConfig, where: str, ckpt_note: str) -> None:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"{where}: loss became {loss}; {ckpt_note}. Lower the learning rates.")
+    if first is not None and first > 0 and loss > cfg.max_loss_ratio * first:
+        raise TrainingDiverged(f"{where}: loss exploded to {loss:.4g} (first step {first:.4g}, limit "
+                               f"{cfg.max_loss_ratio:g}x); {ckpt_note}. Lower the learning rates.")
+
+
+def _logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    logits = model.lm_head(model.model.norm(h))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _kd(model, h, target, temperature: float) -> torch.Tensor:
+    with torch.no_grad():
+        t = F.log_softmax(_logits(model, target).flatten(0, -2).float() / temperature, -1)
+    q = F.log_softmax(_logits(model, h).flatten(0, -2).float() / temperature, -1)
+    return F.kl_div(q, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+# --------------------------------------------------------------------------------------------------
+# block-wise
+
+
+def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, ctx=None) -> dict:
+    """OmniQuant's routine: per layer, MSE between the quantized layer on the quantized input chain and the
+    float layer on the float chain; fold; propagate the quantized chain."""
+    cfg.check()
+    progress, on_step = (ctx.progress, ctx.on_step) if ctx else (True, None)
+    runner = LayerRunner(model)
+    bs = cfg.batch_size
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        h_fp = torch.cat([runner.embed(b) for b in windows.split(bs)])
+    h_q = h_fp.clone()
+    n = windows.shape[0]
+    steps_per_epoch = math.ceil(n / bs)
+    total = cfg.epochs * steps_per_epoch
+    layer_loss, step_global, counts = [], 0, {"let": 0, "lwc": 0, "lrl": 0}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    layers = decoder_layers(model)
+    bar = tqdm(range(len(layers)), desc="block-wise", disable=not progress, unit="layer")
+    for i in bar:
+        with torch.no_grad(), float_mode(model):
+            out_fp = torch.cat([runner.layer(i, b) for b in h_fp.split(bs)])
+        learn = attach(model, [i], cfg.pairs, cfg.let, cfg.lwc, cfg.lrl, cfg.lwc_init)
+        for k, v in learn.counts().items():
+            counts[k] += v
+        freeze_model(model, learn)
+        last = None
+        if total:
+            opt = make_optimizer(learn, cfg)
+            first = None
+            for step in range(total):
+                if step % steps_per_epoch == 0:
+                    perm = torch.randperm(n, generator=gen)
+                idx = perm[(step % steps_per_epoch) * bs:(step % steps_per_epoch + 1) * bs]
+                lrs = set_lrs(opt, step, total)
+                loss = F.mse_loss(runner.layer(i, h_q[idx]), out_fp[idx])
+                lv = loss.item()
+                _loss_check(lv, first, cfg, f"block-wise layer {i} step {step}", "nothing was folded for this layer")
+                first = lv if first is None else first
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                last = lv
+                step_global += 1
+                if on_step:
+                    on_step({"step": step_global, "layer": i, "epoch": step // steps_per_epoch, "loss": lv, **lrs})
+            del opt
+        fold(model, learn)
+        with torch.no_grad():
+            h_q = torch.cat([runner.layer(i, b) for b in h_q.split(bs)])
+            final = F.mse_loss(h_q, out_fp).item()
+        layer_loss.append(round(final, 6))
+        bar.set_postfix(layer_mse=f"{final:.4g}", train_loss=f"{last:.4g}" if last is not None else "-")
+        h_fp = out_fp
+    return {"mode": "block-wise", "steps": step_global, "steps_per_layer": total, "layer_mse": layer_loss,
+            "final_mse": layer_loss[-1] if layer_loss else None, "learnables": counts,
+            "train_s": round(time.perf_counter() - t0, 2)}
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end
+
+
+class Checkpoint:
+    """``state.pt`` (learnables, optimizer, epoch, losses) and ``meta.json`` (the identity of the run)."""
+
+    def __init__(self, folder: str | Path | None, identity: dict):
+        self.folder = Path(folder) if folder else None
+        self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
+
+    @property
+    def state_path(self) -> Path | None:
+        return self.folder / "state.pt" if self.folder else None
+
+    def load(self) -> dict | None:
+        if not self.folder or not self.state_path.exists():
+            return None
+        meta = json.loads((self.folder / "meta.json").read_text())
+        diffs = _diff(meta.get("identity", {}), self.identity)
+        if diffs:
+            raise CheckpointMismatch(
+                f"checkpoint in {self.folder} was made with a different configuration ({'; '.join(diffs)}); "
+                "use another checkpoint folder or delete this one to start over")
+        return torch.load(self.state_path, weights_only=False)
+
+    def save(self, state: dict) -> None:
+        if not self.folder:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / "state.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_path)  # a crash mid-write keeps the previous epoch's checkpoint
+        meta = {"identity": self.identity, "epoch": state["epoch"], "losses": state["epoch_losses"]}
+        (self.folder / "meta.json.tmp").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        os.replace(self.folder / "meta.json.tmp", self.folder / "meta.json")
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} in the checkpoint, {b!r} now")
+    return out
+
+
+class E2ETrainer:
+    """MobileQuant: all layers trained jointly on the MSE of the last decoder hidden state (plus an optional
+    logits-distillation term), against targets from the float model computed once."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, cfg, ctx=None, identity: dict | None = None):
+        cfg.check()
+        self.model, self.windows, self.cfg = model, windows, cfg
+        self.progress, self.on_step = (ctx.progress, ctx.on_step) if ctx else (True, None)
+        self.runner = LayerRunner(model)
+        self.loss_kind = getattr(cfg, "loss", "hidden")
+        ident = {"config": {k: v for k, v in asdict(cfg).items() if k not in VOLATILE},
+                 "model": model_fingerprint(model), "scheme": getattr(model.mq_scheme, "name", None),
+                 "windows": {"n": windows.shape[0], "seqlen": windows.shape[1],
+                             "sha": _tensor_sha(windows)}}
+        self.ckpt = Checkpoint(getattr(cfg, "checkpoint_dir", None), {**ident, **(identity or {})})
+
+    def compute_targets(self) -> TensorStore:
+        n, t = self.windows.shape
+        hidden = self.model.config.hidden_size
+        budget = getattr(self.cfg, "ram_budget_gb", 4.0) * 2**30
+        store = TensorStore(n, (t, hidden), budget, self.ckpt.folder)
+        bs = self.cfg.calib_batch_size
+        with torch.no_grad(), float_mode(self.model):
+            for j, b in enumerate(tqdm(self.windows.split(bs), desc="float targets", disable=not self.progress,
+                                       unit="batch")):
+                store[j * bs:j * bs + b.shape[0]] = self.runner.stack(self.runner.embed(b))
+        return store
+
+    def loss(self, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        h = self.runner.stack(self.runner.embed(ids))
+        kd_w = getattr(self.cfg, "kd_weight", 1.0)
+        if self.loss_kind == "hidden":
+            return F.mse_loss(h, target)
+        kd = _kd(self.model, h, target, getattr(self.cfg, "kd_temperature", 1.0))
+        if self.loss_kind == "logits":
+            return kd
+        return F.mse_loss(h, target) + kd_w * kd
+
+    def step(self, opt, ids, target) -> float:
+        loss = self.loss(ids, target)
+        lv = loss.item()
+        if not math.isfinite(lv):
+            return lv
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return lv
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        state = self.ckpt.load()
+        learn = attach(self.model, None, cfg.pairs, cfg.let, cfg.lwc, cfg.lrl, cfg.lwc_init)
+        freeze_model(self.model, learn)
+        n = self.windows.shape[0]
+        bs = cfg.batch_size
+        spe = math.ceil(n / bs)
+        total = cfg.epochs * spe
+        opt = make_optimizer(learn, cfg) if total else None
+        start_epoch, epoch_losses, first = 0, [], None
+        if state is not None:
+            learn.load_state_dict(state["learnables"])
+            if opt is not None and state.get("optimizer"):
+                opt.load_state_dict(state["optimizer"])
+            start_epoch, epoch_losses, first = state["epoch"], list(state["epoch_losses"]), state.get("first_loss")
+        resumed = start_epoch
+        store = self.compute_targets() if start_epoch < cfg.epochs else None
+        note = (f"the last good checkpoint (epoch {{e}}) is kept in {self.ckpt.folder}" if self.ckpt.folder
+                else "no checkpoint_dir was given, so nothing was kept")
+        bar = tqdm(total=total, initial=start_epoch * spe, desc="mobilequant e2e", disable=not self.progress,
+                   unit="step")
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+                run_sum = 0.0
+                for k in range(spe):
+                    step = epoch * spe + k
+                    idx = perm[k * bs:(k + 1) * bs]
+                    lrs = set_lrs(opt, step, total)
+                    lv = self.step(opt, self.windows[idx], store[idx])
+                    _loss_check(lv, first, cfg, f"mobilequant epoch {epoch} step {step}",
+                                note.format(e=epoch) if self.ckpt.folder else note)
+                    first = lv if first is None else first
+                    run_sum += lv
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{lv:.4g}", epoch=epoch)
+                    if self.on_step:
+                        self.on_step({"step": step + 1, "epoch": epoch, "loss": lv, **lrs})
+                epoch_losses.append(round(run_sum / spe, 6))
+                self.ckpt.save({"epoch": epoch + 1, "learnables": learn.state_dict(),
+                                "optimizer": opt.state_dict(), "epoch_losses": epoch_losses, "first_loss": first})
+        finally:
+            bar.close()
+            if store is not None:
+                store.close()
+        fold(self.model, learn)
+        return {"mode": "end-to-end", "steps": total, "resumed_from_epoch": resumed, "first_loss": first,
+                "epoch_losses": epoch_losses, "loss": self.loss_kind, "learnables": learn.counts(),
+                "targets_on_disk": bool(store is not None and store.path is not None),
+                "train_s": round(time.perf_counter() - t0, 2)}
+
+
+def _tensor_sha(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
