@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("action", nargs="?", default="list", choices=["list", "convert", "verify"])
     m.add_argument("name", nargs="?")
     m.add_argument("--force", action="store_true")
+
+    from . import sweep_cli  # sweep, status, ui
+
+    COMMANDS.update(sweep_cli.add_commands(sub))
     return parser
 
 

@@ -1,0 +1,361 @@
+"""A sweep from start to end: what is already done, what to run, running it on Ray, logging to MLflow,
+and the summary. The data folder holds everything local:
+
+    <data>/mlflow.db, <data>/mlartifacts/     the default MLflow store
+    <data>/trials/<trial id>/result.json      a finished trial (the record of "done")
+    <data>/stages/<stage>/<key>/              cached stage results (quantized artifacts, shared stages)
+    <data>/sweeps/<name>.lock                 one driver per sweep at a time
+
+"Done" is the result file, not MLflow: a trial whose result exists is never run again; if its MLflow run
+is missing (another tracking server, a crash between the two writes) it is logged from the file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .progress import Progress, fmt_duration, table
+from .spec import FLOAT_METHOD, Sweep, Trial, flatten
+
+DEFAULT_DATA = "runs/farm"
+
+
+def data_dir_default() -> Path:
+    return Path(os.environ.get("MQFARM_FARM_DIR", DEFAULT_DATA))
+
+
+class SweepBusy(ValueError):
+    pass
+
+
+@dataclass
+class Options:
+    data_dir: Path = field(default_factory=data_dir_default)
+    tracking_uri: str | None = None
+    address: str | None = None
+    num_cpus: int | None = None
+    worker_logs: bool = False
+    live: bool | None = None  # progress line redrawn in place (default: when stderr is a terminal)
+    out: object = None  # where progress and notes go (default stderr)
+
+    @property
+    def uri(self) -> str:
+        from .tracking import default_uri
+
+        return self.tracking_uri or default_uri(self.data_dir)
+
+
+@dataclass
+class Outcome:
+    sweep: Sweep
+    results: dict  # trial id -> result (every finished trial, old and new)
+    failed: dict  # trial id -> error message (this invocation)
+    executed: list  # trial ids run by this invocation
+    logged_from_cache: list
+    interrupted: bool = False
+    wall_s: float = 0.0
+    registered: list = field(default_factory=list)
+    parent_run_id: str | None = None
+    cluster: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.interrupted
+
+
+# ---------------------------------------------------------------- result files
+
+def result_path(data_dir: Path, trial_id: str) -> Path:
+    return Path(data_dir) / "trials" / trial_id / "result.json"
+
+
+def load_result(data_dir: Path, trial_id: str) -> dict | None:
+    p = result_path(data_dir, trial_id)
+    try:
+        return json.loads(p.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def save_result(data_dir: Path, result: dict) -> None:
+    p = result_path(data_dir, result["trial_id"])
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
+    tmp.replace(p)
+
+
+def primary_metric(result: dict) -> tuple[str | None, float | None]:
+    for k, v in (result.get("metrics") or {}).items():
+        if k.startswith("ppl/"):
+            return k, v
+    return None, None
+
+
+@contextmanager
+def sweep_lock(data_dir: Path, name: str):
+    d = Path(data_dir) / "sweeps"
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / f"{name}.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SweepBusy(f"another farm sweep is running sweep {name!r} on {data_dir}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _label(trial: Trial, varying: list[str]) -> str:
+    flat = flatten({k: v for k, v in trial.config.items() if k != "eval"})
+    parts = [f"{k.split('.')[-1]}={flat[k]}" for k in varying if k in flat and k not in ("scheme", "method")]
+    return f"{trial.short} {trial.config['scheme']} {trial.config['method']} {' '.join(parts)}".rstrip()
+
+
+# ---------------------------------------------------------------- running
+
+def run_sweep(sweep: Sweep, opts: Options | None = None) -> Outcome:
+    from .tracking import Tracker
+
+    opts = opts or Options()
+    out = opts.out or sys.stderr
+    data = Path(opts.data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with sweep_lock(data, sweep.name), _sigterm_as_interrupt():
+        tracker = Tracker(opts.uri, sweep.name, data / "mlartifacts")
+        parent = tracker.start_parent(sweep)
+        outcome = Outcome(sweep, {}, {}, [], [], parent_run_id=parent)
+        runs: dict = {}  # trial id -> MLflow run id of the attempt in flight
+        try:
+            _run(sweep, opts, tracker, outcome, runs, out)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+            outcome.interrupted = True
+        try:
+            if outcome.interrupted:
+                tracker.kill(list(runs.values()))
+                print(f"\ninterrupted: {len(runs)} trial(s) stopped and marked KILLED; run the same command "
+                      "again to finish the rest", file=out)
+            elif sweep.spec.register_best:
+                try:
+                    outcome.registered = tracker.register_best({t.id: t for t in sweep.trials}, outcome.results,
+                                                               primary_metric)
+                except Exception as e:  # the registry is a convenience: never lose a finished sweep over it
+                    print(f"model registry: skipped ({type(e).__name__}: {e})", file=out)
+            outcome.wall_s = time.time() - t0
+            counts = {"total": len(sweep.trials), "finished": len(outcome.results),
+                      "failed": len(outcome.failed), "executed": len(outcome.executed)}
+            tracker.end_parent("KILLED" if outcome.interrupted else "FINISHED", counts, outcome.wall_s)
+        finally:
+            if outcome.interrupted:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+    return outcome
+
+
+def _run(sweep: Sweep, opts: Options, tracker, outcome: Outcome, runs: dict, out) -> None:
+    from . import scheduler, stages
+
+    data = Path(opts.data_dir)
+    trials = {t.id: t for t in sweep.trials}
+    spec = sweep.spec
+    resources = spec.resources.model_dump()
+    stale = tracker.kill_stale()
+    if stale:
+        print(f"marked {stale} run(s) left RUNNING by an earlier driver as KILLED", file=out)
+    logged = tracker.finished_trials()
+    for tid, trial in trials.items():
+        res = load_result(data, tid)
+        if res is None:
+            continue
+        outcome.results[tid] = res
+        if tid not in logged:  # done earlier but not logged in this store: log it, run nothing
+            rid = tracker.start_trial(trial, resources, res.get("started_at"), {"from_cache": "true"})
+            tracker.log_steps(rid, res.get("steps", []))
+            tracker.finish_trial(rid, res)
+            outcome.logged_from_cache.append(tid)
+    todo = [t for t in sweep.trials if t.id not in outcome.results]
+    if not todo:
+        print(f"sweep {sweep.name}: all {len(sweep.trials)} trials are done; nothing to run", file=out)
+        return
+    owned = scheduler.connect(opts.address, opts.num_cpus, worker_logs=opts.worker_logs)
+    progress = None
+    runner = None
+    try:
+        outcome.cluster = scheduler.cluster_summary()
+        slots = int(outcome.cluster["cpus"] // max(spec.resources.cpu, 1e-9)) or 1
+        if spec.resources.gpu:
+            slots = min(slots, int(outcome.cluster["gpus"] // spec.resources.gpu) or 1)
+        if spec.concurrency.max_trials:
+            slots = min(slots, spec.concurrency.max_trials)
+        gpus = outcome.cluster["gpus"]
+        print(f"sweep {sweep.name}: {len(sweep.trials)} trials, {len(outcome.results)} done, {len(todo)} to run "
+              f"on {outcome.cluster['nodes']} node(s) / {outcome.cluster['cpus']:g} CPU"
+              f"{f' / {gpus:g} GPU' if gpus else ''}; MLflow {opts.uri}", file=out)
+        progress = Progress(len(sweep.trials), len(outcome.results), slots, out, opts.live)
+        runner = scheduler.Runner(str(data), resources, spec.retries, spec.concurrency.max_trials,
+                                  spec.save_artifacts)
+        runner.add([scheduler.Job(t.id, t.config, stages.plan(t.config)) for t in todo])
+        attempts: dict = {}  # trial id -> (attempt key, steps logged for it, attempt count)
+        while runner.active:
+            for tid, kind, payload in runner.poll(0.5):
+                _handle(tid, kind, payload, trials, tracker, resources, runs, attempts, outcome, progress,
+                        data, sweep)
+            progress.redraw()
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if runner is not None:
+            runner.cancel()
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+        scheduler.shutdown(owned)
+
+
+def _handle(tid, kind, payload, trials, tracker, resources, runs, attempts, outcome, progress, data, sweep):
+    trial = trials[tid]
+    if kind == "started":
+        prev = attempts.get(tid)
+        count = (prev[2] + 1) if prev else 1
+        attempts[tid] = (payload.get("attempt"), 0, count)
+        node = payload.get("node_ip") or payload.get("host", "")
+        if tid not in runs:
+            runs[tid] = tracker.start_trial(trial, resources, payload.get("time"),
+                                            {"node": node, "node_id": payload.get("node_id", "")})
+        else:  # Ray re-ran the trial after its worker died
+            tracker.client.set_tag(runs[tid], "attempts", str(count))
+            progress.note(f"retry  {_label(trial, sweep.varying)}: attempt {count} after the worker died")
+        progress.started(tid)
+    elif kind == "step":
+        att = attempts.get(tid)
+        if tid in runs and att and payload.get("attempt") == att[0]:
+            tracker.log_steps(runs[tid], [payload])
+            attempts[tid] = (att[0], att[1] + 1, att[2])
+    elif kind == "finished":
+        save_result(data, payload)  # first: from here on the trial counts as done
+        outcome.results[tid] = payload
+        outcome.executed.append(tid)
+        att = attempts.get(tid)
+        if tid not in runs:
+            runs[tid] = tracker.start_trial(trial, resources, payload.get("started_at"))
+        logged = att[1] if att and att[0] == payload.get("attempt") else 0
+        tracker.log_steps(runs[tid], payload.get("steps", [])[logged:])
+        tracker.finish_trial(runs.pop(tid), payload, {"attempts": att[2] if att else 1})
+        name, value = primary_metric(payload)
+        note = f"{name}={value:.3f}" if name else ""
+        progress.finished(tid, _label(trial, sweep.varying), payload.get("timing", {}).get("total_s"), True, note)
+    elif kind == "failed":
+        outcome.failed[tid] = payload["error"]
+        outcome.executed.append(tid)
+        if tid not in runs:
+            runs[tid] = tracker.start_trial(trial, resources)
+        tracker.fail_trial(runs.pop(tid), payload["error"], payload.get("traceback", ""), payload.get("kind", ""))
+        progress.finished(tid, _label(trial, sweep.varying), None, False, payload["error"])
+
+
+# ---------------------------------------------------------------- tables
+
+def summary_rows(sweep: Sweep, results: dict, states: dict | None = None) -> tuple[list[dict], list[str]]:
+    """One row per trial: id, the varying settings, status, the primary metric, its ratio to FP, time."""
+    states = states or {}
+    fp = {}
+    for tid, res in results.items():
+        cfg = sweep_trial(sweep, tid)
+        if cfg and cfg["method"] == FLOAT_METHOD:
+            name, value = primary_metric(res)
+            fp[(cfg["model"], cfg["layers"], name)] = value
+    varying = [k for k in sweep.varying]
+    cols = ["trial"] + varying + ["status"]
+    metric_names = sorted({primary_metric(r)[0] for r in results.values() if primary_metric(r)[0]})
+    cols += metric_names + (["vs fp"] if fp else []) + ["time"]
+    rows = []
+    for t in sweep.trials:
+        flat = flatten({k: v for k, v in t.config.items() if k != "eval"})
+        row = {"trial": t.short, **{k: flat.get(k) for k in varying}}
+        res = results.get(t.id)
+        if res:
+            row["status"] = "done"
+            name, value = primary_metric(res)
+            if name:
+                row[name] = value
+                base = fp.get((t.config["model"], t.config["layers"], name))
+                if base:
+                    row["vs fp"] = f"{value / base:.3f}"
+            row["time"] = fmt_duration(res.get("timing", {}).get("total_s"))
+        else:
+            row["status"] = states.get(t.id, "pending")
+        rows.append(row)
+    return rows, cols
+
+
+def sweep_trial(sweep: Sweep, tid: str) -> dict | None:
+    for t in sweep.trials:
+        if t.id == tid:
+            return t.config
+    return None
+
+
+def print_summary(outcome: Outcome, file=None) -> None:
+    file = file or sys.stdout
+    states = {tid: "FAILED" for tid in outcome.failed}
+    if outcome.interrupted:
+        states.update({t.id: "KILLED" for t in outcome.sweep.trials if t.id not in outcome.results
+                       and t.id not in outcome.failed})
+    rows, cols = summary_rows(outcome.sweep, outcome.results, states)
+    print(table(rows, cols), file=file)
+    n_done = len(outcome.results)
+    print(f"\n{n_done}/{len(outcome.sweep.trials)} trials done ({len(outcome.executed)} run now, "
+          f"{len(outcome.failed)} failed) in {fmt_duration(outcome.wall_s)}", file=file)
+    for tid, err in outcome.failed.items():
+        print(f"  FAILED {tid[:8]}: {err}", file=file)
+    for reg in outcome.registered:
+        metric = [k for k in reg if k.startswith("ppl/")]
+        extra = f" ({metric[0]}={reg[metric[0]]:.3f})" if metric else ""
+        print(f"registered {reg['name']} v{reg['version']} @best = trial {reg['trial'][:8]}{extra}", file=file)
+
+
+def sweep_status(sweep: Sweep, opts: Options) -> tuple[list[dict], list[str], dict]:
+    """The state of every trial: done (result file), else the newest MLflow run's status, else pending."""
+    from .tracking import Tracker
+
+    results = {t.id: r for t in sweep.trials if (r := load_result(opts.data_dir, t.id)) is not None}
+    states = {}
+    db = Path(opts.data_dir) / "mlflow.db"
+    if opts.tracking_uri or db.exists():
+        tracker = Tracker(opts.uri, sweep.name)
+        for run in reversed(tracker.trial_runs()):  # oldest first, so the newest wins
+            tid = run.data.tags.get("trial_id")
+            if tid and tid not in results:
+                states[tid] = run.info.status
+    rows, cols = summary_rows(sweep, results, states)
+    counts = {"total": len(sweep.trials), "done": len(results)}
+    for s in states.values():
+        counts[s.lower()] = counts.get(s.lower(), 0) + 1
+    counts["pending"] = len(sweep.trials) - len(results) - len(states)
+    return rows, cols, counts

@@ -1,0 +1,160 @@
+"""The `farm sweep`, `farm status` and `farm ui` subcommands (wired into farm/cli.py).
+
+    farm sweep sweeps/demo.yaml [--dry-run] [--yes] [--address ADDR] [--tracking-uri URI] [--data DIR]
+    farm status sweeps/demo.yaml            # or a sweep name: what MLflow knows about it
+    farm ui [--port 5000]                   # the MLflow UI on 127.0.0.1 over the sweep store
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _add_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None,
+                   help="farm data folder: MLflow store, stage cache, results (default runs/farm or $MQFARM_FARM_DIR)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite file in --data)")
+
+
+def add_commands(sub) -> dict:
+    s = sub.add_parser("sweep", help="run a sweep file: a grid of trials on Ray, tracked in MLflow")
+    s.add_argument("file", help="sweep YAML file (see sweeps/)")
+    s.add_argument("--dry-run", action="store_true", help="print the expanded grid and what is done; run nothing")
+    s.add_argument("--yes", action="store_true", help="accept a grid larger than the safety limit")
+    s.add_argument("--address", default=None,
+                   help="join this Ray cluster (e.g. auto, 10.0.0.1:6379, ray://head:10001); default: local Ray")
+    s.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    s.add_argument("--worker-logs", action="store_true", help="show the workers' output")
+    _add_store_args(s)
+
+    st = sub.add_parser("status", help="state of a sweep's trials (file or sweep name)")
+    st.add_argument("sweep", help="sweep YAML file, or the name of a sweep already in MLflow")
+    _add_store_args(st)
+
+    u = sub.add_parser("ui", help="serve the MLflow UI of the sweep store on 127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
+    _add_store_args(u)
+    return {"sweep": cmd_sweep, "status": cmd_status, "ui": cmd_ui}
+
+
+def _options(args):
+    from .sweep import Options, data_dir_default
+
+    return Options(data_dir=Path(args.data) if args.data else data_dir_default(), tracking_uri=args.tracking_uri)
+
+
+def cmd_sweep(args) -> int:
+    from .progress import table
+    from .spec import GRID_LIMIT, load_sweep
+    from .sweep import load_result, print_summary, run_sweep, summary_rows
+
+    sweep = load_sweep(args.file, max_trials=None if args.yes else GRID_LIMIT)
+    opts = _options(args)
+    if args.dry_run:
+        from .stages import plan
+
+        results = {t.id: r for t in sweep.trials if (r := load_result(opts.data_dir, t.id)) is not None}
+        rows, cols = summary_rows(sweep, results, {})
+        print(f"sweep {sweep.name} ({sweep.file}): {len(sweep.trials)} trials"
+              f"{f' ({sweep.duplicates} duplicate combinations merged)' if sweep.duplicates else ''}, "
+              f"{len(results)} done, {len(sweep.trials) - len(results)} to run")
+        print(table(rows, cols))
+        shared = {}
+        for t in sweep.trials:
+            if t.id not in results:
+                for name, key, _ in plan(t.config):
+                    shared.setdefault(name, set()).add(key)
+        r = sweep.spec.resources
+        print(f"\nper trial: {r.cpu:g} CPU, {r.gpu:g} GPU; retries on worker death: {sweep.spec.retries}; "
+              f"max in flight: {sweep.spec.concurrency.max_trials or 'as resources allow'}")
+        if shared:
+            print("shared stages to run once per key: " + ", ".join(f"{n} x{len(k)}" for n, k in shared.items()))
+        print(f"data: {opts.data_dir}   MLflow: {opts.uri}")
+        return 0
+    opts.address, opts.num_cpus, opts.worker_logs = args.address, args.num_cpus, args.worker_logs
+    outcome = run_sweep(sweep, opts)
+    print_summary(outcome)
+    if sweep.spec.report and not outcome.interrupted:
+        _report(sweep, opts)
+    if outcome.interrupted:
+        return 130
+    return 0 if outcome.ok else 1
+
+
+def _report(sweep, opts) -> None:
+    try:
+        import reports
+    except ImportError:
+        reports = None
+    build = getattr(reports, "sweep_report", None) if reports else None
+    if build is None:
+        print("report: skipped (the reports package has no sweep report yet)", file=sys.stderr)
+        return
+    path = build(sweep.name, tracking_uri=opts.uri, out_dir=Path(opts.data_dir) / "reports" / sweep.name)
+    print(f"report: {path}")
+
+
+def cmd_status(args) -> int:
+    from .progress import table
+    from .spec import load_sweep
+    from .sweep import sweep_status
+
+    opts = _options(args)
+    if Path(args.sweep).exists() or args.sweep.endswith((".yaml", ".yml")):
+        sweep = load_sweep(args.sweep, max_trials=None)
+        rows, cols, counts = sweep_status(sweep, opts)
+        extra = "  ".join(f"{k} {v}" for k, v in counts.items() if k not in ("total", "done") and v)
+        print(f"sweep {sweep.name}: {counts['total']} trials, {counts['done']} done  {extra}".rstrip())
+        print(table(rows, cols))
+        return 0
+    from .tracking import Tracker
+
+    tracker = Tracker(opts.uri, args.sweep)
+    if tracker.experiment(create=False) is None:
+        raise ValueError(f"no sweep named {args.sweep!r} in {opts.uri} (and no such file)")
+    rows = []
+    for run in reversed(tracker.trial_runs()):
+        tags, metrics = run.data.tags, run.data.metrics
+        ppl = [k for k in metrics if k.startswith("ppl/")]
+        rows.append({"trial": tags.get("trial_id", "")[:8], "scheme": tags.get("scheme"),
+                     "method": tags.get("method"), "status": run.info.status,
+                     **({ppl[0]: metrics[ppl[0]]} if ppl else {})})
+    cols = ["trial", "scheme", "method", "status"] + sorted({k for r in rows for k in r if k.startswith("ppl/")})
+    print(f"sweep {args.sweep}: {len(rows)} trial runs in MLflow")
+    print(table(rows, cols))
+    return 0
+
+
+def ui_command(data_dir: Path, tracking_uri: str | None, host: str, port: int) -> tuple[list[str], dict]:
+    """The lean MLflow server command (STACK.md): one worker, no job runners, no telemetry."""
+    from .tracking import default_uri
+
+    data_dir = Path(data_dir)
+    (data_dir / "mlartifacts").mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri or default_uri(data_dir),
+           "--artifacts-destination", str((data_dir / "mlartifacts").resolve()), "--host", host,
+           "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return cmd, env
+
+
+def cmd_ui(args) -> int:
+    opts = _options(args)
+    cmd, env = ui_command(opts.data_dir, args.tracking_uri, args.host, args.port)
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {args.tracking_uri or opts.uri}); Ctrl-C stops it",
+          file=sys.stderr)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return 0

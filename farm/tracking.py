@@ -1,0 +1,267 @@
+"""MLflow: the one place that writes runs. One experiment per sweep, a parent run for the sweep, one
+nested run per trial (params = the trial's flattened config, per-step training loss, evaluation metrics,
+timing, the artifact folder, tags), and the best model of each scheme registered with an alias.
+
+Only the driver calls this module (workers send their results back), so a sqlite store has a single
+writer and workers on other nodes need no access to the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+
+from .spec import FLOAT_METHOD, Sweep, Trial, flatten  # noqa: E402
+
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+ROLE, TRIAL_ID, SWEEP = "farm_role", "trial_id", "sweep"
+PARENT = "mlflow.parentRunId"
+BEST_ALIAS = "best"
+
+
+def default_uri(data_dir: str | Path) -> str:
+    return f"sqlite:///{Path(data_dir).resolve() / 'mlflow.db'}"
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+
+
+def package_versions() -> dict:
+    import mlflow
+    import ray
+
+    from quant.api import versions
+
+    return {**versions(), "ray": ray.__version__, "mlflow": mlflow.__version__}
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _params(config: dict, resources: dict) -> dict:
+    flat = flatten({k: v for k, v in config.items()})
+    flat.update({f"resources.{k}": v for k, v in flatten(resources).items()})
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flat.items()}
+
+
+def _metric_ok(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, sweep_name: str, artifact_root: str | Path | None = None):
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self.sweep_name = sweep_name
+        self.artifact_root = Path(artifact_root) if artifact_root else None
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+        self.common_tags: dict = {}
+
+    # ------------------------------------------------------------ experiment and parent run
+    def experiment(self, create: bool = True) -> str | None:
+        exp = self.client.get_experiment_by_name(self.sweep_name)
+        if exp is None:
+            if not create:
+                return None
+            location = None
+            if self.artifact_root is not None and is_local_store(self.uri):
+                location = (self.artifact_root / self.sweep_name).resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(self.sweep_name, artifact_location=location,
+                                                               tags={ROLE: "sweep"})
+        else:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            self.experiment_id = exp.experiment_id
+        return self.experiment_id
+
+    def start_parent(self, sweep: Sweep) -> str:
+        self.experiment()
+        self.common_tags = {SWEEP: sweep.name, "git_commit": git_commit(),
+                            **{f"version.{k}": str(v) for k, v in package_versions().items()}}
+        found = self.client.search_runs([self.experiment_id], f"tags.{ROLE} = 'parent'",
+                                        order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            self.parent_id = found[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=sweep.name,
+                                         tags={ROLE: "parent", **self.common_tags})
+            self.parent_id = run.info.run_id
+        tags = {"sweep_file": str(sweep.file), "sweep_hash": sweep.hash, "trials": str(len(sweep.trials)),
+                "mlflow.note.content": sweep.spec.description or f"farm sweep {sweep.file}", **self.common_tags}
+        self.client.log_batch(self.parent_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        if sweep.text:
+            self.client.log_text(self.parent_id, sweep.text, "sweep.yaml")
+        return self.parent_id
+
+    def end_parent(self, status: str, counts: dict, wall_s: float) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"trials_{k}", float(v), now, 0) for k, v in counts.items()]
+        metrics.append(Metric("wall_s", float(wall_s), now, 0))
+        self.client.log_batch(self.parent_id, metrics=metrics)
+        self.client.set_terminated(self.parent_id, status=status)
+
+    # ------------------------------------------------------------ trial runs
+    def trial_runs(self, status: str | None = None) -> list:
+        """Every trial run of this sweep's experiment (optionally with one status), newest first."""
+        if self.experiment_id is None and self.experiment(create=False) is None:
+            return []
+        flt = f"tags.{ROLE} = 'trial'"
+        if status:
+            flt += f" and attributes.status = '{status}'"
+        out, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], flt, max_results=1000, page_token=token,
+                                           order_by=["attributes.start_time DESC"])
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    def finished_trials(self) -> dict:
+        return {r.data.tags.get(TRIAL_ID): r.info.run_id for r in self.trial_runs("FINISHED")}
+
+    def kill_stale(self) -> int:
+        """Runs left RUNNING by a driver that died without cleaning up (the sweep lock is held)."""
+        n = 0
+        for r in self.trial_runs("RUNNING"):
+            self.client.set_tag(r.info.run_id, "farm_note", "left running by an earlier driver; marked KILLED")
+            self.client.set_terminated(r.info.run_id, status="KILLED")
+            n += 1
+        return n
+
+    def start_trial(self, trial: Trial, resources: dict, start_time: float | None = None,
+                    tags: dict | None = None) -> str:
+        cfg = trial.config
+        name = f"{cfg['scheme']}-{cfg['method']}-{trial.short}"
+        all_tags = {ROLE: "trial", TRIAL_ID: trial.id, PARENT: self.parent_id, **self.common_tags,
+                    "scheme": cfg["scheme"], "method": cfg["method"], "model": cfg["model"],
+                    **{k: str(v) for k, v in (tags or {}).items()}}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags,
+                                     start_time=int((start_time or time.time()) * 1000))
+        rid = run.info.run_id
+        params = [Param(k, v) for k, v in _params(cfg, resources).items()]
+        for chunk in _chunks(params, 100):
+            self.client.log_batch(rid, params=chunk)
+        return rid
+
+    def log_steps(self, run_id: str, steps: list[dict]) -> None:
+        metrics = []
+        for s in steps:
+            ts = int(s.get("time", time.time()) * 1000)
+            for k, v in s.items():
+                if k in ("step", "time", "attempt") or not _metric_ok(v):
+                    continue
+                metrics.append(Metric(f"train/{k}", float(v), ts, int(s["step"])))
+        for chunk in _chunks(metrics, 1000):
+            self.client.log_batch(run_id, metrics=chunk)
+
+    def finish_trial(self, run_id: str, result: dict, extra_tags: dict | None = None) -> None:
+        now = int(result.get("ended_at", time.time()) * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in result["metrics"].items() if _metric_ok(v)]
+        tags = {"node": result.get("node", {}).get("node_ip") or result.get("node", {}).get("host", ""),
+                "node_id": result.get("node", {}).get("node_id", ""),
+                "artifact_dir": result.get("artifact_dir") or "", **{k: str(v) for k, v in (extra_tags or {}).items()}}
+        content_hash = (result.get("recipe") or {}).get("content_hash")
+        if content_hash:
+            tags["recipe_hash"] = content_hash
+        for chunk in _chunks(metrics, 1000):
+            self.client.log_batch(run_id, metrics=chunk, tags=[RunTag(k, v) for k, v in tags.items()])
+        self._log_files(run_id, result)
+        self.client.set_terminated(run_id, status="FINISHED", end_time=now)
+
+    def _log_files(self, run_id: str, result: dict) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix="farm-run-"))
+        try:
+            (tmp / "result.json").write_text(json.dumps({k: v for k, v in result.items() if k != "steps"},
+                                                        indent=2, sort_keys=True))
+            if result.get("recipe"):
+                (tmp / "recipe.json").write_text(json.dumps(result["recipe"], indent=2, sort_keys=True))
+            art = result.get("artifact_dir")
+            if art and (Path(art) / "encodings.json").exists():
+                shutil.copy(Path(art) / "encodings.json", tmp / "encodings.json")
+            self.client.log_artifacts(run_id, str(tmp), "trial")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def fail_trial(self, run_id: str, error: str, tb: str = "", kind: str = "exception") -> None:
+        self.client.log_batch(run_id, tags=[RunTag("error", error[:4900]), RunTag("error_kind", kind)])
+        if tb:
+            self.client.log_text(run_id, tb, "trial/error.txt")
+        self.client.set_terminated(run_id, status="FAILED")
+
+    def kill(self, run_ids: list[str], note: str = "interrupted (Ctrl-C)") -> None:
+        for rid in run_ids:
+            try:
+                self.client.set_tag(rid, "farm_note", note)
+                self.client.set_terminated(rid, status="KILLED")
+            except Exception:  # keep marking the others: nothing may stay RUNNING
+                pass
+
+    # ------------------------------------------------------------ model registry
+    def register_best(self, trials: dict, results: dict, metric_of) -> list[dict]:
+        """For each (model, scheme), point alias ``best`` at the trial with the lowest primary metric."""
+        finished = self.finished_trials()
+        groups: dict = {}
+        for tid, res in results.items():
+            cfg = trials[tid].config
+            if cfg["method"] == FLOAT_METHOD or tid not in finished:
+                continue
+            name, value = metric_of(res)
+            if value is None:
+                continue
+            key = (cfg["model"], cfg["scheme"])
+            if key not in groups or value < groups[key][1]:
+                groups[key] = (tid, value, name)
+        out = []
+        for (model, scheme), (tid, value, metric) in sorted(groups.items()):
+            reg = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.sweep_name}.{Path(model).name}.{scheme}")
+            run_id = finished[tid]
+            try:
+                current = self.client.get_model_version_by_alias(reg, BEST_ALIAS)
+                if current.run_id == run_id:
+                    out.append({"name": reg, "version": current.version, "trial": tid, metric: value})
+                    continue
+            except Exception:  # no such model or alias yet
+                try:
+                    self.client.create_registered_model(reg, tags={SWEEP: self.sweep_name, "scheme": scheme})
+                except Exception:  # it exists without the alias
+                    pass
+            art = results[tid].get("artifact_dir")
+            source = art if art and Path(art).exists() and is_local_store(self.uri) else (
+                f"runs:/{run_id}/trial")
+            mv = self.client.create_model_version(reg, source=source, run_id=run_id,
+                                                  tags={TRIAL_ID: tid, metric: str(value)})
+            self.client.set_registered_model_alias(reg, BEST_ALIAS, mv.version)
+            out.append({"name": reg, "version": mv.version, "trial": tid, metric: value})
+        return out

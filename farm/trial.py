@@ -1,0 +1,195 @@
+"""One trial, as it runs on a worker: load the model, quantize (a stage cached by content), evaluate, and
+return everything the driver logs to MLflow. Nothing here talks to MLflow or schedules anything, so a
+trial also runs in-process (tests, debugging): ``execute_trial(id, config, data_dir)``.
+
+Events (``started`` and one ``step`` per optimizer step of training methods) go to ``emit(kind, payload)``,
+which the scheduler wires to the driver so losses reach MLflow while the trial still trains.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from .spec import FLOAT_METHOD, config_hash, register_plugins
+
+
+def quant_key(config: dict) -> str:
+    """The identity of the quantized model: the trial's config without its evaluation."""
+    return config_hash({k: v for k, v in config.items() if k != "eval"})
+
+
+def node_info() -> dict:
+    info = {"host": socket.gethostname(), "pid": os.getpid()}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            info["node_id"] = ctx.get_node_id()
+            info["node_ip"] = ray.util.get_node_ip_address()
+            gpus = ray.get_gpu_ids()
+            if gpus:
+                info["gpu_ids"] = [str(g) for g in gpus]
+    except ImportError:
+        pass
+    return info
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _step_record(d: dict) -> dict | None:
+    rec = {}
+    for k, v in d.items():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            rec[k] = v
+        elif hasattr(v, "item"):
+            try:
+                rec[k] = float(v.item())
+            except (TypeError, ValueError, RuntimeError):
+                pass
+    return rec if "step" in rec else None
+
+
+def _quantize(config: dict, device: str, on_step: Callable | None):
+    from quant import CalibConfig, load_model, quantize
+
+    lm = load_model(config["model"], num_layers=config["layers"], device=device)
+    t_load = time.time()
+    if config["method"] == FLOAT_METHOD:
+        res = quantize(lm, scheme=config["scheme"], progress=False)
+        return lm, res.recipe, t_load
+    c = config["calib"]
+    calib = CalibConfig(c["samples"], c["seqlen"], c["seed"], c["corpus"])
+    kwargs = {}
+    # quantize() takes on_step in quant cores that stream training losses; older ones do not
+    if "on_step" in inspect.signature(quantize).parameters:
+        kwargs["on_step"] = on_step
+    from .spec import build_method_config
+
+    mcfg = build_method_config(config["method"], config["method_config"])
+    res = quantize(lm, scheme=config["scheme"], method=config["method"], calib=calib, method_config=mcfg,
+                   progress=False, **kwargs)
+    return lm, res.recipe, t_load
+
+
+def _evaluate(lm, config: dict) -> tuple[dict, dict]:
+    from quant import evaluate_perplexity
+
+    metrics, details = {}, {}
+    ev = config["eval"]
+    if ev.get("perplexity"):
+        p = ev["perplexity"]
+        r = evaluate_perplexity(lm, p["seqlen"], p["corpus"], p["limit"], p["batch_size"], progress=False)
+        metrics[r.metric_name] = r.ppl
+        metrics["eval/nll"] = r.nll
+        metrics["eval/tokens_per_s"] = r.tokens_per_s
+        details["perplexity"] = r.to_dict()
+    if ev.get("suite"):
+        from .spec import harness_module
+
+        harness = harness_module()
+        if harness is None:
+            raise RuntimeError("eval.suite needs quant.eval.harness, which this worker does not have")
+        out = harness.evaluate(lm, list(ev["suite"]), limit=ev.get("suite_limit"))
+        suite_metrics = out.get("metrics", out) if isinstance(out, dict) else {}
+        for k, v in suite_metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                metrics[k if "/" in k else f"lm_eval/{k}"] = float(v)
+        details["suite"] = _jsonable(out)
+    return metrics, details
+
+
+def execute_trial(trial_id: str, config: dict, data_dir: str | Path, save_artifact: bool = True,
+                  emit: Callable[[str, dict], None] | None = None, device: str = "cpu",
+                  threads: int | None = None, stages: list | None = None) -> dict:
+    """Run one trial; returns a JSON-able result (metrics, step history, timing, artifact folder, recipe)."""
+    emit = emit or (lambda kind, payload: None)
+    t0 = time.time()
+    info = node_info()
+    attempt = f"{info['pid']}-{t0:.6f}"  # tells the driver a retried attempt from the one before
+    emit("started", {**info, "time": t0, "attempt": attempt})
+    if config.get("plugin"):
+        register_plugins({config["method"]: config["plugin"]})
+    import torch
+
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+    from quant import artifact
+
+    from .cache import StageCache
+
+    steps: list[dict] = []
+
+    def on_step(d: dict) -> None:
+        rec = _step_record(d)
+        if rec is not None:
+            rec["time"] = time.time()
+            steps.append(rec)
+            emit("step", {**rec, "attempt": attempt})
+
+    timing: dict = {}
+    quant_stage = None
+    artifact_dir = None
+    if config["method"] == FLOAT_METHOD or not save_artifact:
+        lm, recipe, t_load = _quantize(config, device, on_step)
+        timing["load_s"] = t_load - t0
+        timing["quantize_s"] = time.time() - t_load
+    else:
+        cache = StageCache(Path(data_dir) / "stages")
+        key = quant_key(config)
+        with cache.entry("quantize", key) as e:
+            artifact_dir = e.path / "artifact"
+            if e.hit:
+                lm = artifact.load(artifact_dir)
+                if device != "cpu":
+                    lm.model.to(device)
+                recipe = lm.recipe
+                meta = e.meta()
+                steps = list(meta.get("steps", []))
+                quant_stage = {"key": key, "hit": True}
+                timing["load_s"] = time.time() - t0
+                timing["quantize_s"] = 0.0
+            else:
+                lm, recipe, t_load = _quantize(config, device, on_step)
+                timing["load_s"] = t_load - t0
+                timing["quantize_s"] = time.time() - t_load
+                t_save = time.time()
+                artifact.save(lm.model, lm.tokenizer, e.workdir() / "artifact", recipe)
+                timing["save_s"] = time.time() - t_save
+                e.commit({"trial_config": {k: v for k, v in config.items() if k != "eval"}},
+                         steps=steps, timing=timing)
+                quant_stage = {"key": key, "hit": False}
+    t_eval = time.time()
+    metrics, details = _evaluate(lm, config)
+    timing["eval_s"] = time.time() - t_eval
+    timing["total_s"] = time.time() - t0
+    if steps:
+        metrics["train/final_loss"] = float(steps[-1].get("loss", float("nan")))
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+    for k, v in timing.items():
+        metrics[f"time/{k}"] = round(v, 4)
+    return _jsonable({
+        "trial_id": trial_id, "config": config, "metrics": metrics, "steps": steps, "timing": timing,
+        "eval": details, "recipe": recipe, "artifact_dir": str(artifact_dir) if artifact_dir else None,
+        "node": info, "attempt": attempt, "stages": {"shared": stages or [], "quantize": quant_stage},
+        "started_at": t0, "ended_at": time.time(),
+    })
+
+
+def format_exception(exc: BaseException) -> tuple[str, str]:
+    """A one-line message and the full traceback of a trial's exception."""
+    msg = f"{type(exc).__name__}: {exc}".strip()
+    return msg.splitlines()[0] if msg else type(exc).__name__, "".join(
+        traceback.format_exception(type(exc), exc, exc.__traceback__))
