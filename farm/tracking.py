@@ -233,9 +233,9 @@ class Tracker:
         """For each (model, scheme), point alias ``best`` at the trial with the lowest primary metric."""
         finished = self.finished_trials()
         groups: dict = {}
-        for tid, res in results.items():
-            cfg = trials[tid].config
-            if cfg["method"] == FLOAT_METHOD or tid not in finished:
+        for tid, trial in trials.items():  # sweep order, so ties go to the first trial of the file
+            res, cfg = results.get(tid), trial.config
+            if res is None or cfg["method"] == FLOAT_METHOD or tid not in finished:
                 continue
             name, value = metric_of(res)
             if value is None:

@@ -1,0 +1,165 @@
+"""Sweep files: validation errors name file, key path and line; grids expand to content-hashed trials;
+a bad file starts nothing (`farm sweep` exits 2 with one line)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from farm.spec import GRID_LIMIT, SpecError, harness_module, load_sweep
+
+BASE = """\
+name: unit
+base:
+  model: smollm2-135m
+  layers: 1
+  samples: 2
+  seqlen: 32
+  method: rtn
+grid:
+  scheme: [fp, w8a8, w4a8]
+  method: [rtn, smoothquant]
+eval:
+  perplexity: {limit: 2}
+"""
+
+
+def write(tmp_path, text: str, name: str = "sweep.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_grid_expands_to_normalized_content_hashed_trials(tmp_path):
+    p = write(tmp_path, BASE + "methods:\n  smoothquant: {alpha: 0.7}\n")
+    sweep = load_sweep(p)
+    # fp ignores the method: 3 schemes x 2 methods = 6 combinations, 5 distinct trials
+    assert len(sweep.trials) == 5 and sweep.duplicates == 1
+    by = {(t.config["scheme"], t.config["method"]): t for t in sweep.trials}
+    assert set(by) == {("fp", "none"), ("w8a8", "rtn"), ("w4a8", "rtn"), ("w8a8", "smoothquant"),
+                       ("w4a8", "smoothquant")}
+    fp = by[("fp", "none")].config
+    assert fp["calib"] is None and fp["method_config"] == {}
+    sq = by[("w8a8", "smoothquant")].config
+    assert sq["method_config"]["alpha"] == 0.7
+    assert sq["calib"] == {"samples": 2, "seqlen": 32, "seed": 0, "corpus": "news"}
+    assert sq["eval"]["perplexity"] == {"corpus": "wiki", "seqlen": 32, "limit": 2, "batch_size": 1}
+    # ids are stable across loads and change with any setting
+    assert [t.id for t in load_sweep(p).trials] == [t.id for t in sweep.trials]
+    other = load_sweep(write(tmp_path, BASE.replace("samples: 2", "samples: 3"), "other.yaml"))
+    assert {t.id for t in other.trials} & {t.id for t in sweep.trials} == {by[("fp", "none")].id}
+    assert sweep.varying == ["scheme", "method"]
+
+
+def test_hyper_parameters_apply_to_the_methods_that_have_them(tmp_path):
+    text = BASE.replace("grid:\n", "grid:\n  epochs: [1, 2]\n").replace(
+        "method: [rtn, smoothquant]", "method: [rtn, mobilequant]")
+    sweep = load_sweep(write(tmp_path, text))
+    mq = [t for t in sweep.trials if t.config["method"] == "mobilequant"]
+    rtn = [t for t in sweep.trials if t.config["method"] == "rtn"]
+    assert sorted(t.config["method_config"]["epochs"] for t in mq) == [1, 1, 2, 2]
+    assert len(rtn) == 2 and all("epochs" not in t.config["method_config"] for t in rtn)  # w8a8, w4a8
+
+
+def _error(tmp_path, text: str, **kw) -> str:
+    p = write(tmp_path, text)
+    with pytest.raises(SpecError) as ei:
+        load_sweep(p, **kw)
+    msg = str(ei.value)
+    assert msg.startswith(f"{p}:"), msg
+    return msg
+
+
+def _line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(textwrap.dedent(text).splitlines(), 1) if needle in line)
+
+
+@pytest.mark.parametrize("edit, needle, path, words", [
+    (("grid:", "gird:"), "gird:", "gird", "unknown key 'gird'"),
+    (("  samples: 2", "  sampels: 2"), "sampels", "base.sampels", "unknown key 'sampels'"),
+    (("  samples: 2", "  samples: many"), "samples: many", "base.samples", "valid integer, got 'many'"),
+    (("  scheme: [fp, w8a8, w4a8]", "  scheme: w8a8"), "scheme: w8a8", "grid.scheme", "valid list"),
+    (("  method: [rtn, smoothquant]", "  method: [rtn, smoothquant, sqquant]"), "sqquant",
+     "grid.method[2]", "unknown method 'sqquant'"),
+    (("  model: smollm2-135m", "  model: no-such-model"), "no-such-model", "base.model", "unknown model"),
+    (("  method: [rtn, smoothquant]", "  method: []"), "method: []", "grid.method", "empty axis"),
+    (("  layers: 1", "  layers: 99"), "layers: 99", "base.layers", "has 30 layers"),
+    (("  perplexity: {limit: 2}", "  perplexity: {limit: 0}"), "limit: 0", "eval.perplexity.limit",
+     "greater than or equal to 1"),
+])
+def test_bad_files_name_file_line_and_key(tmp_path, edit, needle, path, words):
+    text = BASE.replace(*edit)
+    assert text != BASE
+    msg = _error(tmp_path, text)
+    assert f":{_line_of(text, needle)}: {path}:" in msg, msg
+    assert words in msg, msg
+
+
+def test_more_bad_files(tmp_path):
+    no_grid = BASE.split("grid:")[0] + "eval:\n  perplexity: {limit: 2}\n"
+    assert "the grid is empty" in _error(tmp_path, no_grid)
+    text = BASE + "methods:\n  smoothquant: {alfa: 0.7}\n"
+    msg = _error(tmp_path, text)
+    assert f":{_line_of(text, 'alfa')}: methods.smoothquant.alfa:" in msg and "no hyper-parameter 'alfa'" in msg
+    text = BASE.replace("  layers: 1\n", "  layers: 1\n  epochs: 3\n").replace(
+        "method: [rtn, smoothquant]", "method: [rtn]")
+    msg = _error(tmp_path, text)
+    assert f":{_line_of(text, 'epochs')}: base.epochs:" in msg and "not known to any method" in msg
+    text = BASE + "devices:\n  - {backend: host}\n"
+    msg = _error(tmp_path, text)
+    assert f":{_line_of(text, 'devices')}: devices:" in msg and "devicelab backends are not available yet" in msg
+    text = BASE.replace("  samples: 2\n", "  samples: 2\n  samples: 3\n")
+    assert "duplicate key (first given on line" in _error(tmp_path, text)
+    assert "not valid YAML" in _error(tmp_path, BASE.replace("scheme: [fp, w8a8, w4a8]", "scheme: [fp, w8a8"))
+
+
+def test_lm_eval_suite_needs_the_harness(tmp_path):
+    text = BASE.replace("  perplexity: {limit: 2}", "  perplexity: {limit: 2}\n  suite: [no_such_task]")
+    if harness_module() is None:
+        msg = _error(tmp_path, text)
+        assert "eval.suite:" in msg and "quant.eval.harness is not available" in msg
+    elif getattr(harness_module(), "TASKS", None) is not None:
+        assert "unknown lm-eval task 'no_such_task'" in _error(tmp_path, text)
+    else:  # a harness without a task table: the task name is checked when the trial runs
+        assert load_sweep(write(tmp_path, text)).trials
+
+
+def test_a_grid_too_large_needs_yes(tmp_path):
+    text = BASE.replace("grid:\n", "grid:\n  seed: [%s]\n" % ", ".join(str(i) for i in range(GRID_LIMIT)))
+    msg = _error(tmp_path, text)
+    assert f":{_line_of(text, 'grid:')}: grid:" in msg and "pass --yes" in msg
+    assert len(load_sweep(write(tmp_path, text, "ok.yaml"), max_trials=None).trials) == 1 + 4 * GRID_LIMIT
+
+
+def test_cli_bad_file_exits_2_with_one_line_and_starts_nothing(tmp_path, capsys):
+    from farm.cli import main
+
+    p = write(tmp_path, BASE.replace("grid:", "gird:"))
+    data = tmp_path / "data"
+    assert main(["sweep", str(p), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"farm sweep: error: {p}:8: gird: unknown key 'gird'"), err
+    assert not data.exists()
+
+
+def test_dry_run_prints_the_grid_and_what_is_done(tmp_path, capsys):
+    from farm.cli import main
+    from farm.sweep import save_result
+
+    p = write(tmp_path, BASE)
+    data = tmp_path / "data"
+    sweep = load_sweep(p)
+    done = sweep.trials[0]
+    save_result(data, {"trial_id": done.id, "metrics": {"ppl/wiki/seq32": 12.5}, "timing": {"total_s": 3.0}})
+    assert main(["sweep", str(p), "--data", str(data), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "5 trials (1 duplicate combinations merged), 1 done, 4 to run" in out
+    lines = [ln for ln in out.splitlines() if ln[:8] in {t.short for t in sweep.trials}]
+    assert len(lines) == 5
+    assert "done" in next(ln for ln in lines if ln.startswith(done.short)) and "12.5" in out
+    assert sum("pending" in ln for ln in lines) == 4
+    assert "shared stages to run once per key: calib_tokens x1, activation_stats x1" in out
+    assert not (data / "mlflow.db").exists()
+    json.loads((data / "trials" / done.id / "result.json").read_text())
