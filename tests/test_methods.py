@@ -1,0 +1,224 @@
+"""The learned methods: exact equivalences, LWC at init, gradient flow, resume, refusal and divergence."""
+
+import json
+
+import pytest
+import torch
+
+from quant import CalibConfig, load_model, quantize
+from quant.equiv import layer_pairs
+from quant.learn import attach, fold
+from quant.layers import LayerRunner
+from quant.methods import method_config
+from quant.methods.smoothquant import smooth
+from quant.quantizer import QSpec, fake_quant, qparams_from_minmax
+from quant.sim import calibrate_activations, calibrate_weights, quantizers, simulate
+from quant.stats import ActStats, collect
+from quant.train import CheckpointMismatch, TrainingDiverged
+
+from .conftest import ARCH_MODELS
+
+CAL = CalibConfig(samples=4, seqlen=64)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@torch.no_grad()
+def _logits(model, ids):
+    return model(input_ids=ids, use_cache=False).logits.float()
+
+
+@pytest.mark.parametrize("name", ARCH_MODELS)
+def test_smoothquant_is_an_exact_equivalence(name, small_ids):
+    ev, cal = small_ids[name]
+    lm = load_model(name, num_layers=2)
+    ref = _logits(lm.model, ev)
+    simulate(lm.model, "fp")
+    absmax, minmax = collect(lm.model, cal, progress=False)
+    info = smooth(lm.model, ActStats(absmax, minmax, "t", 4, 0), alpha=0.5, pairs="modified")
+    assert info["pairs"] == ["qkv", "fc1", "out", "fc2"]
+    assert max(info["max_scale_spread"].values()) > 2  # the scales really move something
+    assert _rel(_logits(lm.model, ev), ref) < 1e-4
+
+
+@pytest.mark.parametrize("name", ARCH_MODELS)
+def test_let_temporary_and_folded_are_equivalent(name, small_ids):
+    """Random LET scales leave the float function unchanged, both as the training-time reparametrisation
+    and after folding into the weights."""
+    ev, _ = small_ids[name]
+    lm = load_model(name, num_layers=2)
+    ref = _logits(lm.model, ev)
+    simulate(lm.model, "fp")
+    learn = attach(lm.model, pairs="modified", lwc=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in learn.let.values():
+            p.copy_(torch.exp(torch.randn(p.shape, generator=g) * 0.5))  # scales in ~[0.2, 5]
+    assert len(learn.let) == 2 * len(layer_pairs(lm.model, "modified"))
+    temporary = _logits(lm.model, ev)
+    fold(lm.model, learn)
+    folded = _logits(lm.model, ev)
+    assert _rel(temporary, ref) < 1e-4 and _rel(folded, ref) < 1e-4
+    assert all(m._let is None for m in lm.model.modules() if hasattr(m, "_let"))
+
+
+def test_lwc_at_init_is_minmax_clipping_scaled_by_sigmoid(small_ids):
+    lm = load_model("smollm2-135m", num_layers=1)
+    simulate(lm.model, "w4a8")  # per-channel weights
+    calibrate_weights(lm.model)
+    lin = lm.model.model.layers[0].mlp.down_proj
+    q = lin.weight_quantizer
+    rtn_w = lin._quantized_weight().clone()
+    w = lin.weight.detach()
+    q.enable_lwc(w.shape[0], init=4.0)
+    s = torch.sigmoid(torch.tensor(4.0))
+    scale, offset = qparams_from_minmax(s * w.amin(1), s * w.amax(1), q.spec)
+    assert torch.equal(lin._quantized_weight().detach(), fake_quant(w, scale, offset, q.spec))
+    q.disable_lwc()
+    q.enable_lwc(w.shape[0], init=30.0)  # sigmoid(30) == 1.0 in float32: exactly the min/max (RTN) range
+    assert torch.equal(lin._quantized_weight().detach(), rtn_w)
+
+
+def test_gradients_reach_every_let_lwc_and_range_parameter(small_ids):
+    _, cal = small_ids["smollm2-135m"]
+    lm = load_model("smollm2-135m", num_layers=2)
+    simulate(lm.model, "w8a8")
+    calibrate_weights(lm.model)
+    calibrate_activations(lm.model, cal.split(2), progress=False)
+    with torch.no_grad():  # shrink every range so offsets (which only move the clip bounds) see clipping
+        for q in quantizers(lm.model, "act").values():
+            q.set_qparams(q.scale * 0.5, q.offset)
+    learn = attach(lm.model, pairs="modified", lwc=True, lrl=True)
+    runner = LayerRunner(lm.model)
+    with torch.no_grad():
+        target = runner.stack(runner.embed(cal[:1])) + 0.01
+    loss = torch.nn.functional.mse_loss(runner.stack(runner.embed(cal[:1])), target)
+    loss.backward()
+    counts = learn.counts()
+    assert counts["let"] == 2 * (576 + 576 + 192 + 1536)  # qkv, fc1, out (3 kv heads x 64), fc2 per layer
+    assert len(learn.lrl) == 2 * 2 * len([q for q in quantizers(lm.model, "act").values()]) // 2
+    # a gain vector with no negative entry has its range widened to 0 at the low end, so its low clipping
+    # factor has no effect (and no gradient) by construction
+    positive = {f"{m.weight_quantizer.name}.lwc_low" for m in lm.model.modules()
+                if hasattr(m, "weight_quantizer") and m.weight_quantizer.spec is not None
+                and m.effective_weight().min() >= 0}
+    assert positive and all("layernorm" in n for n in positive)
+    named = learn.named()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in named.values())
+    dead = [n for n, p in named.items() if n not in positive and not n.endswith(".offset") and p.grad.abs().sum() == 0]
+    assert dead == [], dead
+    # an offset only moves the clip bounds: sites fed by a tensor already clipped to the same range (attn.v
+    # after v_proj's output quantizer, MOBILEQUANT.md §1.2) never clip, so their offset gradient is zero
+    offsets = [p for n, p in named.items() if n.endswith(".offset")]
+    assert sum(bool(p.grad.abs().sum() > 0) for p in offsets) > 0.6 * len(offsets)
+
+
+def test_method_config_validation():
+    cfg = method_config("mobilequant", {"epochs": 3, "let_lr": 2e-3})
+    assert cfg.epochs == 3 and cfg.let_lr == 2e-3 and cfg.lrl is True
+    assert method_config("lrl-block").lrl is True and method_config("omniquant").lrl is False
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['epoch'\]"):
+        method_config("mobilequant", {"epoch": 3})
+    with pytest.raises(ValueError, match="epochs must be an integer"):
+        method_config("omniquant", {"epochs": 1.5})
+    with pytest.raises(ValueError, match="alpha must be in"):
+        method_config("smoothquant", {"alpha": 1.5})
+
+
+def _mq(tmp_path, on_step=None, **over):
+    lm = load_model("smollm2-135m", num_layers=2)
+    cfg = {"epochs": 2, "checkpoint_dir": str(tmp_path / "ckpt"), **over}
+    res = quantize(lm, "w8a8", "mobilequant", CAL, method_config=cfg, progress=False, on_step=on_step)
+    return lm, res
+
+
+def test_mobilequant_resume_after_interrupt_continues_the_same_run(tmp_path):
+    """Interrupted in epoch 2 and resumed: epoch 1 is not redone, the first resumed step sees exactly the
+    checkpointed state (same loss as the uninterrupted run to float rounding: re-allocated tensors may take
+    other BLAS kernels), and the run ends at the same step count."""
+    full_losses = []
+    _, res_full = _mq(tmp_path / "a", on_step=lambda r: full_losses.append(r["loss"]))
+    assert res_full.recipe["method_info"]["steps"] == 8 and len(res_full.recipe["method_info"]["epoch_losses"]) == 2
+
+    seen = []
+
+    def interrupt(rec):
+        seen.append(rec["loss"])
+        if rec["step"] == 6:  # inside epoch 2: epoch 1's checkpoint is on disk
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _mq(tmp_path / "b", on_step=interrupt)
+    assert seen == full_losses[:6]
+    meta = json.loads((tmp_path / "b" / "ckpt" / "meta.json").read_text())
+    assert meta["epoch"] == 1 and meta["losses"] == res_full.recipe["method_info"]["epoch_losses"][:1]
+    resumed = []
+    _, res = _mq(tmp_path / "b", on_step=lambda r: resumed.append((r["step"], r["loss"])))
+    info = res.recipe["method_info"]
+    assert info["resumed_from_epoch"] == 1 and [s for s, _ in resumed] == [5, 6, 7, 8]
+    assert resumed[0][1] == pytest.approx(full_losses[4], rel=1e-5)
+    assert info["epoch_losses"][0] == res_full.recipe["method_info"]["epoch_losses"][0]
+
+    with pytest.raises(CheckpointMismatch, match=r"config\.epochs: 2 in the checkpoint, 3 now"):
+        _mq(tmp_path / "b", epochs=3)
+
+
+def test_mobilequant_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    holder = {}
+
+    def poison(rec):
+        if rec["step"] == 5:  # first step of epoch 2
+            for q in holder["lm"].model.modules():
+                if getattr(q, "lwc_up", None) is not None:
+                    with torch.no_grad():
+                        q.lwc_up.fill_(float("nan"))
+                    break
+
+    lm = load_model("smollm2-135m", num_layers=2)
+    holder["lm"] = lm
+    with pytest.raises(TrainingDiverged, match=r"loss became nan.*last good checkpoint \(epoch 1\)"):
+        quantize(lm, "w8a8", "mobilequant", CAL, progress=False, on_step=poison,
+                 method_config={"epochs": 2, "checkpoint_dir": str(tmp_path / "ckpt")})
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    assert meta["epoch"] == 1 and len(meta["losses"]) == 1
+    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=False)
+    assert all(torch.isfinite(t).all() for t in state["learnables"].values())
+
+
+def test_mobilequant_targets_on_disk_give_identical_result(tmp_path, small_ids):
+    ev, _ = small_ids["smollm2-135m"]
+    lm_ram, r1 = _mq(tmp_path / "ram", epochs=1)
+    lm_disk, r2 = _mq(tmp_path / "disk", epochs=1, ram_budget_gb=1e-6)
+    assert not r1.recipe["method_info"]["targets_on_disk"] and r2.recipe["method_info"]["targets_on_disk"]
+    assert not (tmp_path / "disk" / "ckpt" / "targets.f32").exists()  # cleaned up
+    assert torch.equal(_logits(lm_ram.model, ev), _logits(lm_disk.model, ev))
+
+
+@pytest.mark.parametrize("method", ["omniquant", "lrl-block", "mobilequant"])
+def test_learned_methods_reduce_the_training_loss(method, small_ids):
+    """One epoch on 4 windows: the final block output error must drop below SmoothQuant+RTN's."""
+    lm = load_model("smollm2-135m", num_layers=2)
+    res = quantize(lm, "w8a8", method, CAL, progress=False,
+                   method_config={"epochs": 3, "lwc_lr": 5e-3, "let_lr": 5e-3})
+    info = res.recipe["method_info"]
+    if method == "mobilequant":
+        losses = info["epoch_losses"]
+        assert losses[-1] < losses[0]
+    else:
+        assert info["steps"] == 2 * 3 * 4 and len(info["layer_mse"]) == 2
+    assert all(q.calibrated and not q.learning for q in quantizers(lm.model).values())
+    assert lm.model.model.layers[0].self_attn.q_proj.weight.requires_grad is False
+
+
+def test_artifact_of_learned_method_reloads_bit_exact(tmp_path, small_ids):
+    from quant import artifact
+
+    ev, _ = small_ids["smollm2-135m"]
+    lm, res = _mq(tmp_path, epochs=1)
+    before = _logits(lm.model, ev)
+    path = artifact.save(lm.model, lm.tokenizer, tmp_path / "art", res.recipe)
+    again = artifact.load(path)
+    assert torch.equal(_logits(again.model, ev), before)
+    assert again.recipe["method"] == "mobilequant" and again.recipe["method_config"]["epochs"] == 1
