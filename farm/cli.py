@@ -3,6 +3,7 @@
     farm quantize --model smollm2-135m --scheme w8a8 --method rtn --calib-samples 32 --seqlen 512 --out DIR
     farm eval DIR                                   # a saved artifact
     farm eval --model smollm2-135m --scheme fp      # a model quantized in memory (or float)
+    farm eval DIR --suite local                     # zero-shot tasks through lm-eval (quant.eval.harness)
     farm models [list|convert NAME|verify NAME]
 
 Errors in user input exit with status 2 and one line naming what is wrong; nothing is half-written.
@@ -16,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from . import method_args
+
 
 class UsageError(Exception):
     pass
@@ -25,17 +28,23 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--model", required=required, help="embedded model name, local folder or hub id")
     p.add_argument("--layers", type=int, default=None, help="load only the first N decoder layers (quick looks)")
     p.add_argument("--scheme", default="w8a8", help="fp | w8a16 | w8a8 | w4a8 | w4a8-sym | w<b>a<b>[-sym]")
-    p.add_argument("--method", default="rtn", help="quantization method (rtn)")
+    p.add_argument("--method", default="rtn",
+                   help="rtn | smoothquant | omniquant | lrl-block | mobilequant (hyper-parameters: flags below)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
     p.add_argument("--calib-corpus", default="news", help="calibration corpus name or text file")
     p.add_argument("--seqlen", type=int, default=None, help="window length in tokens (default 512)")
     p.add_argument("--seed", type=int, default=0)
+    method_args.add(p)
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default="wiki", help="evaluation corpus name or text file")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate only the first N windows (with --suite: N documents per task)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 1 (perplexity), 16 (--suite)")
+    p.add_argument("--suite", default=None,
+                   help="zero-shot tasks through lm-eval instead of perplexity: 'local' (all mq_* tasks), or "
+                        "names such as mq_lambada,hellaswag (standard lm-eval names are passed through)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 
 
@@ -47,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(q, required=True)
     q.add_argument("--out", required=True, help="artifact folder to write")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    q.add_argument("--eval", action="store_true", help="also evaluate perplexity after quantizing")
+    q.add_argument("--eval", action="store_true", help="also evaluate perplexity (or --suite) after quantizing")
     _add_eval_args(q)
 
     e = sub.add_parser("eval", help="evaluate an artifact folder, or a model with --model")
@@ -88,16 +97,34 @@ def _report(label: dict, ppl, as_json: bool, extra: dict | None = None) -> None:
         _print_table([_metrics_row(label, ppl)], list(label) + ["ppl", "windows", "seqlen", "tokens/s", "eval_s"])
 
 
+def _run_suite(lm, label: dict, args, progress: bool, extra: dict | None = None) -> None:
+    from quant.eval import harness
+
+    metrics = harness.run_suite(lm, args.suite, limit=args.limit, progress=progress,
+                                batch_size=args.batch_size or harness.DEFAULT_BATCH_SIZE)
+    if args.json:
+        print(json.dumps({**label, **(extra or {}), "suite": args.suite, "lmeval": metrics}, sort_keys=True))
+    else:
+        _print_table(harness.table_rows(metrics), ["task", "metric", "value", "n"])
+        where = ", ".join(f"{k}={v}" for k, v in label.items())
+        print(f"\n{where}  suite {metrics['lmeval/suite_s']:.1f}s")
+
+
 def _quantize_in_memory(args, progress: bool):
     from quant import CalibConfig, load_model, quantize
-    from quant.methods import get_method
+    from quant.methods import get_method, method_config
     from quant.scheme import get_scheme
 
     if not get_scheme(args.scheme).is_float:  # fail before loading anything
         get_method(args.method)
+    hp = method_args.overrides(args)
+    if args.method == "mobilequant" and "checkpoint_dir" not in hp and getattr(args, "out", None):
+        hp["checkpoint_dir"] = str(Path(args.out)) + ".checkpoint"  # rerunning the command resumes
+    if not get_scheme(args.scheme).is_float:
+        method_config(args.method, hp)  # unknown or mistyped hyper-parameters fail before loading the model
     lm = load_model(args.model, num_layers=args.layers)
     seqlen = args.seqlen or 512  # quantize() checks it against the model's context
-    res = quantize(lm, scheme=args.scheme, method=args.method,
+    res = quantize(lm, scheme=args.scheme, method=args.method, method_config=hp,
                    calib=CalibConfig(args.calib_samples, seqlen, args.seed, args.calib_corpus), progress=progress)
     return lm, res, seqlen
 
@@ -113,8 +140,10 @@ def cmd_quantize(args) -> int:
     path = artifact.save(lm.model, lm.tokenizer, out, res.recipe, overwrite=args.overwrite)
     label = {"model": args.model, "scheme": args.scheme, "method": res.recipe["method"]}
     print(f"wrote {path} (quantize {res.recipe['timing']['quantize_s']:.1f}s)", file=sys.stderr)
-    if args.eval:
-        ppl = evaluate_perplexity(lm, seqlen, args.corpus, args.limit, args.batch_size, progress=progress)
+    if args.suite:  # --suite implies --eval
+        _run_suite(lm, label, args, progress, {"artifact": str(path)})
+    elif args.eval:
+        ppl = evaluate_perplexity(lm, seqlen, args.corpus, args.limit, args.batch_size or 1, progress=progress)
         _report(label, ppl, args.json, {"artifact": str(path)})
     elif args.json:
         print(json.dumps({**label, "artifact": str(path), "recipe": res.recipe}, sort_keys=True, default=str))
@@ -137,7 +166,10 @@ def cmd_eval(args) -> int:
         label = {"model": args.model, "scheme": args.scheme, "method": res.recipe["method"]}
     else:
         raise UsageError("farm eval needs an artifact folder or --model")
-    ppl = evaluate_perplexity(lm, seqlen, args.corpus, args.limit, args.batch_size, progress=progress)
+    if args.suite:
+        _run_suite(lm, label, args, progress)
+        return 0
+    ppl = evaluate_perplexity(lm, seqlen, args.corpus, args.limit, args.batch_size or 1, progress=progress)
     _report(label, ppl, args.json)
     return 0
 
@@ -173,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from quant.artifact import ArtifactError
     from quant.data import CorpusError
+    from quant.train import TrainingDiverged
     from quant.zoo import ModelLoadError
 
     try:
@@ -180,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, ArtifactError, CorpusError, ModelLoadError, FileNotFoundError) as e:
         print(f"farm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"farm {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"farm {args.command}: interrupted", file=sys.stderr)
         return 130
