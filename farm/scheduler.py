@@ -86,6 +86,20 @@ def cluster_summary() -> dict:
             "gpus": res.get("GPU", 0)}
 
 
+def check_feasible(resources: dict) -> None:
+    """Refuse a sweep whose trials fit on no node: Ray would keep them pending forever."""
+    need = {"CPU": resources.get("cpu", 1), "GPU": resources.get("gpu", 0) or 0, **(resources.get("custom") or {})}
+    if resources.get("memory_gb"):
+        need["memory"] = resources["memory_gb"] * 1024 ** 3
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(all(n.get(k, 0) >= v for k, v in need.items() if v) for n in nodes):
+        return
+    have = "; ".join(", ".join(f"{k} {v:g}" for k, v in sorted(n.items()) if k in need) or "nothing" for n in nodes)
+    wanted = ", ".join(f"{k} {v:g}" for k, v in need.items() if v)
+    raise ValueError(f"no node of the Ray cluster can run a trial that needs {wanted} (nodes have: {have}); "
+                     "join a cluster that has them with --address, or lower resources: in the sweep file")
+
+
 @dataclass
 class Job:
     trial_id: str

@@ -85,8 +85,8 @@ class PerplexitySpec(_Strict):
 
 class EvalSpec(_Strict):
     perplexity: PerplexitySpec | None = Field(default_factory=PerplexitySpec)
-    suite: list[str] = Field(default_factory=list)  # lm-eval tasks (quant.eval.harness)
-    suite_limit: int | None = Field(None, ge=1)
+    suite: list[str] = Field(default_factory=list)  # lm-eval tasks or suites (quant.eval.harness), e.g. [local]
+    suite_limit: int | None = Field(None, ge=1)  # documents per task (quick looks)
 
 
 class DeviceSpec(_Strict):
@@ -349,10 +349,17 @@ def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int
         if h is None:
             raise _err(loc, ("eval", "suite"), "an lm-eval suite was requested but quant.eval.harness is "
                        "not available in this installation")
-        known = getattr(h, "TASKS", None)
-        for i, task in enumerate(spec.eval.suite):
-            if known is not None and task not in known:
-                raise _err(loc, ("eval", "suite", i), f"unknown lm-eval task {task!r}; known: {', '.join(known)}")
+        try:
+            h.resolve_suite(list(spec.eval.suite))
+        except ValueError as e:
+            bad = 0
+            for i, task in enumerate(spec.eval.suite):
+                try:
+                    h.resolve_suite([task])
+                except ValueError:
+                    bad = i
+                    break
+            raise _err(loc, ("eval", "suite", bad), str(e)) from None
     if spec.eval.perplexity is None and not spec.eval.suite:
         raise _err(loc, ("eval",), "nothing to evaluate: give eval.perplexity or eval.suite")
 
@@ -512,5 +519,12 @@ def varying_keys(trials: list[Trial]) -> list[str]:
     def varies(rows, k):
         return len({json.dumps(r[k], sort_keys=True, default=str) for r in rows if k in r}) > 1
 
+    def varies_within_a_method(k):  # methods differ in their defaults: only a grid over a value counts
+        by_method: dict = {}
+        for t, r in zip([t for t in trials if t.config["method"] != FLOAT_METHOD], quantized):
+            by_method.setdefault(t.config["method"], []).append(r)
+        return any(varies(rows, k) for rows in by_method.values())
+
     return [k for k in keys if (varies(everything, k) if k in ("model", "layers", "scheme", "method")
+                                else varies_within_a_method(k) if k.startswith("method_config.")
                                 else varies(quantized, k))]

@@ -157,6 +157,10 @@ def run_sweep(sweep: Sweep, opts: Options | None = None) -> Outcome:
         except KeyboardInterrupt:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
             outcome.interrupted = True
+        except BaseException:
+            tracker.kill(list(runs.values()), note="the sweep stopped on an error")
+            tracker.client.set_terminated(parent, status="FAILED")
+            raise
         try:
             if outcome.interrupted:
                 tracker.kill(list(runs.values()))
@@ -208,6 +212,7 @@ def _run(sweep: Sweep, opts: Options, tracker, outcome: Outcome, runs: dict, out
     runner = None
     try:
         outcome.cluster = scheduler.cluster_summary()
+        scheduler.check_feasible(spec.resources.model_dump())
         slots = int(outcome.cluster["cpus"] // max(spec.resources.cpu, 1e-9)) or 1
         if spec.resources.gpu:
             slots = min(slots, int(outcome.cluster["gpus"] // spec.resources.gpu) or 1)

@@ -102,11 +102,8 @@ def _evaluate(lm, config: dict) -> tuple[dict, dict]:
         harness = harness_module()
         if harness is None:
             raise RuntimeError("eval.suite needs quant.eval.harness, which this worker does not have")
-        out = harness.evaluate(lm, list(ev["suite"]), limit=ev.get("suite_limit"))
-        suite_metrics = out.get("metrics", out) if isinstance(out, dict) else {}
-        for k, v in suite_metrics.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                metrics[k if "/" in k else f"lm_eval/{k}"] = float(v)
+        out = harness.run_suite(lm, list(ev["suite"]), limit=ev.get("suite_limit"), progress=False)
+        metrics.update({k: float(v) for k, v in out.items() if math.isfinite(v)})  # lmeval/<task>/<metric>
         details["suite"] = _jsonable(out)
     return metrics, details
 

@@ -115,15 +115,16 @@ def test_more_bad_files(tmp_path):
     assert "not valid YAML" in _error(tmp_path, BASE.replace("scheme: [fp, w8a8, w4a8]", "scheme: [fp, w8a8"))
 
 
-def test_lm_eval_suite_needs_the_harness(tmp_path):
-    text = BASE.replace("  perplexity: {limit: 2}", "  perplexity: {limit: 2}\n  suite: [no_such_task]")
-    if harness_module() is None:
+def test_lm_eval_suite_tasks_are_checked(tmp_path):
+    text = BASE.replace("  perplexity: {limit: 2}", "  perplexity: {limit: 2}\n  suite: [mq_lambada, no_such_task]")
+    if harness_module() is None:  # a quant core without lm-eval tasks: the suite itself is refused
         msg = _error(tmp_path, text)
         assert "eval.suite:" in msg and "quant.eval.harness is not available" in msg
-    elif getattr(harness_module(), "TASKS", None) is not None:
-        assert "unknown lm-eval task 'no_such_task'" in _error(tmp_path, text)
-    else:  # a harness without a task table: the task name is checked when the trial runs
-        assert load_sweep(write(tmp_path, text)).trials
+        return
+    msg = _error(tmp_path, text)
+    assert f":{_line_of(text, 'suite:')}: eval.suite[1]:" in msg and "no_such_task" in msg
+    ok = load_sweep(write(tmp_path, text.replace(", no_such_task", ""), "ok.yaml"))
+    assert all(t.config["eval"]["suite"] == ["mq_lambada"] for t in ok.trials)
 
 
 def test_a_grid_too_large_needs_yes(tmp_path):

@@ -242,3 +242,19 @@ def test_logging_through_a_real_mlflow_server(env):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_lm_eval_suite_metrics_reach_mlflow(env):
+    root, data = env
+    p = write_sweep(root, "suite", """\
+name: NAME
+base: {model: smollm2-135m, layers: 1, seqlen: 32}
+grid: {scheme: [fp]}
+eval: {perplexity: {limit: 2}, suite: [mq_lambada], suite_limit: 3}
+""")
+    out = run_sweep(load_sweep(p), Options(data_dir=data, live=False))
+    assert out.ok
+    (result,) = out.results.values()
+    assert result["metrics"]["lmeval/mq_lambada/n"] == 3 and "lmeval/mq_lambada/acc" in result["metrics"]
+    (run,) = runs_of(data, "suite")
+    assert run.info.status == "FINISHED" and run.data.metrics == result["metrics"]
