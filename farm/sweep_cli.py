@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,12 @@ def cmd_ui(args) -> int:
     cmd, env = ui_command(opts.data_dir, args.tracking_uri, args.host, args.port)
     print(f"MLflow UI on http://{args.host}:{args.port} (store {args.tracking_uri or opts.uri}); Ctrl-C stops it",
           file=sys.stderr)
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM (and a SIGINT a background shell would ignore) stop the server with its workers
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     proc = subprocess.Popen(cmd, env=env)
     try:
         return proc.wait()
