@@ -144,6 +144,7 @@ def run_sweep(sweep: Sweep, opts: Options | None = None) -> Outcome:
 
     opts = opts or Options()
     out = opts.out or sys.stderr
+    _check_local_resources(sweep, opts)
     data = Path(opts.data_dir)
     data.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -180,6 +181,24 @@ def run_sweep(sweep: Sweep, opts: Options | None = None) -> Outcome:
             if outcome.interrupted:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
     return outcome
+
+
+def _check_local_resources(sweep: Sweep, opts: Options) -> None:
+    """Without --address the machine is the cluster: refuse what it cannot run before starting anything."""
+    import ray
+
+    if opts.address or ray.is_initialized():
+        return  # a cluster: its nodes are checked once connected
+    import torch
+
+    r = sweep.spec.resources
+    cpus = opts.num_cpus or os.cpu_count() or 1
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if r.cpu > cpus or r.gpu > gpus or r.custom:
+        want = ", ".join([f"CPU {r.cpu:g}"] + ([f"GPU {r.gpu:g}"] if r.gpu else []) +
+                         [f"{k} {v:g}" for k, v in r.custom.items()])
+        raise ValueError(f"trials need {want} but this machine has CPU {cpus}, GPU {gpus}; run on a cluster that "
+                         "has them with --address, or lower resources: in the sweep file")
 
 
 def _run(sweep: Sweep, opts: Options, tracker, outcome: Outcome, runs: dict, out) -> None:

@@ -164,3 +164,14 @@ def test_dry_run_prints_the_grid_and_what_is_done(tmp_path, capsys):
     assert "shared stages to run once per key: calib_tokens x1, activation_stats x1" in out
     assert not (data / "mlflow.db").exists()
     json.loads((data / "trials" / done.id / "result.json").read_text())
+
+
+def test_trials_this_machine_cannot_run_are_refused_before_anything_starts(tmp_path, capsys):
+    from farm.cli import main
+
+    p = write(tmp_path, BASE + "resources: {cpu: 1, gpu: 1}\n")
+    data = tmp_path / "data"
+    assert main(["sweep", str(p), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trials need CPU 1, GPU 1 but this machine has" in err[0], err
+    assert not data.exists()
