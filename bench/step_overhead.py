@@ -1,0 +1,96 @@
+"""Cost of one MobileQuant training step relative to a plain float forward+backward on the same tokens.
+
+    python bench/step_overhead.py                     # SmolLM2, W8A8, 1 x 512 tokens
+    python bench/step_overhead.py --layers 8 --seqlen 256 --repeats 5 --json
+
+The quantized step is the real one (``E2ETrainer.step``: every decoder layer with LET reparametrised
+weights, LWC weight ranges recomputed, learnable activation ranges, MSE on the last hidden state, backward,
+AdamW update). The plain step is the same stack in float with every weight trainable, MSE against the same
+target, backward. Both run interleaved in one process; the ratio of medians is printed (aim: <= 1.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from quant import CalibConfig, data, load_model
+from quant.layers import LayerRunner
+from quant.learn import attach
+from quant.methods import MethodContext, mobilequant, omniquant
+from quant.sim import float_mode, simulate
+from quant.train import E2ETrainer, freeze_model, make_optimizer
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--scheme", default="w8a8")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    lm = load_model(args.model, num_layers=args.layers)
+    calib = CalibConfig(samples=4, seqlen=args.seqlen)
+    windows = data.calibration_windows(lm.tokenizer, calib.samples, calib.seqlen, calib.seed, add_bos=lm.add_bos)
+    simulate(lm.model, args.scheme)
+    cfg = mobilequant.MobileQuantConfig(epochs=1)
+    omniquant.initialise(lm.model, windows, cfg, MethodContext(lm=lm, calib=calib, progress=False))
+    trainer = E2ETrainer(lm.model, windows, cfg, MethodContext(progress=False))
+    ids = windows[:1]
+    with torch.no_grad(), float_mode(lm.model):
+        target = trainer.runner.stack(trainer.runner.embed(ids))
+    learn = attach(lm.model, None, cfg.pairs, cfg.let, cfg.lwc, cfg.lrl, cfg.lwc_init)
+    freeze_model(lm.model, learn)
+    opt = make_optimizer(learn, cfg)
+
+    plain = load_model(args.model, num_layers=args.layers).model
+    plain.train(False)
+    for prm in plain.parameters():
+        prm.requires_grad_(True)
+    prunner = LayerRunner(plain)
+
+    def plain_step():
+        plain.zero_grad(set_to_none=True)
+        loss = F.mse_loss(prunner.stack(prunner.embed(ids)), target)
+        loss.backward()
+
+    def quant_step():
+        trainer.step(opt, ids, target)
+
+    plain_step(), quant_step()  # warm-up: kernels, captured layer arguments
+    tq, tp = [], []
+    for _ in range(args.repeats):
+        for fn, out in ((plain_step, tp), (quant_step, tq)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    ratio = statistics.median(tq) / statistics.median(tp)
+    res = {"model": args.model, "layers": lm.num_layers, "scheme": args.scheme, "tokens": ids.numel(),
+           "plain_step_s": round(statistics.median(tp), 3), "mobilequant_step_s": round(statistics.median(tq), 3),
+           "ratio": round(ratio, 3), "repeats": args.repeats, "threads": torch.get_num_threads(),
+           "learnables": learn.counts()}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{args.model} ({lm.num_layers} layers), {args.scheme}, 1 x {args.seqlen} tokens, "
+              f"{torch.get_num_threads()} threads, median of {args.repeats}")
+        print(f"plain float forward+backward: {res['plain_step_s']:.3f} s")
+        print(f"MobileQuant training step:    {res['mobilequant_step_s']:.3f} s")
+        print(f"ratio: {ratio:.2f} (aim <= 1.5)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
