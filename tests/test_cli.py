@@ -69,3 +69,32 @@ def test_empty_corpus_file_names_the_file(tmp_path, capsys):
                       "--calib-corpus", str(empty), "--out", str(tmp_path / "o"))
     assert rc == 2 and f"corpus file {empty} is empty" in err
     assert not (tmp_path / "o").exists() and [p.name for p in tmp_path.iterdir()] == ["empty.txt"]
+
+
+def test_method_hyperparameters_as_flags(tmp_path, capsys):
+    out = tmp_path / "sq"
+    rc, stdout, _ = _run(capsys, "quantize", "--model", "smollm2-135m", "--layers", "1", "--method", "smoothquant",
+                         "--alpha", "0.7", "--pairs", "original", "--calib-samples", "2", "--seqlen", "32",
+                         "--out", str(out), "--json")
+    assert rc == 0
+    recipe = json.loads(stdout)["recipe"]
+    assert recipe["method_config"] == {"alpha": 0.7, "pairs": "original", "batch_size": 4}
+    assert recipe["method_info"]["pairs"] == ["qkv", "fc1"]
+    rc, _, err = _run(capsys, "quantize", "--model", "smollm2-135m", "--method", "rtn", "--epochs", "3",
+                      "--out", str(tmp_path / "x"))
+    assert rc == 2 and "method 'rtn': unknown hyper-parameter(s) ['epochs']" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_mobilequant_cli_checkpoints_and_resumes(tmp_path, capsys):
+    out = tmp_path / "mq"
+    args = ["quantize", "--model", "smollm2-135m", "--layers", "1", "--method", "mobilequant", "--epochs", "1",
+            "--calib-samples", "2", "--seqlen", "32", "--out", str(out), "--json"]
+    rc, stdout, _ = _run(capsys, *args)
+    info = json.loads(stdout)["recipe"]["method_info"]
+    assert rc == 0 and info["steps"] == 2 and info["resumed_from_epoch"] == 0
+    assert json.loads((tmp_path / "mq.checkpoint" / "meta.json").read_text())["epoch"] == 1
+    rc, stdout, _ = _run(capsys, *args, "--overwrite")  # the finished checkpoint is reused, not retrained
+    assert rc == 0 and json.loads(stdout)["recipe"]["method_info"]["resumed_from_epoch"] == 1
+    rc, _, err = _run(capsys, *args[:-1], "--lwc-lr", "0.5", "--overwrite", "--json")
+    assert rc == 2 and "config.lwc_lr: 0.01 in the checkpoint, 0.5 now" in err
