@@ -48,7 +48,11 @@ def _trial_task(trial_id: str, config: dict, data_dir: str, save_artifact: bool,
         if sink is not None:
             sink.push.remote(trial_id, kind, payload)
 
-    device = "cuda" if ray.get_gpu_ids() else "cpu"
+    device = "cpu"
+    if ray.get_gpu_ids():
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a node may advertise GPUs torch cannot use
     shared = [{"stage": s.get("stage"), "key": s.get("key"), "hit": s.get("hit", True),
                "computed_by": s.get("pid")} for s in stage_results]
     return execute_trial(trial_id, config, data_dir, save_artifact=save_artifact, emit=emit, device=device,

@@ -165,6 +165,7 @@ def run_sweep(sweep: Sweep, opts: Options | None = None) -> Outcome:
         try:
             if outcome.interrupted:
                 tracker.kill(list(runs.values()))
+                tracker.kill_stale("interrupted (Ctrl-C)")  # one caught between create_run and bookkeeping
                 print(f"\ninterrupted: {len(runs)} trial(s) stopped and marked KILLED; run the same command "
                       "again to finish the rest", file=out)
             elif sweep.spec.register_best:
@@ -290,7 +291,8 @@ def _handle(tid, kind, payload, trials, tracker, resources, runs, attempts, outc
             runs[tid] = tracker.start_trial(trial, resources, payload.get("started_at"))
         logged = att[1] if att and att[0] == payload.get("attempt") else 0
         tracker.log_steps(runs[tid], payload.get("steps", [])[logged:])
-        tracker.finish_trial(runs.pop(tid), payload, {"attempts": att[2] if att else 1})
+        tracker.finish_trial(runs[tid], payload, {"attempts": att[2] if att else 1})
+        del runs[tid]  # only now: an interrupt inside finish_trial must still find the run to close
         name, value = primary_metric(payload)
         note = f"{name}={value:.3f}" if name else ""
         progress.finished(tid, _label(trial, sweep.varying), payload.get("timing", {}).get("total_s"), True, note)
@@ -299,7 +301,8 @@ def _handle(tid, kind, payload, trials, tracker, resources, runs, attempts, outc
         outcome.executed.append(tid)
         if tid not in runs:
             runs[tid] = tracker.start_trial(trial, resources)
-        tracker.fail_trial(runs.pop(tid), payload["error"], payload.get("traceback", ""), payload.get("kind", ""))
+        tracker.fail_trial(runs[tid], payload["error"], payload.get("traceback", ""), payload.get("kind", ""))
+        del runs[tid]
         progress.finished(tid, _label(trial, sweep.varying), None, False, payload["error"])
 
 

@@ -151,14 +151,12 @@ class Tracker:
     def finished_trials(self) -> dict:
         return {r.data.tags.get(TRIAL_ID): r.info.run_id for r in self.trial_runs("FINISHED")}
 
-    def kill_stale(self) -> int:
-        """Runs left RUNNING by a driver that died without cleaning up (the sweep lock is held)."""
-        n = 0
-        for r in self.trial_runs("RUNNING"):
-            self.client.set_tag(r.info.run_id, "farm_note", "left running by an earlier driver; marked KILLED")
-            self.client.set_terminated(r.info.run_id, status="KILLED")
-            n += 1
-        return n
+    def kill_stale(self, note: str = "left running by an earlier driver; marked KILLED") -> int:
+        """Mark every RUNNING trial run of the sweep KILLED: safe because the caller holds the sweep lock,
+        so no other driver owns them (at start: a driver that died; at Ctrl-C: this one)."""
+        runs = self.trial_runs("RUNNING")
+        self.kill([r.info.run_id for r in runs], note)
+        return len(runs)
 
     def start_trial(self, trial: Trial, resources: dict, start_time: float | None = None,
                     tags: dict | None = None) -> str:

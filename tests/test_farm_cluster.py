@@ -18,7 +18,7 @@ def test_a_sweep_joins_a_two_node_cluster_and_uses_both_nodes():
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 1, "include_dashboard": False, "object_store_memory": 100 * 1024 ** 2})
         try:
-            cluster.add_node(num_cpus=1, object_store_memory=100 * 1024 ** 2)
+            gpu_node = cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=100 * 1024 ** 2)
             cluster.wait_for_nodes()
             p = write_sweep(root, "cluster", """\
 name: NAME
@@ -43,5 +43,13 @@ save_artifacts: false
             runs = c.search_runs([exp.experiment_id], "tags.farm_role = 'trial'")
             assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
             assert {r.data.tags["node_id"] for r in runs} == nodes
+
+            # trials that ask for a GPU go to the node that has one (its GPU is declared, torch sees none)
+            gpu = write_sweep(root, "cluster-gpu", p.read_text().replace("name: cluster", "name: NAME").replace(
+                "[a, b, c, d]", "[g1, g2, g3]").replace("resources: {cpu: 1}", "resources: {cpu: 1, gpu: 1}"))
+            out = run_sweep(load_sweep(gpu), Options(data_dir=data, address=cluster.address, live=False))
+            assert out.ok and len(out.results) == 3
+            assert {r["node"]["node_id"] for r in out.results.values()} == {gpu_node.node_id}
+            assert all(r["node"]["gpu_ids"] for r in out.results.values())
         finally:
             cluster.shutdown()
