@@ -175,3 +175,9 @@ def test_trials_this_machine_cannot_run_are_refused_before_anything_starts(tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trials need CPU 1, GPU 1 but this machine has" in err[0], err
     assert not data.exists()
+
+
+def test_bitwidth_is_an_alias_of_scheme(tmp_path):
+    text = BASE.replace("  scheme: [fp, w8a8, w4a8]", "  bitwidth: [W8A8, 4, w4a8-sym]").replace(
+        "method: [rtn, smoothquant]", "method: [rtn]")
+    assert [t.config["scheme"] for t in load_sweep(write(tmp_path, text)).trials] == ["w8a8", "w4a8", "w4a8-sym"]
