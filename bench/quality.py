@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -39,6 +40,20 @@ def _parse_hp(items: list[str]) -> dict:
             v = value
         out.setdefault(method, {})[field] = v
     return out
+
+
+def _overrides(method: str, hp: dict, epochs: int) -> dict:
+    out = dict(hp.get(method, {}))
+    if method in LEARNED:
+        out.setdefault("epochs", epochs)
+    return out
+
+
+def _full_config(method: str, hp: dict, epochs: int) -> dict | None:
+    """Every hyper-parameter, defaults included: a row is reused only if nothing differs."""
+    if method == "fp":
+        return None
+    return json.loads(json.dumps(asdict(method_config(method, _overrides(method, hp, epochs)))))
 
 
 def main(argv=None) -> int:
@@ -70,7 +85,7 @@ def main(argv=None) -> int:
         with open(args.rows) as f:
             for line in f:
                 r = json.loads(line)
-                if r.get("budget") == budget and r.get("hp") == hp.get(r["method"], {}):
+                if r.get("budget") == budget and r.get("config") == _full_config(r["method"], hp, args.epochs):
                     done[(r["scheme"], r["method"])] = r
     rows = list(done.values())
     fp_ppl = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
@@ -80,9 +95,7 @@ def main(argv=None) -> int:
         if (scheme, method) in done:
             print(f"{scheme}/{method}: in {args.rows}, skipped", file=sys.stderr)
             continue
-        overrides = dict(hp.get(method, {}))
-        if method in LEARNED:
-            overrides.setdefault("epochs", args.epochs)
+        overrides = _overrides(method, hp, args.epochs)
         lm = load_model(args.model, num_layers=args.layers)
         t0 = time.perf_counter()
         if method == "fp":
@@ -98,7 +111,8 @@ def main(argv=None) -> int:
                "ratio_to_fp": round(ppl.ppl / fp_ppl, 4) if fp_ppl else None, "quantize_s": round(q_s, 1),
                "eval_s": round(ppl.seconds, 1), "windows": ppl.windows, "steps": info.get("steps"),
                "train_loss": (info.get("epoch_losses") or [None])[-1] if "epoch_losses" in info
-               else info.get("final_mse"), "budget": budget, "hp": hp.get(method, {})}
+               else info.get("final_mse"), "budget": budget, "hp": hp.get(method, {}),
+               "config": _full_config(method, hp, args.epochs)}
         rows.append(row)
         if args.rows:
             os.makedirs(os.path.dirname(os.path.abspath(args.rows)), exist_ok=True)

@@ -41,6 +41,9 @@ class Learnables:
     lwc: dict = field(default_factory=dict)
     lrl: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)
+    # the natural size of each range parameter (initial |scale|, or the number of levels for an offset):
+    # relative learning rates multiply by it, so a 16-bit and an 8-bit site move by the same fraction
+    lrl_unit: dict = field(default_factory=dict)
 
     def named(self) -> dict[str, nn.Parameter]:
         return {**self.let, **self.lwc, **self.lrl}
@@ -104,6 +107,8 @@ def attach(model: nn.Module, layers: list[int] | None = None, pairs: str | tuple
             for q in _layer_act_quantizers(layer):
                 s, o = q.make_ranges_learnable()
                 out.lrl[f"{q.name}.scale"], out.lrl[f"{q.name}.offset"] = s, o
+                out.lrl_unit[f"{q.name}.scale"] = float(s.detach().abs().mean())
+                out.lrl_unit[f"{q.name}.offset"] = float(q.spec.qmax - q.spec.qmin)
     return out
 
 

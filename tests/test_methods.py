@@ -11,7 +11,7 @@ from quant.learn import attach, fold
 from quant.layers import LayerRunner
 from quant.methods import method_config
 from quant.methods.smoothquant import smooth
-from quant.quantizer import QSpec, fake_quant, qparams_from_minmax
+from quant.quantizer import fake_quant, qparams_from_minmax
 from quant.sim import calibrate_activations, calibrate_weights, quantizers, simulate
 from quant.stats import ActStats, collect
 from quant.train import CheckpointMismatch, TrainingDiverged

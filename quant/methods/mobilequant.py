@@ -20,6 +20,9 @@ from . import omniquant, rtn
 @dataclass(frozen=True)
 class MobileQuantConfig(TrainConfig):
     lrl: bool = True
+    lrl_relative: bool = True       # --lrl-relative false --lrl-lr 1e-6 --lrl-min-lr 1e-7: the reference
+    lrl_lr: float = 1e-3
+    lrl_min_lr: float = 1e-4
     loss: str = "hidden"            # hidden | logits | hidden+logits (logits = KL to the float model's logits)
     kd_weight: float = 1.0          # weight of the logits term in hidden+logits
     kd_temperature: float = 1.0

@@ -26,7 +26,7 @@ class OmniQuantConfig(TrainConfig):
 
 def default_config(name: str) -> OmniQuantConfig:
     if name == "lrl-block":  # the reference's lrl_*.sh (TinyLlama W8A8)
-        return OmniQuantConfig(lrl=True, lrl_lr=1e-5, lrl_min_lr=5e-6)
+        return OmniQuantConfig(lrl=True, lrl_relative=True, lrl_lr=1e-3, lrl_min_lr=1e-4)
     return OmniQuantConfig()
 
 
