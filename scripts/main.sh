@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: SmolLM2-135M in FP, W8A16, W8A8 and W4A8 (RTN), perplexity on the
-# first 40 evaluation windows, as a table. Sets up .venv if needed. Extra args go to bench/ppl_table.py.
+# The main job on the embedded default: sweeps/demo.yaml, i.e. FP, RTN, SmoothQuant and MobileQuant at
+# W8A8 on SmolLM2-135M, run on a local Ray instance and tracked in MLflow (runs/farm/), ending with a
+# summary table. Sets up .venv if needed. Extra args go to `farm sweep` (e.g. --dry-run).
+# A second run does no work; `farm ui` then shows the runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-exec .venv/bin/python bench/ppl_table.py --limit 40 "$@"
+exec .venv/bin/farm sweep sweeps/demo.yaml "$@"
