@@ -222,3 +222,30 @@ def test_artifact_of_learned_method_reloads_bit_exact(tmp_path, small_ids):
     again = artifact.load(path)
     assert torch.equal(_logits(again.model, ev), before)
     assert again.recipe["method"] == "mobilequant" and again.recipe["method_config"]["epochs"] == 1
+
+
+def test_relative_range_learning_rates_and_cosine_schedule(small_ids):
+    from quant.train import TrainConfig, cosine, make_optimizer, set_lrs
+
+    assert cosine(0, 10, 1e-2, 1e-3) == pytest.approx(1e-2) and cosine(10, 10, 1e-2, 1e-3) == pytest.approx(1e-3)
+    assert cosine(5, 10, 1e-2, 1e-3) == pytest.approx(5.5e-3)
+    _, cal = small_ids["smollm2-135m"]
+    lm = load_model("smollm2-135m", num_layers=1)
+    simulate(lm.model, "w8a8")
+    calibrate_weights(lm.model)
+    calibrate_activations(lm.model, cal.split(2), progress=False)
+    learn = attach(lm.model, lwc=True, lrl=True)
+    cfg = TrainConfig(lrl=True, lrl_relative=True, lrl_lr=1e-3, lrl_min_lr=1e-4)
+    opt = make_optimizer(learn, cfg)
+    by_param = {id(g["params"][0]): g for g in opt.param_groups if g["kind"] == "lrl"}
+    assert len(by_param) == len(learn.lrl)
+    q16 = quantizers(lm.model, "act")["model.layers.0.self_attn.attn.scores"]  # 16-bit site
+    q8 = quantizers(lm.model, "act")["model.layers.0.mlp.down_proj.input"]
+    assert by_param[id(q16.scale)]["lr"] == pytest.approx(1e-3 * q16.scale.abs().item())
+    assert by_param[id(q8.scale)]["lr"] == pytest.approx(1e-3 * q8.scale.abs().item())
+    assert by_param[id(q16.offset)]["lr"] == pytest.approx(1e-3 * 65535)
+    assert by_param[id(q8.offset)]["lr"] == pytest.approx(1e-3 * 255)
+    set_lrs(opt, 20, 20)
+    assert by_param[id(q8.offset)]["lr"] == pytest.approx(1e-4 * 255)
+    let_groups = [g for g in opt.param_groups if g["kind"] == "let"]
+    assert len(let_groups) == 1 and let_groups[0]["lr"] == pytest.approx(cfg.let_min_lr)
