@@ -181,7 +181,7 @@ grid:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         t0 = time.time()
-        while time.time() - t0 < 120:
+        while time.time() - t0 < 600:  # a loaded 2-core machine starts Ray slowly; only "some done" matters
             done = [t for t in sweep.trials if (data / "trials" / t.id / "result.json").exists()]
             if len(done) >= 2:
                 break
@@ -198,7 +198,7 @@ grid:
     assert not [r for r in runs if r.info.status == "RUNNING"]
     assert runs_of(data, "resume", "parent")[0].info.status == "KILLED"
     done_first = {t.id for t in sweep.trials if (data / "trials" / t.id / "result.json").exists()}
-    assert len(done_first) >= 2
+    assert 1 <= len(done_first) < len(sweep.trials)
     assert {r.data.tags["trial_id"] for r in runs if r.info.status == "FINISHED"} <= done_first
     before = len(count_lines(counter))
 
