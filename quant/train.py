@@ -358,7 +358,9 @@ class E2ETrainer:
                     lrs = set_lrs(opt, step, total)
                     lv = self.step(opt, self.windows[idx], store[idx])
                     _loss_check(lv, first, cfg, f"mobilequant epoch {epoch} step {step}",
-                                note.format(e=epoch) if self.ckpt.folder else note)
+                                note.format(e=epoch) if self.ckpt.folder and epoch > 0
+                                else "no epoch had finished, so there is no checkpoint" if self.ckpt.folder
+                                else note)
                     first = lv if first is None else first
                     run_sum += lv
                     bar.update(1)
