@@ -97,6 +97,13 @@ def _report(label: dict, ppl, as_json: bool, extra: dict | None = None) -> None:
         _print_table([_metrics_row(label, ppl)], list(label) + ["ppl", "windows", "seqlen", "tokens/s", "eval_s"])
 
 
+def _check_suite(args) -> None:
+    if args.suite:  # unknown task names fail before any model is loaded
+        from quant.eval import harness
+
+        harness.resolve_suite(args.suite)
+
+
 def _run_suite(lm, label: dict, args, progress: bool, extra: dict | None = None) -> None:
     from quant.eval import harness
 
@@ -135,6 +142,7 @@ def cmd_quantize(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"output folder {out} already exists; pass --overwrite to replace it")
+    _check_suite(args)
     progress = not args.json
     lm, res, seqlen = _quantize_in_memory(args, progress)
     path = artifact.save(lm.model, lm.tokenizer, out, res.recipe, overwrite=args.overwrite)
@@ -156,6 +164,7 @@ def cmd_eval(args) -> int:
     progress = not args.json
     if args.artifact and args.model:
         raise UsageError("give either an artifact folder or --model, not both")
+    _check_suite(args)
     if args.artifact:
         lm = artifact.load(args.artifact)
         recipe = lm.recipe

@@ -10,13 +10,24 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from farm.cli import main
 from quant import CalibConfig, data, load_model, quantize
 from quant.eval import harness, tasks
 from quant.eval.perplexity import perplexity
 
-SIZES = {"mq_wiki_rolling": 8, "mq_lambada": 300, "mq_hellaswag": 150, "mq_knowledge": 150}
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny truncated models: a second intra-op thread only adds synchronisation (and on a loaded
+    shared machine it makes these tests several times slower)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+SIZES = {"mq_wiki_rolling": 6, "mq_lambada": 200, "mq_hellaswag": 100, "mq_knowledge": 100}
 
 
 def _sha(path):
@@ -136,21 +147,22 @@ def _run(capsys, *argv):
 
 def test_farm_eval_suite_cli(tmp_path, capsys):
     out = tmp_path / "w8a8"
-    common = ["--suite", "mq_lambada,mq_knowledge", "--limit", "3"]
+    common = ["--suite", "mq_lambada,mq_knowledge", "--limit", "2"]
     rc, stdout, _ = _run(capsys, "quantize", "--model", "smollm2-135m", "--layers", "2", "--scheme", "w8a8",
-                         "--calib-samples", "4", "--seqlen", "64", "--out", str(out), "--eval", *common, "--json")
+                         "--calib-samples", "4", "--seqlen", "64", "--out", str(out), *common, "--json")
     assert rc == 0
-    first = json.loads(stdout)["lmeval"]
-    assert first["lmeval/mq_lambada/n"] == 3 and first["lmeval/mq_knowledge/n"] == 3
-    assert 0 <= first["lmeval/mq_knowledge/acc"] <= 1 and first["lmeval/mq_lambada/perplexity"] > 1
-    rc, stdout, _ = _run(capsys, "eval", str(out), *common, "--json")
-    again = json.loads(stdout)
-    assert rc == 0 and again["scheme"] == "w8a8"
-    for key in ("lmeval/mq_lambada/perplexity", "lmeval/mq_knowledge/acc", "lmeval/mq_knowledge/acc_norm"):
-        assert again["lmeval"][key] == pytest.approx(first[key], rel=1e-6)  # the artifact reproduces it
-    rc, stdout, _ = _run(capsys, "eval", str(out), "--suite", "mq_knowledge", "--limit", "2")
+    first = json.loads(stdout)
+    assert first["scheme"] == "w8a8" and first["artifact"] == str(out)
+    m = first["lmeval"]
+    assert m["lmeval/mq_lambada/n"] == 2 and m["lmeval/mq_knowledge/n"] == 2
+    assert m["lmeval/mq_knowledge/acc"] in (0.0, 0.5, 1.0) and m["lmeval/mq_lambada/perplexity"] > 1
+    rc, stdout, _ = _run(capsys, "eval", str(out), *common)  # the saved artifact, as a table
     lines = stdout.splitlines()
     assert rc == 0 and lines[0].split() == ["task", "metric", "value", "n"]
-    assert any(line.startswith("mq_knowledge") and line.split()[1] == "acc" for line in lines[2:])
+    table = {(r.split()[0], r.split()[1]): float(r.split()[2]) for r in lines[2:] if r.strip() and "=" not in r}
+    assert set(table) == {("mq_lambada", "acc"), ("mq_lambada", "perplexity"), ("mq_knowledge", "acc"),
+                          ("mq_knowledge", "acc_norm")}
+    for (task, metric), value in table.items():  # the artifact reproduces the in-memory model
+        assert value == pytest.approx(m[f"lmeval/{task}/{metric}"], rel=1e-6, abs=1e-4)
     rc, _, err = _run(capsys, "eval", str(out), "--suite", "mq_nope")
     assert rc == 2 and "unknown lm-eval task(s): mq_nope" in err and "mq_lambada" in err

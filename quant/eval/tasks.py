@@ -203,7 +203,7 @@ def _draw(cands: list, size: int, seed: int, per_article: int, make: Callable) -
 
 def build_hellaswag(size: int, seed: int) -> list[dict]:
     """HellaSwag-style items. Context: two consecutive prose sentences of a section (together at most
-    80 words), prefixed with the article title as HellaSwag prefixes its activity label; the true
+    60 words), prefixed with the article title as HellaSwag prefixes its activity label; the true
     ending is the next sentence of the same section (8-40 words). Three distractors are prose
     sentences of the same word count (else the nearest count) drawn from other articles whose titles
     share no content word with the source title. The true ending's position is seeded. Contexts are
@@ -225,7 +225,7 @@ def build_hellaswag(size: int, seed: int) -> list[dict]:
                 c1, c2, end = sents[i - 2], sents[i - 1], sents[i]
                 if not (is_prose(c1, 6, 60) and is_prose(c2, 6, 60) and is_prose(end, 8, 40)):
                     continue
-                if len(f"{c1} {c2}".split(" ")) > 80:
+                if len(f"{c1} {c2}".split(" ")) > 60:
                     continue
                 cands.append((a.index, a.title, f"{c1} {c2}", end))
     rng = random.Random(seed + 1)
@@ -311,26 +311,26 @@ _MC_METRICS = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True
                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
-    TaskSpec("mq_wiki_rolling", 1, 8, 1234, build_wiki_rolling, ROLLING_CONFIG,
-             "63f49f5e032c4ba34ea727c9b104de3e2e4d48cbe365fd17ad8a806b8312e176",
+    TaskSpec("mq_wiki_rolling", 1, 6, 1234, build_wiki_rolling, ROLLING_CONFIG,
+             "1eee1250b1b7630d2c1afc9f0e9c594bf0fad4dade5d38f042800b7e6d433c94",
              "whole articles, rolling log-likelihood (WikiText-style)"),
-    TaskSpec("mq_lambada", 1, 300, 1234, build_lambada, {
+    TaskSpec("mq_lambada", 1, 200, 1234, build_lambada, {
         "output_type": "loglikelihood", "doc_to_text": "{{text.split(' ')[:-1]|join(' ')}}",
         "doc_to_target": "{{' '+text.split(' ')[-1]}}",
         "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
                         {"metric": "acc", "aggregation": "mean", "higher_is_better": True}]},
-        "98386f92c3ad0d6c218ba166b5b7c37b816dca7d686f5eebc52f4b4e967fc616",
+        "95392356bafe21e87015d614fb83f4a5b99791365d69f271010010d70c6e44a2",
         "last word needing the preceding sentences (LAMBADA-style)"),
-    TaskSpec("mq_hellaswag", 1, 150, 1234, build_hellaswag, {
+    TaskSpec("mq_hellaswag", 2, 100, 1234, build_hellaswag, {
         "output_type": "multiple_choice", "doc_to_text": "{{query}}", "doc_to_choice": "{{choices}}",
         "doc_to_target": "{{label}}", "metric_list": _MC_METRICS},
-        "c2d4e20d660c2878845f5e5bb2a0759404e804fc72f23abe8e2b72aa0ddf982c",
+        "4d6347c6ab18b1aa2f68982856e1435d5a548a25787e981899e40e5ebcdd46ef",
         "true next sentence vs 3 length-matched sentences of other articles (HellaSwag-style)"),
-    TaskSpec("mq_knowledge", 1, 150, 1234, build_knowledge, {
+    TaskSpec("mq_knowledge", 1, 100, 1234, build_knowledge, {
         "output_type": "multiple_choice",
         "doc_to_text": "{{sentence}}\nQuestion: Which Wikipedia article is this sentence from?\nAnswer:",
         "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}", "metric_list": _MC_METRICS},
-        "f72b043a51dc8f1b95d590be09edf66b35c3202b77686e0f65402dda0a2a059b",
+        "effa64a14d261913d0d6451c58d65679d2cea45924a67ae1dbb0e9705243ba3e",
         "which article a sentence naming none of 4 subjects is from (knowledge, ARC-style)"),
 ]}
 
