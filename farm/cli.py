@@ -107,8 +107,11 @@ def _check_suite(args) -> None:
 def _run_suite(lm, label: dict, args, progress: bool, extra: dict | None = None) -> None:
     from quant.eval import harness
 
-    metrics = harness.run_suite(lm, args.suite, limit=args.limit, progress=progress,
-                                batch_size=args.batch_size or harness.DEFAULT_BATCH_SIZE)
+    try:
+        metrics = harness.run_suite(lm, args.suite, limit=args.limit, progress=progress,
+                                    batch_size=args.batch_size or harness.DEFAULT_BATCH_SIZE)
+    except harness.TaskLoadError as e:
+        raise UsageError(str(e)) from e
     if args.json:
         print(json.dumps({**label, **(extra or {}), "suite": args.suite, "lmeval": metrics}, sort_keys=True))
     else:

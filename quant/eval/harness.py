@@ -76,6 +76,10 @@ def parse_suite(suite: str | list[str] | tuple[str, ...]) -> tuple[list[str], li
     return local, standard
 
 
+class TaskLoadError(RuntimeError):
+    """A standard lm-eval task could not load its data (offline, missing cache)."""
+
+
 _TM_CACHE: dict[tuple, object] = {}
 
 
@@ -190,9 +194,17 @@ def run_suite(lm, suite: str | list[str] = DEFAULT_SUITE, limit: int | float | N
     specs, tm = resolve_suite(suite, include_path)
     t0, c0 = time.perf_counter(), time.process_time()
     hflm = make_lm(lm, batch_size=batch_size, max_length=max_length)
+    standard = [t for t in specs if not t.endswith(".yaml")]
     with _Quiet(not progress), contextlib.redirect_stdout(sys.stderr):  # lm-eval prints to stdout
-        res = lm_eval.simple_evaluate(model=hflm, tasks=specs, task_manager=tm, limit=limit, num_fewshot=0,
-                                      bootstrap_iters=bootstrap_iters, log_samples=False)
+        try:
+            res = lm_eval.simple_evaluate(model=hflm, tasks=specs, task_manager=tm, limit=limit, num_fewshot=0,
+                                          bootstrap_iters=bootstrap_iters, log_samples=False)
+        except (ConnectionError, OSError) as e:
+            if not standard:
+                raise
+            raise TaskLoadError(f"lm-eval could not load {', '.join(standard)}: {type(e).__name__}: {e}. "
+                                "Standard tasks need their datasets (network access or a filled HF cache); "
+                                f"the local tasks ({', '.join(local_tasks.TASKS)}) need neither.") from e
     if res is None:
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
     out: dict[str, float] = {}
