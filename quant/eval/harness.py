@@ -3,11 +3,12 @@
 :func:`run_suite` wraps a loaded model (float, simulated-quantized, or a loaded artifact: all are
 ``PreTrainedModel`` objects) in lm-eval's ``HFLM`` and runs ``lm_eval.simple_evaluate`` on
 
-* local tasks (:mod:`quant.eval.tasks`), written once into ``$MQFARM_CACHE/lmeval_tasks`` and loaded
-  with a ``TaskManager(include_path=...)``;
+* local tasks (:mod:`quant.eval.tasks`), written once into ``$MQFARM_CACHE/lmeval_tasks`` and passed
+  to lm-eval as the paths of their YAML files;
 * standard lm-eval task names (``wikitext``, ``lambada_openai``, ``arc_challenge``, ``hellaswag``,
   ``mmlu``, ...), passed to lm-eval unchanged; they need their datasets (network or HF cache), and
-  lm-eval's own error surfaces when they cannot load.
+  when they cannot load, lm-eval's reason comes back as :class:`TaskLoadError`;
+* tasks in your own folders of lm-eval YAMLs (``include_path``).
 
 Tokenization follows :mod:`quant.data`: HFLM's ``add_bos_token`` is the model's ``add_bos`` (Gemma
 yes, SmolLM2 no). Rolling log-likelihood documents are encoded without special tokens and start from
