@@ -7,7 +7,7 @@ Each method module has ``Config`` (a dataclass of its hyper-parameters) and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
 from . import mobilequant, omniquant, rtn, smoothquant
@@ -59,6 +59,4 @@ def method_config(name: str, overrides: dict | None = None):
             if isinstance(default, int) and not isinstance(v, int):
                 raise ValueError(f"method {name!r}: {k} must be an integer, got {v!r}")
             overrides[k] = type(default)(v)
-    from dataclasses import replace
-
     return replace(base, **overrides)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..train import E2ETrainer, TrainConfig
-from . import omniquant, rtn
+from . import omniquant
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,6 @@ def apply(model: torch.nn.Module, windows: torch.Tensor, config: MobileQuantConf
     init = omniquant.initialise(model, windows, config, ctx)
     identity = {"calibration": vars(ctx.calib) if ctx is not None and ctx.calib is not None else None}
     info = E2ETrainer(model, windows, config, ctx, identity).run()
-    rtn.calibrate_weights(model)
     return {"smoothquant": init, **info}
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..train import TrainConfig, train_blockwise
-from . import rtn, smoothquant
+from . import smoothquant
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,6 @@ def apply(model: torch.nn.Module, windows: torch.Tensor, config: OmniQuantConfig
         config = replace(config, lrl=True)
     init = initialise(model, windows, config, ctx)
     info = train_blockwise(model, windows, config, ctx)
-    rtn.calibrate_weights(model)  # weights of layers without LWC follow the folded LET
     return {"smoothquant": init, **info}
 
 
