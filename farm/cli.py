@@ -4,6 +4,7 @@
     farm eval DIR                                   # a saved artifact
     farm eval --model smollm2-135m --scheme fp      # a model quantized in memory (or float)
     farm eval DIR --suite local                     # zero-shot tasks through lm-eval (quant.eval.harness)
+    farm sensitivity DIR --by role                  # which tensors (or layers) cost the most perplexity
     farm models [list|convert NAME|verify NAME]
 
 Errors in user input exit with status 2 and one line naming what is wrong; nothing is half-written.
@@ -63,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("artifact", nargs="?", help="artifact folder written by `farm quantize`")
     _add_model_args(e, required=False)
     _add_eval_args(e)
+
+    s = sub.add_parser("sensitivity", help="error budget: perplexity with each role (or layer) of quantizers in float")
+    s.add_argument("artifact", nargs="?", help="artifact folder written by `farm quantize`")
+    _add_model_args(s, required=False)
+    s.add_argument("--by", default="role", choices=["role", "layer", "kind"], help="how quantizers are grouped")
+    s.add_argument("--corpus", default="wiki", help="evaluation corpus name or text file")
+    s.add_argument("--limit", type=int, default=20, help="evaluation windows (each group costs one pass over them)")
+    s.add_argument("--json", action="store_true", help="print the budget as one JSON object")
 
     m = sub.add_parser("models", help="list, convert or verify the embedded models")
     m.add_argument("action", nargs="?", default="list", choices=["list", "convert", "verify"])
@@ -161,28 +170,62 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from quant import artifact, evaluate_perplexity
+def _model_for_eval(args, progress: bool):
+    """The artifact folder or the ``--model`` quantized in memory: (lm, label, seqlen)."""
+    from quant import artifact
 
-    progress = not args.json
     if args.artifact and args.model:
         raise UsageError("give either an artifact folder or --model, not both")
-    _check_suite(args)
     if args.artifact:
         lm = artifact.load(args.artifact)
         recipe = lm.recipe
         seqlen = args.seqlen or recipe.get("calibration", {}).get("seqlen", 512)
         label = {"model": recipe.get("model"), "scheme": recipe.get("scheme"), "method": recipe.get("method")}
-    elif args.model:
+        return lm, label, seqlen
+    if args.model:
         lm, res, seqlen = _quantize_in_memory(args, progress)
-        label = {"model": args.model, "scheme": args.scheme, "method": res.recipe["method"]}
-    else:
-        raise UsageError("farm eval needs an artifact folder or --model")
+        return lm, {"model": args.model, "scheme": args.scheme, "method": res.recipe["method"]}, seqlen
+    raise UsageError(f"farm {args.command} needs an artifact folder or --model")
+
+
+def cmd_eval(args) -> int:
+    from quant import evaluate_perplexity
+
+    progress = not args.json
+    _check_suite(args)
+    lm, label, seqlen = _model_for_eval(args, progress)
     if args.suite:
         _run_suite(lm, label, args, progress)
         return 0
     ppl = evaluate_perplexity(lm, seqlen, args.corpus, args.limit, args.batch_size or 1, progress=progress)
     _report(label, ppl, args.json)
+    return 0
+
+
+def cmd_sensitivity(args) -> int:
+    from quant import data
+    from quant.api import check_seqlen
+    from quant.sensitivity import error_budget
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    lm, label, seqlen = _model_for_eval(args, progress=not args.json)
+    check_seqlen(lm, seqlen)
+    windows = data.eval_windows(lm.tokenizer, seqlen, args.corpus, limit=args.limit, add_bos=lm.add_bos)
+
+    def report(done, total, row):
+        if not args.json:
+            print(f"[{done}/{total}] {row.group}: ppl {row.ppl:.3f}", file=sys.stderr)
+
+    budget = error_budget(lm.model, windows, by=args.by, progress=False, on_group=report)
+    if args.json:
+        print(json.dumps({**label, **budget.to_dict()}, sort_keys=True))
+        return 0
+    rows = [{args.by: r.group, "sites": r.quantizers, "ppl in float": f"{r.ppl:.3f}",
+             "share of gap": f"{100 * r.share:.1f}%"} for r in budget.rows]
+    _print_table(rows, [args.by, "sites", "ppl in float", "share of gap"])
+    print(f"\n{', '.join(f'{k}={v}' for k, v in label.items())}: fp {budget.fp_ppl:.3f}, quantized "
+          f"{budget.quant_ppl:.3f} on {budget.windows} windows of {budget.seqlen}")
     return 0
 
 
@@ -209,7 +252,7 @@ def cmd_models(args) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "models": cmd_models}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "sensitivity": cmd_sensitivity, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

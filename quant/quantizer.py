@@ -181,10 +181,11 @@ class Quantizer(nn.Module):
     float checkpoint; encodings travel separately (``quant.artifact``).
     """
 
-    def __init__(self, spec: QSpec | None, name: str = ""):
+    def __init__(self, spec: QSpec | None, name: str = "", role: str | None = None):
         super().__init__()
         self.spec = spec
         self.name = name
+        self.role = role  # the scheme role this site plays (quant.scheme.ROLES); None for ad-hoc quantizers
         self.enabled = spec is not None
         self.observing = False
         self.generation = 0  # bumped whenever scale/offset are replaced: caches of quantized weights key on it

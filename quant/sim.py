@@ -73,7 +73,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _q(scheme: Scheme, role: str | None, name: str) -> Quantizer:
-    return Quantizer(scheme.spec(role) if role else None, name)
+    return Quantizer(scheme.spec(role) if role else None, name, role)
 
 
 class _CachedWeight:
