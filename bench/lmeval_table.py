@@ -4,6 +4,7 @@
     python bench/lmeval_table.py --rows fp w8a8:rtn --limit 20 # quick look
     python bench/lmeval_table.py --out runs/lmeval.jsonl       # append finished rows; a rerun skips them
     python bench/lmeval_table.py --json                        # rows as JSON lines
+    python bench/lmeval_table.py --rows fp @runs/mq-w8a8       # a saved artifact (`farm quantize --out`)
 
 Each row: load the model, quantize it in place (``CalibConfig(samples, seqlen)``), run the suite through
 ``quant.eval.harness.run_suite`` (real lm-eval, HFLM over the model object), and report every metric,
@@ -18,7 +19,7 @@ import os
 import sys
 import time
 
-from quant import CalibConfig, load_model, quantize
+from quant import CalibConfig, artifact, load_model, quantize
 from quant.eval import harness, tasks
 
 COLUMNS = [("mq_wiki_rolling", "word_perplexity", "wiki word ppl", "{:.2f}"),
@@ -63,8 +64,9 @@ def main(argv=None) -> int:
         with open(args.out) as f:
             for line in f:
                 r = json.loads(line)
-                if (r["model"], r["suite"], r["limit"], r["calib_samples"], r["seqlen"]) == (
-                        args.model, args.suite, args.limit, args.calib_samples, args.seqlen):
+                same_run = (r["model"], r["suite"], r["limit"]) == (args.model, args.suite, args.limit)
+                same_calib = (r["calib_samples"], r["seqlen"]) == (args.calib_samples, args.seqlen)
+                if same_run and (same_calib or r["row"].startswith("@")):  # an artifact carries its own
                     done[r["row"]] = r
     sizes = {n: s.size for n, s in tasks.TASKS.items()}
     print(f"# model={args.model} suite={args.suite} limit={args.limit} sizes={sizes}", file=sys.stderr)
@@ -74,15 +76,23 @@ def main(argv=None) -> int:
             print(f"{spec}: already in {args.out}, skipped", file=sys.stderr)
             rows.append(done[spec])
             continue
-        scheme, _, method = spec.partition(":")
         t0 = time.perf_counter()
-        lm = load_model(args.model)
-        res = quantize(lm, scheme, method or "rtn", CalibConfig(args.calib_samples, args.seqlen, args.seed),
-                       progress=False)
+        if spec.startswith("@"):  # a saved artifact: its own recipe says how it was made
+            lm = artifact.load(spec[1:])
+            recipe = lm.recipe
+        else:
+            scheme, _, method = spec.partition(":")
+            lm = load_model(args.model)
+            recipe = quantize(lm, scheme, method or "rtn", CalibConfig(args.calib_samples, args.seqlen, args.seed),
+                              progress=False).recipe
+        if recipe["model"] != args.model:
+            print(f"{spec}: is a {recipe['model']} artifact, not {args.model}", file=sys.stderr)
+            return 2
         metrics = harness.run_suite(lm, args.suite, limit=args.limit, batch_size=args.batch_size, progress=False)
-        row = {"row": spec, "model": args.model, "scheme": scheme, "method": res.recipe["method"],
-               "suite": args.suite, "limit": args.limit, "calib_samples": args.calib_samples,
-               "seqlen": args.seqlen, "quantize_s": res.recipe["timing"]["quantize_s"],
+        row = {"row": spec, "model": args.model, "scheme": recipe["scheme"], "method": recipe["method"],
+               "suite": args.suite, "limit": args.limit, "calib_samples": recipe["calibration"].get("samples"),
+               "seqlen": recipe["calibration"].get("seqlen"), "quantize_s": recipe["timing"]["quantize_s"],
+               "method_config": recipe.get("method_config", {}),
                "total_s": round(time.perf_counter() - t0, 1), "metrics": metrics}
         rows.append(row)
         if args.out:
