@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 from quant import CalibConfig, artifact, load_model, quantize
 from quant.eval import harness, tasks
+
+import rowfile  # bench/rowfile.py, beside this script
 
 COLUMNS = [("mq_wiki_rolling", "word_perplexity", "wiki word ppl", "{:.2f}"),
            ("mq_wiki_rolling", "bits_per_byte", "wiki bits/byte", "{:.4f}"),
@@ -59,15 +60,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print rows as JSON lines")
     p.add_argument("--out", default=None, help="JSON-lines file: finished rows are appended and skipped on rerun")
     args = p.parse_args(argv)
-    done = {}
-    if args.out and os.path.exists(args.out):
-        with open(args.out) as f:
-            for line in f:
-                r = json.loads(line)
-                same_run = (r["model"], r["suite"], r["limit"]) == (args.model, args.suite, args.limit)
-                same_calib = (r["calib_samples"], r["seqlen"]) == (args.calib_samples, args.seqlen)
-                if same_run and (same_calib or r["row"].startswith("@")):  # an artifact carries its own
-                    done[r["row"]] = r
+    def same_run(r):
+        same_calib = (r["calib_samples"], r["seqlen"]) == (args.calib_samples, args.seqlen)
+        return ((r["model"], r["suite"], r["limit"]) == (args.model, args.suite, args.limit)
+                and (same_calib or r["row"].startswith("@")))  # an artifact carries its own calibration
+
+    done = {r["row"]: r for r in rowfile.read(args.out, same_run)}
     sizes = {n: s.size for n, s in tasks.TASKS.items()}
     print(f"# model={args.model} suite={args.suite} limit={args.limit} sizes={sizes}", file=sys.stderr)
     rows = []
@@ -95,9 +93,7 @@ def main(argv=None) -> int:
                "method_config": recipe.get("method_config", {}),
                "total_s": round(time.perf_counter() - t0, 1), "metrics": metrics}
         rows.append(row)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        rowfile.append(args.out, row)
         if args.json:
             print(json.dumps(row), flush=True)
         else:

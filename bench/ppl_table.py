@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from quant import CalibConfig, evaluate_perplexity, load_model, quantize
+
+import rowfile  # bench/rowfile.py, beside this script
 
 
 def main(argv=None) -> int:
@@ -29,15 +30,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print rows as JSON lines")
     p.add_argument("--rows", default=None, help="JSON-lines file: finished rows are appended and skipped on rerun")
     args = p.parse_args(argv)
-    done = {}
-    if args.rows and os.path.exists(args.rows):
-        with open(args.rows) as f:
-            for line in f:
-                r = json.loads(line)
-                key = (r["model"], r["method"] in ("none", args.method), r["seqlen"], r.get("limit"),
-                       r.get("calib_samples"), r.get("seed"))
-                if key == (args.model, True, args.seqlen, args.limit, args.calib_samples, args.seed):
-                    done[r["scheme"]] = r
+    def same_run(r):
+        return ((r["model"], r["method"] in ("none", args.method), r["seqlen"], r.get("limit"),
+                 r.get("calib_samples"), r.get("seed"))
+                == (args.model, True, args.seqlen, args.limit, args.calib_samples, args.seed))
+
+    done = {r["scheme"]: r for r in rowfile.read(args.rows, same_run)}
     calib = CalibConfig(args.calib_samples, args.seqlen, args.seed)
     print(f"# model={args.model} method={args.method} calib={calib} limit={args.limit}", file=sys.stderr)
     fp_ppl = None
@@ -58,9 +56,7 @@ def main(argv=None) -> int:
                "eval_s": round(ppl.seconds, 1), "tokens_per_s": round(ppl.tokens_per_s), "limit": args.limit,
                "calib_samples": args.calib_samples, "seed": args.seed}
         rows.append(row)
-        if args.rows:
-            with open(args.rows, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        rowfile.append(args.rows, row)
         print(json.dumps(row) if args.json else
               f"{scheme:10s} {row['method']:6s} ppl {row['ppl']:10.3f}  x{row['ratio_to_fp'] or float('nan'):.3f}  "
               f"{ppl.windows} windows  quantize {row['quantize_s']}s  eval {row['eval_s']}s")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -22,6 +21,8 @@ import torch
 
 from quant import CalibConfig, evaluate_perplexity, load_model, quantize
 from quant.methods import method_config
+
+import rowfile  # bench/rowfile.py, beside this script
 
 LEARNED = ("omniquant", "lrl-block", "mobilequant")
 
@@ -80,13 +81,8 @@ def main(argv=None) -> int:
               "seqlen": args.seqlen, "epochs": args.epochs, "seed": args.seed, "limit": args.limit}
     print(f"# budget: {json.dumps(budget)}  hp: {json.dumps(hp)}", file=sys.stderr)
 
-    done = {}
-    if args.rows and os.path.exists(args.rows):
-        with open(args.rows) as f:
-            for line in f:
-                r = json.loads(line)
-                if r.get("budget") == budget and r.get("config") == _full_config(r["method"], hp, args.epochs):
-                    done[(r["scheme"], r["method"])] = r
+    done = {(r["scheme"], r["method"]): r for r in rowfile.read(
+        args.rows, lambda r: r.get("budget") == budget and r.get("config") == _full_config(r["method"], hp, args.epochs))}
     rows = list(done.values())
     fp_ppl = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
     plan = [("fp", "fp")] if "fp" in args.methods else []
@@ -114,10 +110,7 @@ def main(argv=None) -> int:
                else info.get("final_mse"), "budget": budget, "hp": hp.get(method, {}),
                "config": _full_config(method, hp, args.epochs)}
         rows.append(row)
-        if args.rows:
-            os.makedirs(os.path.dirname(os.path.abspath(args.rows)), exist_ok=True)
-            with open(args.rows, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        rowfile.append(args.rows, row)
         print(json.dumps(row), file=sys.stderr)
         del lm
     if args.json:
