@@ -30,19 +30,20 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print rows as JSON lines")
     p.add_argument("--rows", default=None, help="JSON-lines file: finished rows are appended and skipped on rerun")
     args = p.parse_args(argv)
+
     def same_run(r):
         return ((r["model"], r["method"] in ("none", args.method), r["seqlen"], r.get("limit"),
                  r.get("calib_samples"), r.get("seed"))
                 == (args.model, True, args.seqlen, args.limit, args.calib_samples, args.seed))
 
-    done = {r["scheme"]: r for r in rowfile.read(args.rows, same_run)}
     calib = CalibConfig(args.calib_samples, args.seqlen, args.seed)
     print(f"# model={args.model} method={args.method} calib={calib} limit={args.limit}", file=sys.stderr)
-    fp_ppl = None
     rows = []
     for scheme in args.schemes:
+        # read again before every row: several processes can share one row file, each taking other schemes
+        done = {r["scheme"]: r for r in rowfile.read(args.rows, same_run)}
+        fp_ppl = done["fp"]["ppl"] if "fp" in done else next((r["ppl"] for r in rows if r["scheme"] == "fp"), None)
         if scheme in done:
-            fp_ppl = done[scheme]["ppl"] if scheme == "fp" else fp_ppl
             print(f"{scheme}: already in {args.rows}, skipped", file=sys.stderr)
             continue
         lm = load_model(args.model)
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
         ppl = evaluate_perplexity(lm, args.seqlen, limit=args.limit)
         if scheme == "fp":
             fp_ppl = ppl.ppl
+        elif fp_ppl is None:  # another process may have finished the FP row meanwhile
+            fp_ppl = next((r["ppl"] for r in rowfile.read(args.rows, same_run) if r["scheme"] == "fp"), None)
         row = {"model": args.model, "scheme": scheme, "method": res.recipe["method"], "ppl": round(ppl.ppl, 3),
                "ratio_to_fp": round(ppl.ppl / fp_ppl, 3) if fp_ppl else None, "windows": ppl.windows,
                "seqlen": args.seqlen, "quantize_s": res.recipe["timing"]["quantize_s"],
