@@ -118,3 +118,32 @@ def test_quantizer_states():
     assert torch.equal(Quantizer(None)(x), x)
     with pytest.raises(ValueError, match="non-finite"):
         qz.set_qparams(t(float("nan")), t(0.0))
+
+
+@pytest.mark.parametrize("spec, per_channel", [(QSpec(8), False), (QSpec(4, symmetric=True), True),
+                                               (QSpec(16), False)])
+def test_fused_training_node_matches_the_composite_formula(spec, per_channel):
+    """The one-node fake quantization used in training gives the reference formula's values and gradients
+    (straight-through for x inside the range, LSQ-style for scale and a continuous offset)."""
+    from quant.quantizer import fake_quant_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 40, generator=g) * 3
+    n = 6 if per_channel else 1
+    # a range narrower than the data, so some values clip at each end; a fractional offset, as LRL trains it
+    s0 = torch.full((n,), 4.0 / (spec.qmax - spec.qmin)) * (1 + 0.1 * torch.rand(n, generator=g))
+    o0 = torch.full((n,), 0.0 if spec.symmetric else (spec.qmax - spec.qmin) / 2 + 0.3)
+    upstream = torch.randn(6, 40, generator=g)
+    grads = []
+    for fn in (fake_quant, fake_quant_reference):
+        xi, s, o = (v.clone().requires_grad_(True) for v in (x, s0, o0))
+        y = fn(xi, s, o, spec)
+        (y * upstream).sum().backward()
+        grads.append((y.detach(), xi.grad, s.grad, o.grad))
+    fused, ref = grads
+    assert torch.equal(fused[0], ref[0])
+    assert torch.equal(fused[1] == 0, ref[1] == 0)  # the same values clip
+    torch.testing.assert_close(fused[1], ref[1], rtol=1e-6, atol=0)  # the reference goes through x/s*s
+    assert 0 < (fused[1] == 0).float().mean() < 0.5  # both clipped and unclipped values are present
+    torch.testing.assert_close(fused[2], ref[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused[3], ref[3], rtol=1e-5, atol=1e-6)
