@@ -119,14 +119,37 @@ SCHEMES: dict[str, Scheme] = {
 _PATTERN = re.compile(r"^w(\d+)a(\d+)(-sym)?$")
 
 
+def _with_overrides(base: Scheme, name: str, overrides: str) -> Scheme:
+    """``role=bits`` pairs (bits 4, 8, 16 or ``fp``) on top of ``base``; a role keeps its symmetry and
+    granularity, a role that was float gets the default (asymmetric, per-tensor) spec."""
+    table = dict(base.table)
+    for item in overrides.split(","):
+        role, eq, value = item.strip().partition("=")
+        if not eq or role not in ROLES:
+            raise ValueError(f"scheme {name!r}: {item.strip()!r} is not ROLE=BITS with a known role; roles: "
+                             f"{', '.join(ROLES)}")
+        if value == "fp":
+            table[role] = None
+            continue
+        if value not in ("4", "8", "16"):
+            raise ValueError(f"scheme {name!r}: {role} bits must be one of {ALLOWED_BITS} or fp, got {value!r}")
+        old = table.get(role)
+        table[role] = QSpec(int(value), old.symmetric, old.per_channel) if old else QSpec(int(value))
+    return Scheme(name, table, f"{base.description}; overrides: {overrides}")
+
+
 def get_scheme(name: str | Scheme) -> Scheme:
-    """A named scheme, or a generic ``w<bits>a<bits>[-sym]`` in the reference layout.
+    """A named scheme, or a generic ``w<bits>a<bits>[-sym]`` in the reference layout, optionally followed by
+    role overrides: ``w8a8:down.in=16,gate_up.out=16`` keeps those tensors at 16 bits (``=fp``: float).
 
     Generic schemes use per-tensor weights at 8+ bits (down_proj per-channel, as the reference) and
     per-channel weights below 8 bits; ``-sym`` makes the weights symmetric.
     """
     if isinstance(name, Scheme):
         return name
+    base, colon, overrides = str(name).partition(":")
+    if colon:
+        return _with_overrides(get_scheme(base), str(name), overrides)
     if name in SCHEMES:
         return SCHEMES[name]
     m = _PATTERN.match(str(name))

@@ -40,3 +40,19 @@ def test_round_trip_every_scheme():
     for s in SCHEMES.values():
         assert Scheme.from_dict(s.to_dict()) == s
     assert set(WEIGHT_ROLES) | set(ACT_ROLES) == set(ROLES)
+
+
+def test_role_overrides():
+    s = get_scheme("w8a8:down.in=16,gate_up.out=fp,o.weight=4")
+    base = get_scheme("w8a8")
+    assert s.spec("down.in") == QSpec(16) and s.spec("gate_up.out") is None
+    assert s.spec("o.weight") == QSpec(4)  # keeps the base role's per-tensor asymmetric layout
+    assert get_scheme("w4a8-sym:qkv.weight=8").spec("qkv.weight") == QSpec(8, True, True)
+    assert all(s.spec(r) == base.spec(r) for r in ROLES if r not in ("down.in", "gate_up.out", "o.weight"))
+    assert Scheme.from_dict(s.to_dict()) == s  # an artifact's recipe reloads it
+    with pytest.raises(ValueError, match="'residual=16' is not ROLE=BITS with a known role"):
+        get_scheme("w8a8:residual=16")
+    with pytest.raises(ValueError, match="down.in bits must be one of"):
+        get_scheme("w8a8:down.in=12")
+    with pytest.raises(ValueError, match="unknown scheme 'w8x8'"):
+        get_scheme("w8x8:down.in=16")
