@@ -212,11 +212,12 @@ def cmd_sensitivity(args) -> int:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
     lm, label, seqlen = _model_for_eval(args, progress=not args.json)
     check_seqlen(lm, seqlen)
+    print(f"error budget by {args.by}: one pass over the windows per group, plus quantized and float",
+          file=sys.stderr)
     windows = data.eval_windows(lm.tokenizer, seqlen, args.corpus, limit=args.limit, add_bos=lm.add_bos)
 
-    def report(done, total, row):
-        if not args.json:
-            print(f"[{done}/{total}] {row.group}: ppl {row.ppl:.3f}", file=sys.stderr)
+    def report(done, total, row):  # on stderr even with --json: a budget takes one evaluation per group
+        print(f"[{done}/{total}] {row.group}: ppl {row.ppl:.3f}", file=sys.stderr, flush=True)
 
     budget = error_budget(lm.model, windows, by=args.by, progress=False, on_group=report)
     if args.json:
