@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print rows as JSON lines")
     p.add_argument("--out", default=None, help="JSON-lines file: finished rows are appended and skipped on rerun")
     args = p.parse_args(argv)
+
     def same_run(r):
         same_calib = (r["calib_samples"], r["seqlen"]) == (args.calib_samples, args.seqlen)
         return ((r["model"], r["suite"], r["limit"]) == (args.model, args.suite, args.limit)

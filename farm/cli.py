@@ -28,7 +28,8 @@ class UsageError(Exception):
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--model", required=required, help="embedded model name, local folder or hub id")
     p.add_argument("--layers", type=int, default=None, help="load only the first N decoder layers (quick looks)")
-    p.add_argument("--scheme", default="w8a8", help="fp | w8a16 | w8a8 | w4a8 | w4a8-sym | w<b>a<b>[-sym], optionally with role overrides "
+    p.add_argument("--scheme", default="w8a8",
+                   help="fp | w8a16 | w8a8 | w4a8 | w4a8-sym | w<b>a<b>[-sym], optionally with role overrides "
                         "such as w8a8:down.in=16 (roles: quant/scheme.py)")
     p.add_argument("--method", default="rtn",
                    help="rtn | smoothquant | omniquant | lrl-block | mobilequant (hyper-parameters: flags below)")
