@@ -81,8 +81,10 @@ def main(argv=None) -> int:
               "seqlen": args.seqlen, "epochs": args.epochs, "seed": args.seed, "limit": args.limit}
     print(f"# budget: {json.dumps(budget)}  hp: {json.dumps(hp)}", file=sys.stderr)
 
-    done = {(r["scheme"], r["method"]): r for r in rowfile.read(
-        args.rows, lambda r: r.get("budget") == budget and r.get("config") == _full_config(r["method"], hp, args.epochs))}
+    def same_run(r):  # a row is reused only if the budget and every hyper-parameter match
+        return r.get("budget") == budget and r.get("config") == _full_config(r["method"], hp, args.epochs)
+
+    done = {(r["scheme"], r["method"]): r for r in rowfile.read(args.rows, same_run)}
     rows = list(done.values())
     fp_ppl = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
     plan = [("fp", "fp")] if "fp" in args.methods else []
