@@ -10,7 +10,9 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# MQFARM_TEST_THREADS: fewer threads when the suite shares the machine (oversubscribed OpenMP threads
+# spin against each other and run element-wise ops many times slower)
+torch.set_num_threads(int(os.environ.get("MQFARM_TEST_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
 
 ARCH_MODELS = ["smollm2-135m", "gemma3-270m"]
 
