@@ -168,12 +168,14 @@ grid:
 def test_interrupted_sweep_resumes_running_each_missing_trial_once(env):
     root, data = env
     counter = root / "resume.count"
-    labels = [f"r{i}" for i in range(6)]
+    # 8 trials of 4 s on 2 workers: after the first two finish, about 12 s of work remain, so the SIGINT
+    # lands mid-sweep even when a loaded machine takes seconds to deliver it (1.5 s trials did not)
+    labels = [f"r{i}" for i in range(8)]
     p = write_sweep(root, "resume", HEAD + f"""\
 grid:
   method: [fake]
   method_config.label: [{", ".join(labels)}]
-  method_config.sleep: [1.5]
+  method_config.sleep: [4]
   method_config.count_file: ["{counter}"]
 """)
     sweep = load_sweep(p)
