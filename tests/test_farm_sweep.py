@@ -168,8 +168,8 @@ grid:
 def test_interrupted_sweep_resumes_running_each_missing_trial_once(env):
     root, data = env
     counter = root / "resume.count"
-    # 8 trials of 4 s on 2 workers: after the first two finish, about 12 s of work remain, so the SIGINT
-    # lands mid-sweep even when a loaded machine takes seconds to deliver it (1.5 s trials did not)
+    # 8 trials of 4 s: after the first two finish, several seconds of work remain, so the SIGINT lands
+    # mid-sweep even on a loaded machine
     labels = [f"r{i}" for i in range(8)]
     p = write_sweep(root, "resume", HEAD + f"""\
 grid:
@@ -179,8 +179,11 @@ grid:
   method_config.count_file: ["{counter}"]
 """)
     sweep = load_sweep(p)
+    # SIGINT back to its default in the child: a suite started in the background (`cmd &`) inherits it
+    # ignored, and Python then installs no KeyboardInterrupt handler, so Ctrl-C would never arrive
     proc = subprocess.Popen(farm_cmd("sweep", str(p), "--data", str(data)), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         t0 = time.time()
         while time.time() - t0 < 600:  # a loaded 2-core machine starts Ray slowly; only "some done" matters
