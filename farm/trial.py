@@ -116,6 +116,12 @@ def execute_trial(trial_id: str, config: dict, data_dir: str | Path, save_artifa
     t0 = time.time()
     info = node_info()
     attempt = f"{info['pid']}-{t0:.6f}"  # tells the driver a retried attempt from the one before
+    # counted on disk as well: a worker killed right after starting may never deliver its "started" event
+    log = Path(data_dir) / "attempts" / f"{trial_id}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(attempt + "\n")
+    attempt_count = len(log.read_text().splitlines())
     emit("started", {**info, "time": t0, "attempt": attempt})
     if config.get("plugin"):
         register_plugins({config["method"]: config["plugin"]})
@@ -180,7 +186,7 @@ def execute_trial(trial_id: str, config: dict, data_dir: str | Path, save_artifa
     return _jsonable({
         "trial_id": trial_id, "config": config, "metrics": metrics, "steps": steps, "timing": timing,
         "eval": details, "recipe": recipe, "artifact_dir": str(artifact_dir) if artifact_dir else None,
-        "node": info, "attempt": attempt, "stages": {"shared": stages or [], "quantize": quant_stage},
+        "node": info, "attempt": attempt, "attempt_count": attempt_count, "stages": {"shared": stages or [], "quantize": quant_stage},
         "started_at": t0, "ended_at": time.time(),
     })
 
