@@ -79,14 +79,14 @@ def main(argv=None) -> int:
         if spec.startswith("@"):  # a saved artifact: its own recipe says how it was made
             lm = artifact.load(spec[1:])
             recipe = lm.recipe
+            if recipe["model"] != args.model:
+                print(f"{spec}: is a {recipe['model']} artifact, not {args.model}", file=sys.stderr)
+                return 2
         else:
             scheme, _, method = spec.partition(":")
             lm = load_model(args.model)
             recipe = quantize(lm, scheme, method or "rtn", CalibConfig(args.calib_samples, args.seqlen, args.seed),
                               progress=False).recipe
-        if recipe["model"] != args.model:
-            print(f"{spec}: is a {recipe['model']} artifact, not {args.model}", file=sys.stderr)
-            return 2
         metrics = harness.run_suite(lm, args.suite, limit=args.limit, batch_size=args.batch_size, progress=False)
         row = {"row": spec, "model": args.model, "scheme": recipe["scheme"], "method": recipe["method"],
                "suite": args.suite, "limit": args.limit, "calib_samples": recipe["calibration"].get("samples"),

@@ -291,8 +291,8 @@ def _handle(tid, kind, payload, trials, tracker, resources, runs, attempts, outc
             runs[tid] = tracker.start_trial(trial, resources, payload.get("started_at"))
         logged = att[1] if att and att[0] == payload.get("attempt") else 0
         tracker.log_steps(runs[tid], payload.get("steps", [])[logged:])
-        tracker.finish_trial(runs[tid], payload,
-                             {"attempts": max(att[2] if att else 1, payload.get("attempt_count", 1))})
+        # the worker's on-disk count: it also sees attempts whose "started" event never arrived
+        tracker.finish_trial(runs[tid], payload, {"attempts": payload.get("attempt_count", 1)})
         del runs[tid]  # only now: an interrupt inside finish_trial must still find the run to close
         name, value = primary_metric(payload)
         note = f"{name}={value:.3f}" if name else ""

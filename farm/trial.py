@@ -186,7 +186,8 @@ def execute_trial(trial_id: str, config: dict, data_dir: str | Path, save_artifa
     return _jsonable({
         "trial_id": trial_id, "config": config, "metrics": metrics, "steps": steps, "timing": timing,
         "eval": details, "recipe": recipe, "artifact_dir": str(artifact_dir) if artifact_dir else None,
-        "node": info, "attempt": attempt, "attempt_count": attempt_count, "stages": {"shared": stages or [], "quantize": quant_stage},
+        "node": info, "attempt": attempt, "attempt_count": attempt_count,
+        "stages": {"shared": stages or [], "quantize": quant_stage},
         "started_at": t0, "ended_at": time.time(),
     })
 

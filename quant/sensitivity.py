@@ -12,14 +12,13 @@ Only evaluation is repeated; the model is quantized once and restored exactly af
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 
 from .eval.perplexity import perplexity
 from .quantizer import Quantizer
-from .sim import float_mode
+from .sim import float_mode, quantizers_off
 
 GROUPINGS = ("role", "layer", "kind")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -43,17 +42,6 @@ def groups(model: torch.nn.Module, by: str) -> dict[str, list[Quantizer]]:
         if isinstance(m, Quantizer) and m.spec is not None and m.enabled:
             out.setdefault(group_of(m, by), []).append(m)
     return out
-
-
-@contextmanager
-def switched_off(qs: list[Quantizer]):
-    for q in qs:
-        q.enabled = False
-    try:
-        yield
-    finally:
-        for q in qs:
-            q.enabled = True
 
 
 @dataclass
@@ -93,7 +81,7 @@ def error_budget(model: torch.nn.Module, windows: torch.Tensor, by: str = "role"
     gap = quant.nll - fp.nll
     rows = []
     for i, (name, qs) in enumerate(parts.items()):
-        with switched_off(qs):
+        with quantizers_off(qs):
             r = perplexity(model, windows, progress=progress)
         share = (quant.nll - r.nll) / gap if gap > 0 else float("nan")
         rows.append(GroupCost(name, len(qs), r.ppl, r.nll, share))

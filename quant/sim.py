@@ -327,17 +327,24 @@ def calibrate_activations(model: nn.Module, batches, progress: bool = True) -> N
 
 
 @contextmanager
-def float_mode(model: nn.Module):
-    """Every quantizer off (the float model, exactly) inside the block; restored afterwards."""
-    qs = [m for m in model.modules() if isinstance(m, Quantizer)]
+def quantizers_off(qs):
+    """The given quantizers off inside the block; each gets its own earlier state back afterwards."""
+    qs = list(qs)
     before = [q.enabled for q in qs]
     for q in qs:
         q.enabled = False
     try:
-        yield model
+        yield
     finally:
         for q, e in zip(qs, before):
             q.enabled = e
+
+
+@contextmanager
+def float_mode(model: nn.Module):
+    """Every quantizer off (the float model, exactly) inside the block; restored afterwards."""
+    with quantizers_off(m for m in model.modules() if isinstance(m, Quantizer)):
+        yield model
 
 
 def check_calibrated(model: nn.Module) -> None:
