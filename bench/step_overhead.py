@@ -2,6 +2,7 @@
 
     python bench/step_overhead.py                     # SmolLM2, W8A8, 1 x 512 tokens
     python bench/step_overhead.py --layers 8 --seqlen 256 --repeats 5 --json
+    python bench/step_overhead.py --train-float 16bit # 16-bit sites unquantized while training
 
 The quantized step is the real one (``E2ETrainer.step``: every decoder layer with LET reparametrised
 weights, LWC weight ranges recomputed, learnable activation ranges, MSE on the last hidden state, backward,
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--train-float", default="", help="TrainConfig.train_float: roles, or 16bit")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     calib = CalibConfig(samples=4, seqlen=args.seqlen)
     windows = data.calibration_windows(lm.tokenizer, calib.samples, calib.seqlen, calib.seed, add_bos=lm.add_bos)
     simulate(lm.model, args.scheme)
-    cfg = mobilequant.MobileQuantConfig(epochs=1)
+    cfg = mobilequant.MobileQuantConfig(epochs=1, train_float=args.train_float)
     omniquant.initialise(lm.model, windows, cfg, MethodContext(lm=lm, calib=calib, progress=False))
     trainer = E2ETrainer(lm.model, windows, cfg, MethodContext(progress=False))
     ids = windows[:1]
@@ -79,13 +81,14 @@ def main(argv=None) -> int:
     ratio = statistics.median(tq) / statistics.median(tp)
     res = {"model": args.model, "layers": lm.num_layers, "scheme": args.scheme, "tokens": ids.numel(),
            "plain_step_s": round(statistics.median(tp), 3), "mobilequant_step_s": round(statistics.median(tq), 3),
-           "ratio": round(ratio, 3), "repeats": args.repeats, "threads": torch.get_num_threads(),
+           "ratio": round(ratio, 3), "train_float": args.train_float, "repeats": args.repeats, "threads": torch.get_num_threads(),
            "learnables": learn.counts()}
     if args.json:
         print(json.dumps(res))
     else:
         print(f"{args.model} ({lm.num_layers} layers), {args.scheme}, 1 x {args.seqlen} tokens, "
-              f"{torch.get_num_threads()} threads, median of {args.repeats}")
+              f"{torch.get_num_threads()} threads, median of {args.repeats}"
+              + (f", training with {args.train_float} in float" if args.train_float else ""))
         print(f"plain float forward+backward: {res['plain_step_s']:.3f} s")
         print(f"MobileQuant training step:    {res['mobilequant_step_s']:.3f} s")
         print(f"ratio: {ratio:.2f} (aim <= 1.5)")

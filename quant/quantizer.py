@@ -120,7 +120,9 @@ class _FakeQuantLSQ(torch.autograd.Function):
         gx = g * inside if (need_x or need_o) else None
         gs = go = None
         if need_s:
-            gs = _sum_to(g * d, ctx.shapes[0])
+            # per-tensor: a dot product reads g and d once instead of writing g * d and summing it
+            gs = (torch.dot(g.reshape(-1), d.reshape(-1)).reshape(ctx.shapes[0]) if ctx.shapes[0].numel() == 1
+                  else _sum_to(g * d, ctx.shapes[0]))
         if need_o:
             go = (_sum_to(gx, ctx.shapes[1]) - _sum_to(g, ctx.shapes[1])) * scale
         return (gx if need_x else None), gs, go, None, None

@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 
 from .layers import LayerRunner
 from .learn import Learnables, attach, fold
-from .sim import decoder_layers, float_mode
+from .quantizer import Quantizer
+from .scheme import ROLES
+from .sim import decoder_layers, float_mode, quantizers_off
 from .stats import model_fingerprint
 
 # Configuration fields that do not change the result: a resume may differ in them.
@@ -60,6 +62,11 @@ class TrainConfig:
     seed: int = 0
     max_loss_ratio: float = 100.0  # stop when the loss exceeds this multiple of the first step's loss
     calib_batch_size: int = 4      # forward batch for statistics and ranges
+    # Quantizers switched off while training only (the result is evaluated and saved with all of them):
+    # comma-separated roles, or "16bit" for every 16-bit site. 16-bit sites cost half of a step's
+    # fake-quant work (attention scores and probabilities alone 40%) for a rounding error ~256x below
+    # the 8-bit sites' (bench/step_overhead.py --train-float 16bit measures the speed).
+    train_float: str = ""
 
     def check(self) -> None:
         if self.epochs < 0 or self.batch_size < 1:
@@ -68,6 +75,22 @@ class TrainConfig:
             v = getattr(self, k)
             if not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{k} must be a finite number >= 0, got {v}")
+        bad = [r for r in _split(self.train_float) if r != "16bit" and r not in ROLES]
+        if bad:
+            raise ValueError(f"train_float: unknown role(s) {bad}; give '16bit' or roles from {', '.join(ROLES)}")
+
+
+def _split(roles: str) -> list[str]:
+    return [r.strip() for r in (roles or "").split(",") if r.strip()]
+
+
+def training_float_sites(model: nn.Module, roles: str) -> list[Quantizer]:
+    """The active quantizers that ``TrainConfig.train_float`` switches off during training."""
+    keys = set(_split(roles))
+    if not keys:
+        return []
+    return [m for m in model.modules() if isinstance(m, Quantizer) and m.spec is not None and m.enabled
+            and (m.role in keys or ("16bit" in keys and m.spec.bits == 16))]
 
 
 def cosine(step: int, total: int, lr: float, min_lr: float) -> float:
@@ -196,6 +219,7 @@ def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, c
             counts[k] += v
         freeze_model(model, learn)
         last = None
+        off = training_float_sites(decoder_layers(model)[i], cfg.train_float)
         if total:
             opt = make_optimizer(learn, cfg)
             first = None
@@ -204,12 +228,14 @@ def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, c
                     perm = torch.randperm(n, generator=gen)
                 idx = perm[(step % steps_per_epoch) * bs:(step % steps_per_epoch + 1) * bs]
                 lrs = set_lrs(opt, step, total)
-                loss = F.mse_loss(runner.layer(i, h_q[idx]), out_fp[idx])
-                lv = loss.item()
-                _loss_check(lv, first, cfg, f"block-wise layer {i} step {step}", "nothing was folded for this layer")
-                first = lv if first is None else first
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                with quantizers_off(off):
+                    loss = F.mse_loss(runner.layer(i, h_q[idx]), out_fp[idx])
+                    lv = loss.item()
+                    _loss_check(lv, first, cfg, f"block-wise layer {i} step {step}",
+                                "nothing was folded for this layer")
+                    first = lv if first is None else first
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
                 opt.step()
                 last = lv
                 step_global += 1
@@ -287,6 +313,7 @@ class E2ETrainer:
         self.progress, self.on_step = (ctx.progress, ctx.on_step) if ctx else (True, None)
         self.runner = LayerRunner(model)
         self.loss_kind = getattr(cfg, "loss", "hidden")
+        self.train_off = training_float_sites(model, cfg.train_float)
         ident = {"config": {k: v for k, v in asdict(cfg).items() if k not in VOLATILE},
                  "model": model_fingerprint(model), "scheme": getattr(model.mq_scheme, "name", None),
                  "windows": {"n": windows.shape[0], "seqlen": windows.shape[1],
@@ -316,12 +343,13 @@ class E2ETrainer:
         return F.mse_loss(h, target) + kd_w * kd
 
     def step(self, opt, ids, target) -> float:
-        loss = self.loss(ids, target)
-        lv = loss.item()
-        if not math.isfinite(lv):
-            return lv
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with quantizers_off(self.train_off):
+            loss = self.loss(ids, target)
+            lv = loss.item()
+            if not math.isfinite(lv):
+                return lv
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
         return lv
 

@@ -249,3 +249,31 @@ def test_relative_range_learning_rates_and_cosine_schedule(small_ids):
     assert by_param[id(q8.offset)]["lr"] == pytest.approx(1e-4 * 255)
     let_groups = [g for g in opt.param_groups if g["kind"] == "let"]
     assert len(let_groups) == 1 and let_groups[0]["lr"] == pytest.approx(cfg.let_min_lr)
+
+
+@pytest.mark.parametrize("method", ["lrl-block", "mobilequant"])
+def test_train_float_keeps_sites_float_in_training_only(method):
+    """``train_float=16bit``: every 16-bit activation site is off in each training step, so its learnable
+    range never gets a gradient and ends exactly at its SmoothQuant+RTN value, while 8-bit ranges move;
+    without the option the 16-bit ranges move too. Afterwards every quantizer is on again."""
+    def ranges(train_float, epochs):
+        lm = load_model("smollm2-135m", num_layers=2)
+        quantize(lm, "w8a8", method, CAL, progress=False,
+                 method_config={"epochs": epochs, "lwc_lr": 5e-3, "let_lr": 5e-3, "train_float": train_float})
+        qs = quantizers(lm.model, "act")
+        assert all(q.enabled for q in qs.values() if q.spec is not None)
+        return {n: (q.spec.bits, q.scale.clone(), q.offset.clone()) for n, q in qs.items() if q.spec is not None}
+
+    init, frozen, trained = ranges("", 0), ranges("16bit", 2), ranges("", 2)
+    sixteen = [n for n, (bits, _, _) in init.items() if bits == 16]
+    eight = [n for n, (bits, _, _) in init.items() if bits == 8]
+    assert len(sixteen) == 2 * 6 and len(eight) > len(sixteen)  # norm.in x2, scores, probs, o.out, down.out
+    same = lambda a, b, n: torch.equal(a[n][1], b[n][1]) and torch.equal(a[n][2], b[n][2])  # noqa: E731
+    assert all(same(init, frozen, n) for n in sixteen)
+    assert sum(not same(init, frozen, n) for n in eight) > len(eight) // 2
+    assert sum(not same(init, trained, n) for n in sixteen) > len(sixteen) // 2
+
+
+def test_train_float_names_an_unknown_role():
+    with pytest.raises(ValueError, match=r"train_float: unknown role\(s\) \['attn.score'\]"):
+        method_config("mobilequant", {"train_float": "16bit,attn.score"})

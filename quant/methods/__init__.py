@@ -59,4 +59,7 @@ def method_config(name: str, overrides: dict | None = None):
             if isinstance(default, int) and not isinstance(v, int):
                 raise ValueError(f"method {name!r}: {k} must be an integer, got {v!r}")
             overrides[k] = type(default)(v)
-    return replace(base, **overrides)
+    cfg = replace(base, **overrides)
+    if hasattr(cfg, "check"):  # refuse bad values here, before a sweep schedules anything
+        cfg.check()
+    return cfg
