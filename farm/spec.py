@@ -472,7 +472,9 @@ def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int
             if keys is not None:
                 mc_known |= set(over)
             try:
-                mcfg = config_dict(build_method_config(mname, over))
+                built = build_method_config(mname, over)
+                mcfg = {k: v for k, v in config_dict(built).items()
+                        if not (k in getattr(built, "ID_NEUTRAL", {}) and v == built.ID_NEUTRAL[k])}
             except (ValueError, TypeError) as e:
                 bad = [k for k in over if re.search(rf"\b{re.escape(k)}\b", str(e))]
                 where = p["method"]

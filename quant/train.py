@@ -13,6 +13,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,11 @@ class TrainConfig:
     # fake-quant work (attention scores and probabilities alone 40%) for a rounding error ~256x below
     # the 8-bit sites' (bench/step_overhead.py --train-float 16bit measures the speed).
     train_float: str = ""
+
+    # Fields added after farm trial ids were first recorded, with the value that reproduces the behaviour
+    # from before they existed: at that value farm leaves them out of a trial's id, so finished trials and
+    # cached stages stay valid when a hyper-parameter is added.
+    ID_NEUTRAL: ClassVar[dict] = {"train_float": ""}
 
     def check(self) -> None:
         if self.epochs < 0 or self.batch_size < 1:

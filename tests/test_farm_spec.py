@@ -181,3 +181,25 @@ def test_bitwidth_is_an_alias_of_scheme(tmp_path):
     text = BASE.replace("  scheme: [fp, w8a8, w4a8]", "  bitwidth: [W8A8, 4, w4a8-sym]").replace(
         "method: [rtn, smoothquant]", "method: [rtn]")
     assert [t.config["scheme"] for t in load_sweep(write(tmp_path, text)).trials] == ["w8a8", "w4a8", "w4a8-sym"]
+
+
+def test_trial_ids_survive_a_new_hyper_parameter_at_its_neutral_value(tmp_path):
+    """Ids of the shipped scaling sweep, recorded before ``train_float`` existed: a hyper-parameter added
+    later (listed in its config's ``ID_NEUTRAL``) leaves finished trials valid at its neutral value and
+    makes new trials otherwise. If this fails after adding a field, list the field in ``ID_NEUTRAL``."""
+    from pathlib import Path
+
+    sweep = load_sweep(Path(__file__).resolve().parent.parent / "sweeps" / "scaling-cpu.yaml")
+    ids = {(t.config["method"], (t.config["calib"] or {}).get("samples"), t.config["method_config"].get("epochs")):
+           t.id[:8] for t in sweep.trials}
+    assert ids[("mobilequant", 32, 4)] == "d5610fd9" and ids[("lrl-block", 8, 1)] == "3a4ded73"
+    assert ids[("smoothquant", 32, None)] == "c47d1605" and ids[("none", None, None)] == "ad38b8ff"
+    p = write(tmp_path, BASE.replace("method: rtn\ngrid", "method: mobilequant\ngrid")
+              .replace("method: [rtn, smoothquant]", "method: [mobilequant]"))
+    plain = {t.config["scheme"]: t.id for t in load_sweep(p).trials}
+    neutral = write(tmp_path, p.read_text() + "methods:\n  mobilequant: {train_float: ''}\n", "neutral.yaml")
+    changed = write(tmp_path, p.read_text() + "methods:\n  mobilequant: {train_float: 16bit}\n", "changed.yaml")
+    assert {t.config["scheme"]: t.id for t in load_sweep(neutral).trials} == plain
+    other = {t.config["scheme"]: t for t in load_sweep(changed).trials}
+    assert other["fp"].id == plain["fp"] and other["w8a8"].id != plain["w8a8"]
+    assert other["w8a8"].config["method_config"]["train_float"] == "16bit"
