@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("name", nargs="?")
     m.add_argument("--force", action="store_true")
 
-    from . import sweep_cli  # sweep, status, ui
+    from . import sweep_cli  # sweep, status, report, ui
 
     COMMANDS.update(sweep_cli.add_commands(sub))
     return parser

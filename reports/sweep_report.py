@@ -1,0 +1,160 @@
+"""The report of one sweep: every trial with its metrics and ratio to FP, a pivot over the training
+budget when one varies (the scaling study's table), and a plot of quality against calibration samples.
+
+Written as ``report.md`` (plus ``ppl_vs_samples.png`` and ``trials.json``) in ``out_dir``; the axes are
+found from the runs themselves (the params that vary), so any sweep gets a sensible report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .runs import TrialRun, load_trials
+from .tables import cell, markdown, pivot, sort_key
+
+FLOAT_METHOD = "none"
+BUDGET_COLUMNS = ("method_config.epochs", "method_config.iterations", "method_config.steps")
+SAMPLES = "calib.samples"
+IDENTITY = ("model", "layers", "scheme", "method")
+
+
+def varying(trials: list[TrialRun]) -> list[str]:
+    """Params that differ between trials. A method's hyper-parameter counts only if it differs among the
+    trials of one method (methods have different defaults); calibration keys only among quantized trials."""
+    quantized = [t for t in trials if t.params.get("method") != FLOAT_METHOD]
+    keys: list[str] = []
+    for t in trials:
+        keys += [k for k in t.params if k not in keys and not k.startswith(("resources.", "eval."))
+                 and k not in ("plugin", "method_config", "calib")]
+
+    def differs(group, k):
+        return len({json.dumps(t.params.get(k), sort_keys=True, default=str) for t in group if k in t.params}) > 1
+
+    def within_a_method(k):
+        by: dict = {}
+        for t in quantized:
+            by.setdefault(t.params.get("method"), []).append(t)
+        return any(differs(g, k) for g in by.values())
+
+    return [k for k in keys if (differs(trials, k) if k in IDENTITY
+                                else within_a_method(k) if k.startswith("method_config.")
+                                else differs(quantized, k))]
+
+
+def primary_metric(trials: list[TrialRun]) -> str | None:
+    names = sorted({k for t in trials for k in t.metrics if k.startswith("ppl/")})
+    return names[0] if names else None
+
+
+def _fp_reference(trials: list[TrialRun], metric: str) -> dict:
+    """FP value of ``metric`` per (model, layers): the denominator of every ratio."""
+    out = {}
+    for t in trials:
+        if t.status == "FINISHED" and t.params.get("scheme") == "fp" and metric in t.metrics:
+            out[(t.params.get("model"), t.params.get("layers"))] = t.metrics[metric]
+    return out
+
+
+def rows_of(trials: list[TrialRun], axes: list[str], metric: str | None) -> list[dict]:
+    fp = _fp_reference(trials, metric) if metric else {}
+    rows = []
+    for t in trials:
+        r = {"trial": t.short, "status": t.status, **{k: t.params.get(k) for k in axes}}
+        if metric and metric in t.metrics:
+            r[metric] = t.metrics[metric]
+            ref = fp.get((t.params.get("model"), t.params.get("layers")))
+            r["vs fp"] = t.metrics[metric] / ref if ref else None
+        r["quantize s"] = t.metrics.get("time/quantize_s")
+        r["total s"] = t.metrics.get("time/total_s")
+        if t.status == "FAILED":
+            r["error"] = t.tags.get("error", "")[:120]
+        rows.append(r)
+    return sorted(rows, key=lambda r: tuple(sort_key(r.get(k)) for k in axes))
+
+
+def _plot(rows: list[dict], x: str, lines: list[str], path: Path, title: str) -> bool:
+    pts = [r for r in rows if r.get("vs fp") is not None and isinstance(r.get(x), (int, float))]
+    if len({r[x] for r in pts}) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    groups: dict = {}
+    for r in pts:
+        groups.setdefault(tuple(r.get(k) for k in lines), []).append(r)
+    for key, g in sorted(groups.items(), key=lambda kv: tuple(sort_key(v) for v in kv[0])):
+        g = sorted(g, key=lambda r: r[x])
+        label = ", ".join(f"{k.split('.')[-1]}={v}" if k.startswith(("method_config.", "calib.")) else str(v)
+                          for k, v in zip(lines, key))
+        ax.plot([r[x] for r in g], [r["vs fp"] for r in g], marker="o", label=label or "trials")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(x)
+    ax.set_ylabel("perplexity / FP perplexity")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: str | None = None,
+                 x: str | None = None) -> Path:
+    """Build the report of ``sweep`` from MLflow into ``out_dir``; returns the path of ``report.md``.
+
+    ``columns``: the param pivoted into columns (default: the training budget, epochs or iterations, when
+    it varies); ``x``: the plot's x axis (default: calibration samples, when they vary)."""
+    trials = load_trials(sweep, tracking_uri)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    axes = varying(trials)
+    metric = primary_metric(trials)
+    rows = rows_of(trials, axes, metric)
+    counts: dict = {}
+    for t in trials:
+        counts[t.status] = counts.get(t.status, 0) + 1
+    fp = _fp_reference(trials, metric) if metric else {}
+    commits = sorted({t.tags.get("git_commit", "")[:12] for t in trials} - {""})
+
+    lines = [f"# Sweep report: {sweep}", "",
+             f"{len(trials)} trials ({', '.join(f'{n} {s.lower()}' for s, n in sorted(counts.items()))}); "
+             f"MLflow `{tracking_uri}`; code {', '.join(commits) or 'unknown'}; generated "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
+    if metric:
+        refs = "; ".join(f"{m}{'' if ly is None else f' (layers={ly})'}: {v:.4g}" for (m, ly), v in sorted(
+            fp.items(), key=lambda kv: tuple(sort_key(v) for v in kv[0])))
+        lines += [f"Metric: `{metric}`, lower is better; `vs fp` divides by the FP trial of the same model"
+                  f" ({refs or 'no FP trial finished'}).", ""]
+    cols = ["trial", *axes] + ([metric, "vs fp"] if metric else []) + ["quantize s", "total s", "status"]
+    if any("error" in r for r in rows):
+        cols.append("error")
+    lines += ["## Trials", "", markdown(rows, cols), ""]
+
+    column = columns or next((c for c in BUDGET_COLUMNS if c in axes), None)
+    quantized = [r for r in rows if r.get("status") == "FINISHED" and r.get("method") != FLOAT_METHOD
+                 and r.get("vs fp") is not None]
+    if column and column in axes and quantized:
+        index = [k for k in axes if k != column and len({json.dumps(r.get(k), default=str) for r in quantized}) > 1]
+        table, values = pivot([r for r in quantized if r.get(column) is not None], index, column, "vs fp")
+        headers = {(column, v): f"{column.split('.')[-1]} {cell(v)}" for v in values}
+        lines += [f"## Ratio to FP by {column}", "",
+                  markdown(table, index + [(column, v) for v in values], headers), ""]
+
+    xk = x or (SAMPLES if SAMPLES in axes else None)
+    if xk and quantized:
+        groups = [k for k in axes if k != xk]
+        if _plot(quantized, xk, groups, out / "ppl_vs_samples.png", f"{sweep}: {metric}"):
+            lines += [f"## Ratio to FP against {xk}", "", "![ratio to FP](ppl_vs_samples.png)", ""]
+
+    (out / "trials.json").write_text(json.dumps([{"trial_id": t.trial_id, "status": t.status, "params": t.params,
+                                                  "metrics": t.metrics, "executions": t.executions}
+                                                 for t in trials], indent=1, default=str))
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

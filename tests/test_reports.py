@@ -1,0 +1,91 @@
+"""reports: a sweep's report built from a real sqlite MLflow store, written through farm's own Tracker
+(the code path a sweep uses), so the report reads exactly the layout farm writes. The trial outcomes are
+set by the test (perplexity = 20 + 100 / (samples * epochs), FP 20), so every cell is checked exactly."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from farm.spec import load_sweep
+from farm.tracking import Tracker
+from reports import load_trials, sweep_report
+from reports.sweep_report import varying
+
+SWEEP = """\
+name: rep
+base: {model: smollm2-135m, layers: 1, seqlen: 32, scheme: w8a8}
+grid:
+  method: [mobilequant, lrl-block]
+  samples: [2, 8]
+  epochs: [1, 4]
+include:
+  - {scheme: fp}
+eval: {perplexity: {limit: 2}}
+"""
+
+
+def _ppl(t) -> float:
+    if t.config["method"] == "none":
+        return 20.0
+    n, e = t.config["calib"]["samples"], t.config["method_config"]["epochs"]
+    return 20.0 + 100.0 / (n * e) + (1.0 if t.config["method"] == "lrl-block" else 0.0)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reports")
+    (root / "rep.yaml").write_text(textwrap.dedent(SWEEP))
+    sweep = load_sweep(root / "rep.yaml")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    tr = Tracker(uri, sweep.name, artifact_root=root / "artifacts")
+    tr.start_parent(sweep)
+    failed_once = next(t for t in sweep.trials if t.config["method"] == "lrl-block")
+    rid = tr.start_trial(failed_once, {"cpu": 1})
+    tr.fail_trial(rid, "RuntimeError: worker ran out of memory")
+    for t in sweep.trials:
+        rid = tr.start_trial(t, {"cpu": 1})
+        tr.finish_trial(rid, {"metrics": {"ppl/wiki/seq32": _ppl(t), "time/total_s": 3.0}})
+    return root, uri, sweep, failed_once
+
+
+def test_one_entry_per_trial_the_finished_run_wins(store):
+    _, uri, sweep, failed_once = store
+    trials = load_trials("rep", uri)
+    assert sorted(t.trial_id for t in trials) == sorted(t.id for t in sweep.trials)  # 9 trials, 10 runs
+    again = next(t for t in trials if t.trial_id == failed_once.id)
+    assert again.status == "FINISHED" and again.executions == 2
+    assert all(t.executions == 1 for t in trials if t.trial_id != failed_once.id)
+    assert varying(trials) == ["scheme", "method", "method_config.epochs", "calib.samples"]
+    with pytest.raises(ValueError, match="no sweep named 'other'"):
+        load_trials("other", uri)
+
+
+def test_report_tables_hold_the_exact_ratios_and_the_plot(store):
+    root, uri, _, _ = store
+    path = sweep_report("rep", uri, root / "out")
+    text = path.read_text()
+    assert "9 trials (9 finished)" in text and "smollm2-135m (layers=1): 20" in text
+    pivot = text.split("## Ratio to FP by method_config.epochs")[1].split("##")[0].strip().splitlines()
+    assert pivot[0] == "| method | calib.samples | epochs 1 | epochs 4 |"
+    # (20 + 100 / (n e) [+1 for block-wise]) / 20, to 4 significant digits
+    assert pivot[2:] == ["| lrl-block | 2 | 3.55 | 1.675 |", "| lrl-block | 8 | 1.675 | 1.206 |",
+                         "| mobilequant | 2 | 3.5 | 1.625 |", "| mobilequant | 8 | 1.625 | 1.156 |"]
+    png = (root / "out" / "ppl_vs_samples.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (704, 462)
+    assert "![ratio to FP](ppl_vs_samples.png)" in text
+
+
+def test_farm_report_cli(store):
+    root, _, _, _ = store
+    out = subprocess.run([sys.executable, "-m", "farm.cli", "report", str(root / "rep.yaml"), "--data", str(root),
+                          "--out", str(root / "cli")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "| mobilequant | 8 | 1.625 | 1.156 |" in out.stdout and (root / "cli" / "report.md").exists()
+    bad = subprocess.run([sys.executable, "-m", "farm.cli", "report", "nosuch", "--data", str(root)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no sweep named 'nosuch'" in bad.stderr
