@@ -381,9 +381,15 @@ def sweep_status(sweep: Sweep, opts: Options) -> tuple[list[dict], list[str], di
             tid = run.data.tags.get("trial_id")
             if tid and tid not in results:
                 states[tid] = run.info.status
+                if run.info.status == "RUNNING":  # training logs live: show how far it got
+                    hist = tracker.client.get_metric_history(run.info.run_id, "train/loss")
+                    if hist:
+                        last = max(hist, key=lambda m: m.step)
+                        states[tid] = f"RUNNING step {last.step} loss {last.value:.4g}"
     rows, cols = summary_rows(sweep, results, states)
     counts = {"total": len(sweep.trials), "done": len(results)}
     for s in states.values():
-        counts[s.lower()] = counts.get(s.lower(), 0) + 1
+        s = s.split()[0].lower()
+        counts[s] = counts.get(s, 0) + 1
     counts["pending"] = len(sweep.trials) - len(results) - len(states)
     return rows, cols, counts
