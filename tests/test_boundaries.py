@@ -20,4 +20,4 @@ def test_devicelab_imports_no_quant_ray_or_mlflow():
 
 
 def test_reports_imports_neither_quant_nor_devicelab():
-    assert not _modules_after_import("reports") & {"quant", "devicelab", "ray"}
+    assert not _modules_after_import("reports") & {"quant", "devicelab", "ray", "farm"}
