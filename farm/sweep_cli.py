@@ -45,11 +45,18 @@ def add_commands(sub) -> dict:
     rp.add_argument("--x", default=None, help="the plot's x axis (default: calib.samples when it varies)")
     _add_store_args(rp)
 
+    g = sub.add_parser("gc", help="free disk: remove cached quantized artifacts (results and MLflow runs stay)")
+    g.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    g.add_argument("--all", action="store_true", help="also remove the artifacts registered as best")
+    g.add_argument("--stage", action="append", default=None,
+                   help="stage cache to clear (default: quantize; repeat for more, e.g. activation_stats)")
+    _add_store_args(g)
+
     u = sub.add_parser("ui", help="serve the MLflow UI of the sweep store on 127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
     _add_store_args(u)
-    return {"sweep": cmd_sweep, "status": cmd_status, "report": cmd_report, "ui": cmd_ui}
+    return {"sweep": cmd_sweep, "status": cmd_status, "report": cmd_report, "gc": cmd_gc, "ui": cmd_ui}
 
 
 def _options(args):
@@ -120,6 +127,21 @@ def cmd_report(args) -> int:
     path = sweep_report(name, tracking_uri=opts.uri, out_dir=out, columns=args.columns, x=args.x)
     print(path.read_text())
     print(f"report: {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from .gc import collect
+
+    opts = _options(args)
+    uri = opts.uri if (args.tracking_uri or (Path(opts.data_dir) / "mlflow.db").exists()) else None
+    rep = collect(opts.data_dir, uri, tuple(args.stage or ("quantize",)), keep_best=not args.all,
+                  dry_run=args.dry_run)
+    verb = "would remove" if rep.dry_run else "removed"
+    print(f"farm gc: {verb} {len(rep.removed)} cache entries ({rep.freed_bytes / 2**30:.2f} GiB) under "
+          f"{Path(opts.data_dir) / 'stages'}; kept {len(rep.kept)} registered as best")
+    for p in rep.kept:
+        print(f"  kept {p}")
     return 0
 
 
