@@ -1,7 +1,7 @@
 """The report of one sweep: every trial with its metrics and ratio to FP, a pivot over the training
 budget when one varies (the scaling study's table), and a plot of quality against calibration samples.
 
-Written as ``report.md`` (plus ``ppl_vs_samples.png`` and ``trials.json``) in ``out_dir``; the axes are
+Written as ``report.md`` and ``report.html`` (plus ``ppl_vs_samples.png`` and ``trials.json``) in ``out_dir``; the axes are
 found from the runs themselves (the params that vary), so any sweep gets a sensible report.
 """
 
@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from .runs import TrialRun, load_trials
-from .tables import cell, markdown, pivot, sort_key
+from .render import Heading, Image, Para, Table, to_html, to_markdown
+from .tables import cell, pivot, sort_key
 
 FLOAT_METHOD = "none"
 BUDGET_COLUMNS = ("method_config.epochs", "method_config.iterations", "method_config.steps")
@@ -122,19 +123,20 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
     fp = _fp_reference(trials, metric) if metric else {}
     commits = sorted({t.tags.get("git_commit", "")[:12] for t in trials} - {""})
 
-    lines = [f"# Sweep report: {sweep}", "",
-             f"{len(trials)} trials ({', '.join(f'{n} {s.lower()}' for s, n in sorted(counts.items()))}); "
+    blocks: list = [
+        Heading(f"Sweep report: {sweep}", 1),
+        Para(f"{len(trials)} trials ({', '.join(f'{n} {s.lower()}' for s, n in sorted(counts.items()))}); "
              f"MLflow `{tracking_uri}`; code {', '.join(commits) or 'unknown'}; generated "
-             f"{time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')}.")]
     if metric:
         refs = "; ".join(f"{m}{'' if ly is None else f' (layers={ly})'}: {v:.4g}" for (m, ly), v in sorted(
             fp.items(), key=lambda kv: tuple(sort_key(v) for v in kv[0])))
-        lines += [f"Metric: `{metric}`, lower is better; `vs fp` divides by the FP trial of the same model"
-                  f" ({refs or 'no FP trial finished'}).", ""]
+        blocks.append(Para(f"Metric: `{metric}`, lower is better; `vs fp` divides by the FP trial of the same "
+                           f"model ({refs or 'no FP trial finished'})."))
     cols = ["trial", *axes] + ([metric, "vs fp"] if metric else []) + ["quantize s", "total s", "status"]
     if any("error" in r for r in rows):
         cols.append("error")
-    lines += ["## Trials", "", markdown(rows, cols), ""]
+    blocks += [Heading("Trials"), Table(rows, cols)]
 
     column = columns or next((c for c in BUDGET_COLUMNS if c in axes), None)
     quantized = [r for r in rows if r.get("status") == "FINISHED" and r.get("method") != FLOAT_METHOD
@@ -143,18 +145,18 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
         index = [k for k in axes if k != column and len({json.dumps(r.get(k), default=str) for r in quantized}) > 1]
         table, values = pivot([r for r in quantized if r.get(column) is not None], index, column, "vs fp")
         headers = {(column, v): f"{column.split('.')[-1]} {cell(v)}" for v in values}
-        lines += [f"## Ratio to FP by {column}", "",
-                  markdown(table, index + [(column, v) for v in values], headers), ""]
+        blocks += [Heading(f"Ratio to FP by {column}"), Table(table, index + [(column, v) for v in values], headers)]
 
     xk = x or (SAMPLES if SAMPLES in axes else None)
     if xk and quantized:
         groups = [k for k in axes if k != xk]
         if _plot(quantized, xk, groups, out / "ppl_vs_samples.png", f"{sweep}: {metric}"):
-            lines += [f"## Ratio to FP against {xk}", "", "![ratio to FP](ppl_vs_samples.png)", ""]
+            blocks += [Heading(f"Ratio to FP against {xk}"), Image("ppl_vs_samples.png", "ratio to FP")]
 
     (out / "trials.json").write_text(json.dumps([{"trial_id": t.trial_id, "status": t.status, "params": t.params,
                                                   "metrics": t.metrics, "executions": t.executions}
                                                  for t in trials], indent=1, default=str))
+    (out / "report.html").write_text(to_html(blocks, f"Sweep report: {sweep}"))
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    path.write_text(to_markdown(blocks))
     return path

@@ -29,6 +29,33 @@ eval: {perplexity: {limit: 2}}
 """
 
 
+def _html_tables(page: str) -> list[list[list[str]]]:
+    from html.parser import HTMLParser
+
+    tables: list = []
+    inside = [False]
+
+    class P(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                tables.append([])
+            elif tag == "tr":
+                tables[-1].append([])
+            elif tag in ("td", "th"):
+                tables[-1][-1].append("")
+                inside[0] = True
+
+        def handle_endtag(self, tag):
+            inside[0] = inside[0] and tag not in ("td", "th")
+
+        def handle_data(self, data):
+            if inside[0]:
+                tables[-1][-1][-1] += data
+
+    P().feed(page)
+    return tables
+
+
 def _ppl(t) -> float:
     if t.config["method"] == "none":
         return 20.0
@@ -78,6 +105,11 @@ def test_report_tables_hold_the_exact_ratios_and_the_plot(store):
     png = (root / "out" / "ppl_vs_samples.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (704, 462)
     assert "![ratio to FP](ppl_vs_samples.png)" in text
+    # the HTML page holds the same tables: its last table is the pivot, row for row
+    tables = _html_tables((root / "out" / "report.html").read_text())
+    assert len(tables) == 2 and len(tables[0]) == 1 + 9
+    md_rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in pivot[:1] + pivot[2:]]
+    assert tables[1] == md_rows
 
 
 def test_farm_report_cli(store):
