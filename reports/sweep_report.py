@@ -143,8 +143,10 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
                  and r.get("vs fp") is not None]
     if column and column in axes and quantized:
         index = [k for k in axes if k != column and len({json.dumps(r.get(k), default=str) for r in quantized}) > 1]
-        table, values = pivot([r for r in quantized if r.get(column) is not None], index, column, "vs fp")
-        headers = {(column, v): f"{column.split('.')[-1]} {cell(v)}" for v in values}
+        # methods without the key (SmoothQuant has no epochs) get their own column: the untrained start
+        table, values = pivot(quantized, index, column, "vs fp")
+        short = column.split(".")[-1]
+        headers = {(column, v): f"{short} {cell(v)}" if v is not None else f"(no {short})" for v in values}
         blocks += [Heading(f"Ratio to FP by {column}"), Table(table, index + [(column, v) for v in values], headers)]
 
     xk = x or (SAMPLES if SAMPLES in axes else None)

@@ -33,7 +33,7 @@ def sort_key(v):
 def pivot(rows: list[dict], index: list[str], column: str, value: str) -> tuple[list[dict], list]:
     """Rows keyed by the ``index`` values, one column per distinct ``column`` value holding ``value``.
     Returns the rows (index keys plus one key per column value) and the column values in order."""
-    cols = sorted({r.get(column) for r in rows}, key=sort_key)
+    cols = sorted({r.get(column) for r in rows}, key=lambda v: (v is not None, sort_key(v)))  # "none" first
     table: dict[tuple, dict] = {}
     for r in rows:
         key = tuple(r.get(k) for k in index)

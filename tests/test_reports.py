@@ -25,6 +25,7 @@ grid:
   epochs: [1, 4]
 include:
   - {scheme: fp}
+  - {method: smoothquant, samples: 8}
 eval: {perplexity: {limit: 2}}
 """
 
@@ -59,6 +60,8 @@ def _html_tables(page: str) -> list[list[list[str]]]:
 def _ppl(t) -> float:
     if t.config["method"] == "none":
         return 20.0
+    if t.config["method"] == "smoothquant":
+        return 25.0
     n, e = t.config["calib"]["samples"], t.config["method_config"]["epochs"]
     return 20.0 + 100.0 / (n * e) + (1.0 if t.config["method"] == "lrl-block" else 0.0)
 
@@ -83,7 +86,7 @@ def store(tmp_path_factory):
 def test_one_entry_per_trial_the_finished_run_wins(store):
     _, uri, sweep, failed_once = store
     trials = load_trials("rep", uri)
-    assert sorted(t.trial_id for t in trials) == sorted(t.id for t in sweep.trials)  # 9 trials, 10 runs
+    assert sorted(t.trial_id for t in trials) == sorted(t.id for t in sweep.trials)  # 10 trials, 11 runs
     again = next(t for t in trials if t.trial_id == failed_once.id)
     assert again.status == "FINISHED" and again.executions == 2
     assert all(t.executions == 1 for t in trials if t.trial_id != failed_once.id)
@@ -96,18 +99,19 @@ def test_report_tables_hold_the_exact_ratios_and_the_plot(store):
     root, uri, _, _ = store
     path = sweep_report("rep", uri, root / "out")
     text = path.read_text()
-    assert "9 trials (9 finished)" in text and "smollm2-135m (layers=1): 20" in text
+    assert "10 trials (10 finished)" in text and "smollm2-135m (layers=1): 20" in text
     pivot = text.split("## Ratio to FP by method_config.epochs")[1].split("##")[0].strip().splitlines()
-    assert pivot[0] == "| method | calib.samples | epochs 1 | epochs 4 |"
-    # (20 + 100 / (n e) [+1 for block-wise]) / 20, to 4 significant digits
-    assert pivot[2:] == ["| lrl-block | 2 | 3.55 | 1.675 |", "| lrl-block | 8 | 1.675 | 1.206 |",
-                         "| mobilequant | 2 | 3.5 | 1.625 |", "| mobilequant | 8 | 1.625 | 1.156 |"]
+    assert pivot[0] == "| method | calib.samples | (no epochs) | epochs 1 | epochs 4 |"
+    # (20 + 100 / (n e) [+1 for block-wise]) / 20, to 4 significant digits; SmoothQuant 25 / 20
+    assert pivot[2:] == ["| lrl-block | 2 | - | 3.55 | 1.675 |", "| lrl-block | 8 | - | 1.675 | 1.206 |",
+                         "| mobilequant | 2 | - | 3.5 | 1.625 |", "| mobilequant | 8 | - | 1.625 | 1.156 |",
+                         "| smoothquant | 8 | 1.25 | - | - |"]
     png = (root / "out" / "ppl_vs_samples.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (704, 462)
     assert "![ratio to FP](ppl_vs_samples.png)" in text
     # the HTML page holds the same tables: its last table is the pivot, row for row
     tables = _html_tables((root / "out" / "report.html").read_text())
-    assert len(tables) == 2 and len(tables[0]) == 1 + 9
+    assert len(tables) == 2 and len(tables[0]) == 1 + 10
     md_rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in pivot[:1] + pivot[2:]]
     assert tables[1] == md_rows
 
@@ -117,7 +121,7 @@ def test_farm_report_cli(store):
     out = subprocess.run([sys.executable, "-m", "farm.cli", "report", str(root / "rep.yaml"), "--data", str(root),
                           "--out", str(root / "cli")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "| mobilequant | 8 | 1.625 | 1.156 |" in out.stdout and (root / "cli" / "report.md").exists()
+    assert "| mobilequant | 8 | - | 1.625 | 1.156 |" in out.stdout and (root / "cli" / "report.md").exists()
     bad = subprocess.run([sys.executable, "-m", "farm.cli", "report", "nosuch", "--data", str(root)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no sweep named 'nosuch'" in bad.stderr
