@@ -44,6 +44,20 @@ def varying(trials: list[TrialRun]) -> list[str]:
                                 else differs(quantized, k))]
 
 
+def independent(keys: list[str], rows: list[dict]) -> list[str]:
+    """``keys`` without those the earlier ones determine (a learning rate and its minimum varied together
+    need one column, not two)."""
+    kept: list[str] = []
+
+    def groups(ks):
+        return len({json.dumps([r.get(k) for k in ks], default=str) for r in rows})
+
+    for k in keys:
+        if not kept or groups(kept + [k]) > groups(kept):
+            kept.append(k)
+    return kept
+
+
 def primary_metric(trials: list[TrialRun]) -> str | None:
     names = sorted({k for t in trials for k in t.metrics if k.startswith("ppl/")})
     return names[0] if names else None
@@ -142,9 +156,13 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
     quantized = [r for r in rows if r.get("status") == "FINISHED" and r.get("method") != FLOAT_METHOD
                  and r.get("vs fp") is not None]
     if column and column in axes and quantized:
-        index = [k for k in axes if k != column and len({json.dumps(r.get(k), default=str) for r in quantized}) > 1]
+        # a failed trial keeps its cell, so a diverged run reads as such instead of a gap
+        cells = quantized + [{**r, "vs fp": "failed"} for r in rows
+                             if r.get("status") == "FAILED" and r.get("method") != FLOAT_METHOD]
+        index = independent([k for k in axes if k != column
+                             and len({json.dumps(r.get(k), default=str) for r in cells}) > 1], cells)
         # methods without the key (SmoothQuant has no epochs) get their own column: the untrained start
-        table, values = pivot(quantized, index, column, "vs fp")
+        table, values = pivot(cells, index, column, "vs fp")
         short = column.split(".")[-1]
         headers = {(column, v): f"{short} {cell(v)}" if v is not None else f"(no {short})" for v in values}
         blocks += [Heading(f"Ratio to FP by {column}"), Table(table, index + [(column, v) for v in values], headers)]

@@ -57,6 +57,11 @@ def _html_tables(page: str) -> list[list[list[str]]]:
     return tables
 
 
+def _diverges(t) -> bool:
+    return t.config["method"] == "mobilequant" and t.config["calib"]["samples"] == 2 and \
+        t.config["method_config"]["epochs"] == 4
+
+
 def _ppl(t) -> float:
     if t.config["method"] == "none":
         return 20.0
@@ -79,7 +84,10 @@ def store(tmp_path_factory):
     tr.fail_trial(rid, "RuntimeError: worker ran out of memory")
     for t in sweep.trials:
         rid = tr.start_trial(t, {"cpu": 1})
-        tr.finish_trial(rid, {"metrics": {"ppl/wiki/seq32": _ppl(t), "time/total_s": 3.0}})
+        if _diverges(t):
+            tr.fail_trial(rid, "TrainingDiverged: loss exploded")
+        else:
+            tr.finish_trial(rid, {"metrics": {"ppl/wiki/seq32": _ppl(t), "time/total_s": 3.0}})
     return root, uri, sweep, failed_once
 
 
@@ -91,20 +99,30 @@ def test_one_entry_per_trial_the_finished_run_wins(store):
     assert again.status == "FINISHED" and again.executions == 2
     assert all(t.executions == 1 for t in trials if t.trial_id != failed_once.id)
     assert varying(trials) == ["scheme", "method", "method_config.epochs", "calib.samples"]
+    assert [t.status for t in trials].count("FAILED") == 1
     with pytest.raises(ValueError, match="no sweep named 'other'"):
         load_trials("other", uri)
+
+
+def test_columns_that_vary_together_collapse_to_one():
+    from reports.sweep_report import independent
+
+    rows = [{"method": m, "lr": lr, "min_lr": lr / 10, "n": n} for m, lr in (("a", 1.0), ("b", 2.0), ("b", 3.0))
+            for n in (1, 2)]
+    assert independent(["method", "lr", "min_lr", "n"], rows) == ["method", "lr", "n"]
+    assert independent(["min_lr", "lr"], rows) == ["min_lr"]
 
 
 def test_report_tables_hold_the_exact_ratios_and_the_plot(store):
     root, uri, _, _ = store
     path = sweep_report("rep", uri, root / "out")
     text = path.read_text()
-    assert "10 trials (10 finished)" in text and "smollm2-135m (layers=1): 20" in text
+    assert "10 trials (1 failed, 9 finished)" in text and "smollm2-135m (layers=1): 20" in text
     pivot = text.split("## Ratio to FP by method_config.epochs")[1].split("##")[0].strip().splitlines()
     assert pivot[0] == "| method | calib.samples | (no epochs) | epochs 1 | epochs 4 |"
     # (20 + 100 / (n e) [+1 for block-wise]) / 20, to 4 significant digits; SmoothQuant 25 / 20
     assert pivot[2:] == ["| lrl-block | 2 | - | 3.55 | 1.675 |", "| lrl-block | 8 | - | 1.675 | 1.206 |",
-                         "| mobilequant | 2 | - | 3.5 | 1.625 |", "| mobilequant | 8 | - | 1.625 | 1.156 |",
+                         "| mobilequant | 2 | - | 3.5 | failed |", "| mobilequant | 8 | - | 1.625 | 1.156 |",
                          "| smoothquant | 8 | 1.25 | - | - |"]
     png = (root / "out" / "ppl_vs_samples.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (704, 462)
