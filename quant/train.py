@@ -13,8 +13,8 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -320,7 +320,9 @@ class E2ETrainer:
         self.runner = LayerRunner(model)
         self.loss_kind = getattr(cfg, "loss", "hidden")
         self.train_off = training_float_sites(model, cfg.train_float)
-        ident = {"config": {k: v for k, v in asdict(cfg).items() if k not in VOLATILE},
+        neutral = getattr(cfg, "ID_NEUTRAL", {})
+        ident = {"config": {k: v for k, v in asdict(cfg).items()  # neutral: checkpoints from before k existed
+                            if k not in VOLATILE and not (k in neutral and v == neutral[k])},
                  "model": model_fingerprint(model), "scheme": getattr(model.mq_scheme, "name", None),
                  "windows": {"n": windows.shape[0], "seqlen": windows.shape[1],
                              "sha": _tensor_sha(windows)}}
