@@ -98,21 +98,21 @@ def _plot(rows: list[dict], x: str, lines: list[str], path: Path, title: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.4, 4.2), dpi=110)
     groups: dict = {}
     for r in pts:
         groups.setdefault(tuple(r.get(k) for k in lines), []).append(r)
     for key, g in sorted(groups.items(), key=lambda kv: tuple(sort_key(v) for v in kv[0])):
         g = sorted(g, key=lambda r: r[x])
         label = ", ".join(f"{k.split('.')[-1]}={v}" if k.startswith(("method_config.", "calib.")) else str(v)
-                          for k, v in zip(lines, key))
+                          for k, v in zip(lines, key) if v is not None)
         ax.plot([r[x] for r in g], [r["vs fp"] for r in g], marker="o", label=label or "trials")
     ax.set_xscale("log", base=2)
     ax.set_xlabel(x)
     ax.set_ylabel("perplexity / FP perplexity")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over the lines
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -169,7 +169,8 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
 
     xk = x or (SAMPLES if SAMPLES in axes else None)
     if xk and quantized:
-        groups = [k for k in axes if k != xk]
+        groups = independent([k for k in axes if k != xk
+                              and len({json.dumps(r.get(k), default=str) for r in quantized}) > 1], quantized)
         if _plot(quantized, xk, groups, out / "ppl_vs_samples.png", f"{sweep}: {metric}"):
             blocks += [Heading(f"Ratio to FP against {xk}"), Image("ppl_vs_samples.png", "ratio to FP")]
 

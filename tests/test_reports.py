@@ -125,7 +125,7 @@ def test_report_tables_hold_the_exact_ratios_and_the_plot(store):
                          "| mobilequant | 2 | - | 3.5 | failed |", "| mobilequant | 8 | - | 1.625 | 1.156 |",
                          "| smoothquant | 8 | 1.25 | - | - |"]
     png = (root / "out" / "ppl_vs_samples.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (704, 462)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (924, 462)
     assert "![ratio to FP](ppl_vs_samples.png)" in text
     # the HTML page holds the same tables: its last table is the pivot, row for row
     tables = _html_tables((root / "out" / "report.html").read_text())
