@@ -296,7 +296,8 @@ def method_keys(name: str) -> set[str] | None:
 def config_dict(cfg) -> dict:
     from dataclasses import asdict
 
-    d = asdict(cfg) if is_dataclass(cfg) else dict(cfg or {})
+    # identity(): a hyper-parameter added later is left out at its neutral value, so trial ids stay valid
+    d = cfg.identity() if hasattr(cfg, "identity") else asdict(cfg) if is_dataclass(cfg) else dict(cfg or {})
     return json.loads(json.dumps(d, default=str))  # tuples -> lists, so the hash equals the reloaded form
 
 
@@ -472,9 +473,7 @@ def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int
             if keys is not None:
                 mc_known |= set(over)
             try:
-                built = build_method_config(mname, over)
-                mcfg = {k: v for k, v in config_dict(built).items()
-                        if not (k in getattr(built, "ID_NEUTRAL", {}) and v == built.ID_NEUTRAL[k])}
+                mcfg = config_dict(build_method_config(mname, over))
             except (ValueError, TypeError) as e:
                 bad = [k for k in over if re.search(rf"\b{re.escape(k)}\b", str(e))]
                 where = p["method"]

@@ -74,6 +74,12 @@ class TrainConfig:
     # cached stages stay valid when a hyper-parameter is added.
     ID_NEUTRAL: ClassVar[dict] = {"train_float": ""}
 
+    def identity(self) -> dict:
+        """The fields that make a result: all of them but the ``ID_NEUTRAL`` ones at their neutral value
+        (farm trial ids and checkpoint identities both use this)."""
+        return {k: v for k, v in asdict(self).items()
+                if not (k in self.ID_NEUTRAL and v == self.ID_NEUTRAL[k])}
+
     def check(self) -> None:
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {self.epochs} and {self.batch_size}")
@@ -320,9 +326,7 @@ class E2ETrainer:
         self.runner = LayerRunner(model)
         self.loss_kind = getattr(cfg, "loss", "hidden")
         self.train_off = training_float_sites(model, cfg.train_float)
-        neutral = getattr(cfg, "ID_NEUTRAL", {})
-        ident = {"config": {k: v for k, v in asdict(cfg).items()  # neutral: checkpoints from before k existed
-                            if k not in VOLATILE and not (k in neutral and v == neutral[k])},
+        ident = {"config": {k: v for k, v in cfg.identity().items() if k not in VOLATILE},
                  "model": model_fingerprint(model), "scheme": getattr(model.mq_scheme, "name", None),
                  "windows": {"n": windows.shape[0], "seqlen": windows.shape[1],
                              "sha": _tensor_sha(windows)}}

@@ -21,6 +21,10 @@ SAMPLES = "calib.samples"
 IDENTITY = ("model", "layers", "scheme", "method")
 
 
+def _varies(rows: list[dict], k: str) -> bool:
+    return len({json.dumps(r.get(k), sort_keys=True, default=str) for r in rows if k in r}) > 1
+
+
 def varying(trials: list[TrialRun]) -> list[str]:
     """Params that differ between trials. A method's hyper-parameter counts only if it differs among the
     trials of one method (methods have different defaults); calibration keys only among quantized trials."""
@@ -31,7 +35,7 @@ def varying(trials: list[TrialRun]) -> list[str]:
                  and k not in ("plugin", "method_config", "calib")]
 
     def differs(group, k):
-        return len({json.dumps(t.params.get(k), sort_keys=True, default=str) for t in group if k in t.params}) > 1
+        return _varies([t.params for t in group], k)
 
     def within_a_method(k):
         by: dict = {}
@@ -72,8 +76,7 @@ def _fp_reference(trials: list[TrialRun], metric: str) -> dict:
     return out
 
 
-def rows_of(trials: list[TrialRun], axes: list[str], metric: str | None) -> list[dict]:
-    fp = _fp_reference(trials, metric) if metric else {}
+def rows_of(trials: list[TrialRun], axes: list[str], metric: str | None, fp: dict) -> list[dict]:
     rows = []
     for t in trials:
         r = {"trial": t.short, "status": t.status, **{k: t.params.get(k) for k in axes}}
@@ -130,11 +133,11 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
     out.mkdir(parents=True, exist_ok=True)
     axes = varying(trials)
     metric = primary_metric(trials)
-    rows = rows_of(trials, axes, metric)
+    fp = _fp_reference(trials, metric) if metric else {}
+    rows = rows_of(trials, axes, metric, fp)
     counts: dict = {}
     for t in trials:
         counts[t.status] = counts.get(t.status, 0) + 1
-    fp = _fp_reference(trials, metric) if metric else {}
     commits = sorted({t.tags.get("git_commit", "")[:12] for t in trials} - {""})
 
     blocks: list = [
@@ -160,7 +163,7 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
         cells = quantized + [{**r, "vs fp": "failed"} for r in rows
                              if r.get("status") == "FAILED" and r.get("method") != FLOAT_METHOD]
         index = independent([k for k in axes if k != column
-                             and len({json.dumps(r.get(k), default=str) for r in cells}) > 1], cells)
+                             and _varies(cells, k)], cells)
         # methods without the key (SmoothQuant has no epochs) get their own column: the untrained start
         table, values = pivot(cells, index, column, "vs fp")
         short = column.split(".")[-1]
@@ -170,7 +173,7 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
     xk = x or (SAMPLES if SAMPLES in axes else None)
     if xk and quantized:
         groups = independent([k for k in axes if k != xk
-                              and len({json.dumps(r.get(k), default=str) for r in quantized}) > 1], quantized)
+                              and _varies(quantized, k)], quantized)
         if _plot(quantized, xk, groups, out / "ppl_vs_samples.png", f"{sweep}: {metric}"):
             blocks += [Heading(f"Ratio to FP against {xk}"), Image("ppl_vs_samples.png", "ratio to FP")]
 
