@@ -3,6 +3,7 @@
     python bench/step_overhead.py                     # SmolLM2, W8A8, 1 x 512 tokens
     python bench/step_overhead.py --layers 8 --seqlen 256 --repeats 5 --json
     python bench/step_overhead.py --train-float 16bit # 16-bit sites unquantized while training
+    python bench/step_overhead.py --device cuda --profile 15   # on a GPU, with the 15 costliest ops
 
 The quantized step is the real one (``E2ETrainer.step``: every decoder layer with LET reparametrised
 weights, LWC weight ranges recomputed, learnable activation ranges, MSE on the last hidden state, backward,
@@ -27,6 +28,7 @@ from quant.learn import attach
 from quant.methods import MethodContext, mobilequant, omniquant
 from quant.sim import float_mode, simulate
 from quant.train import E2ETrainer, freeze_model, make_optimizer
+from quant.zoo import resolve_device
 
 
 def main(argv=None) -> int:
@@ -38,14 +40,20 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--train-float", default="", help="TrainConfig.train_float: roles, or 16bit")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile two quantized steps and print the N ops with the most self time")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    lm = load_model(args.model, num_layers=args.layers)
+    lm = load_model(args.model, num_layers=args.layers, device=device)
     calib = CalibConfig(samples=4, seqlen=args.seqlen)
-    windows = data.calibration_windows(lm.tokenizer, calib.samples, calib.seqlen, calib.seed, add_bos=lm.add_bos)
+    windows = data.calibration_windows(lm.tokenizer, calib.samples, calib.seqlen, calib.seed,
+                                       add_bos=lm.add_bos).to(device)
     simulate(lm.model, args.scheme)
     cfg = mobilequant.MobileQuantConfig(epochs=1, train_float=args.train_float)
     omniquant.initialise(lm.model, windows, cfg, MethodContext(lm=lm, calib=calib, progress=False))
@@ -57,7 +65,7 @@ def main(argv=None) -> int:
     freeze_model(lm.model, learn)
     opt = make_optimizer(learn, cfg)
 
-    plain = load_model(args.model, num_layers=args.layers).model
+    plain = load_model(args.model, num_layers=args.layers, device=device).model
     plain.train(False)
     for prm in plain.parameters():
         prm.requires_grad_(True)
@@ -75,18 +83,32 @@ def main(argv=None) -> int:
     tq, tp = [], []
     for _ in range(args.repeats):
         for fn, out in ((plain_step, tp), (quant_step, tq)):
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             out.append(time.perf_counter() - t0)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(2):
+                quant_step()
+            sync()
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=args.profile), file=sys.stderr)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile), file=sys.stderr)
     ratio = statistics.median(tq) / statistics.median(tp)
     res = {"model": args.model, "layers": lm.num_layers, "scheme": args.scheme, "tokens": ids.numel(),
            "plain_step_s": round(statistics.median(tp), 3), "mobilequant_step_s": round(statistics.median(tq), 3),
            "ratio": round(ratio, 3), "train_float": args.train_float, "repeats": args.repeats, "threads": torch.get_num_threads(),
+           "device": str(device),
            "learnables": learn.counts()}
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"{args.model} ({lm.num_layers} layers), {args.scheme}, 1 x {args.seqlen} tokens, "
+        print(f"{args.model} ({lm.num_layers} layers), {args.scheme}, 1 x {args.seqlen} tokens, on {device}, "
               f"{torch.get_num_threads()} threads, median of {args.repeats}"
               + (f", training with {args.train_float} in float" if args.train_float else ""))
         print(f"plain float forward+backward: {res['plain_step_s']:.3f} s")

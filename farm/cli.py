@@ -37,6 +37,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--calib-corpus", default="news", help="calibration corpus name or text file")
     p.add_argument("--seqlen", type=int, default=None, help="window length in tokens (default 512)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when torch sees one)")
     method_args.add(p)
 
 
@@ -143,7 +144,7 @@ def _quantize_in_memory(args, progress: bool):
         hp["checkpoint_dir"] = str(Path(args.out)) + ".checkpoint"  # rerunning the command resumes
     if not get_scheme(args.scheme).is_float:
         method_config(args.method, hp)  # unknown or mistyped hyper-parameters fail before loading the model
-    lm = load_model(args.model, num_layers=args.layers)
+    lm = load_model(args.model, num_layers=args.layers, device=args.device)
     seqlen = args.seqlen or 512  # quantize() checks it against the model's context
     res = quantize(lm, scheme=args.scheme, method=args.method, method_config=hp,
                    calib=CalibConfig(args.calib_samples, seqlen, args.seed, args.calib_corpus), progress=progress)
@@ -179,7 +180,7 @@ def _model_for_eval(args, progress: bool):
     if args.artifact and args.model:
         raise UsageError("give either an artifact folder or --model, not both")
     if args.artifact:
-        lm = artifact.load(args.artifact)
+        lm = artifact.load(args.artifact, device=args.device)
         recipe = lm.recipe
         seqlen = args.seqlen or recipe.get("calibration", {}).get("seqlen", 512)
         label = {"model": recipe.get("model"), "scheme": recipe.get("scheme"), "method": recipe.get("method")}

@@ -13,7 +13,7 @@ from .eval.perplexity import PerplexityResult, perplexity
 from .methods import MethodContext, get_method
 from .methods import method_config as method_config_for
 from .scheme import get_scheme
-from .sim import check_calibrated, simulate
+from .sim import check_calibrated, model_device, simulate
 from .zoo import LoadedModel
 
 
@@ -77,7 +77,7 @@ def quantize(lm: LoadedModel, scheme: str = "w8a8", method: str = "rtn", calib: 
         recipe["timing"] = {"quantize_s": 0.0}
         return QuantizeResult(lm, recipe)
     windows = data.calibration_windows(lm.tokenizer, calib.samples, calib.seqlen, calib.seed, calib.corpus,
-                                       add_bos=lm.add_bos)
+                                       add_bos=lm.add_bos).to(model_device(lm.model))
     recipe["calibration"]["corpus_id"] = data.corpus_id(calib.corpus)
     simulate(lm.model, scheme_obj)
     ctx = MethodContext(lm=lm, calib=calib, on_step=on_step, progress=progress, name=method)

@@ -24,7 +24,7 @@ import torch
 
 from .quantizer import minmax_from_qparams
 from .scheme import Scheme
-from .sim import quantizers, simulate
+from .sim import model_device, quantizers, simulate
 
 FORMAT_VERSION = 1
 
@@ -61,13 +61,15 @@ def encodings_of(model: torch.nn.Module) -> dict:
 
 def apply_encodings(model: torch.nn.Module, enc: dict, source: str = "encodings") -> None:
     qs = quantizers(model)
+    dev = model_device(model)
     stored = {**enc["activation_encodings"], **enc["param_encodings"]}
     missing, extra = sorted(set(qs) - set(stored)), sorted(set(stored) - set(qs))
     if missing or extra:
         raise ArtifactError(f"{source}: encodings do not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
     for name, q in qs.items():
         e = stored[name]
-        q.set_qparams(torch.tensor(e["scale"], dtype=torch.float32), torch.tensor(e["offset"], dtype=torch.float32))
+        q.set_qparams(torch.tensor(e["scale"], dtype=torch.float32, device=dev),
+                      torch.tensor(e["offset"], dtype=torch.float32, device=dev))
 
 
 def save(model: torch.nn.Module, tokenizer, out_dir: str | Path, recipe: dict, overwrite: bool = False) -> Path:
@@ -102,8 +104,8 @@ def read_recipe(path: str | Path) -> dict:
         raise ArtifactError(f"{path} is not a quantized-model artifact: no recipe.json") from None
 
 
-def load(path: str | Path):
-    """Load an artifact: the simulated model with its encodings, the tokenizer, and the recipe.
+def load(path: str | Path, device: str | torch.device = "cpu"):
+    """Load an artifact onto ``device``: the simulated model with its encodings, the tokenizer, the recipe.
 
     Returns a :class:`quant.zoo.LoadedModel` whose ``recipe`` attribute holds ``recipe.json``.
     """
@@ -113,7 +115,7 @@ def load(path: str | Path):
     if not path.is_dir():
         raise ArtifactError(f"artifact folder {path} does not exist")
     recipe = read_recipe(path)
-    lm = load_model(str(path))
+    lm = load_model(str(path), device=device)
     lm.add_bos = bool(recipe.get("add_bos", lm.add_bos))
     enc_path = path / "encodings.json"
     if enc_path.exists():

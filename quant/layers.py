@@ -22,7 +22,8 @@ class LayerRunner:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The first layer's input (Gemma's embedding module includes its sqrt(d) scale)."""
-        return self.model.model.embed_tokens(ids)
+        emb = self.model.model.embed_tokens
+        return emb(ids.to(emb.weight.device))
 
     @torch.no_grad()
     def capture(self, ids: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ class LayerRunner:
         key = (batch, seqlen)
         if key not in self._kwargs:
             # masks and rotary tables depend on shapes only, so any token ids do
-            self.capture(torch.zeros(key, dtype=torch.long))
+            self.capture(torch.zeros(key, dtype=torch.long, device=self.model.model.embed_tokens.weight.device))
         return self._kwargs[key]
 
     def layer(self, i: int, h: torch.Tensor) -> torch.Tensor:

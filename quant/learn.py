@@ -85,7 +85,7 @@ def attach(model: nn.Module, layers: list[int] | None = None, pairs: str | tuple
         cols, rows = {}, {}
         for p in plist:
             prod = layer.get_submodule(p.producer)
-            s = nn.Parameter(torch.ones(prod.weight.shape[0]))
+            s = nn.Parameter(torch.ones(prod.weight.shape[0], device=prod.weight.device))
             out.let[f"model.layers.{i}.let.{p.name}"] = s
             rows.setdefault(p.producer, []).append(lambda s=s: _truncate(s))
             for c in p.consumers:
@@ -96,12 +96,12 @@ def attach(model: nn.Module, layers: list[int] | None = None, pairs: str | tuple
         for m in _layer_owners(layer):
             q = m.weight_quantizer
             if lwc:
-                up, low = q.enable_lwc(m.weight.shape[0], lwc_init)
+                up, low = q.enable_lwc(m.weight.shape[0], lwc_init, m.weight.device)
                 out.lwc[f"{q.name}.lwc_up"], out.lwc[f"{q.name}.lwc_low"] = up, low
             elif m._let is not None:
                 # LET without LWC still needs weight ranges that follow the smoothing every step:
                 # sigmoid(30) is 1.0 in float32, so this is min/max of the current weight, frozen
-                for t in q.enable_lwc(m.weight.shape[0], 30.0):
+                for t in q.enable_lwc(m.weight.shape[0], 30.0, m.weight.device):
                     t.requires_grad_(False)
         if lrl:
             for q in _layer_act_quantizers(layer):

@@ -213,12 +213,12 @@ class Quantizer(nn.Module):
         return self.lwc_up is not None or isinstance(self.scale, nn.Parameter)
 
     # -- learnable weight clipping (OmniQuant LWC, MOBILEQUANT.md §4) --
-    def enable_lwc(self, channels: int, init: float = 4.0) -> list[nn.Parameter]:
+    def enable_lwc(self, channels: int, init: float = 4.0, device=None) -> list[nn.Parameter]:
         """Clip the weight range to ``[sigmoid(low) * min, sigmoid(up) * max]``, recomputed from the current
         weight on every call; one factor pair per output channel when per-channel, else one scalar pair."""
         n = channels if self.spec.per_channel else 1
-        self.lwc_up = nn.Parameter(torch.full((n,), float(init)))
-        self.lwc_low = nn.Parameter(torch.full((n,), float(init)))
+        self.lwc_up = nn.Parameter(torch.full((n,), float(init), device=device))
+        self.lwc_low = nn.Parameter(torch.full((n,), float(init), device=device))
         return [self.lwc_up, self.lwc_low]
 
     def lwc_bounds(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

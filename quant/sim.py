@@ -68,6 +68,11 @@ def arch_of(model: nn.Module) -> dict:
     return ARCHS[mt]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights are: token ids and buffers made outside it go there."""
+    return next(model.parameters()).device
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
@@ -313,9 +318,10 @@ def calibrate_activations(model: nn.Module, batches, progress: bool = True) -> N
         q.observing, q.obs_min, q.obs_max = True, None, None
     was_training = model.training
     model.eval()
+    dev = model_device(model)
     try:
         for ids in tqdm(list(batches), desc="calibrating ranges", disable=not progress, unit="batch"):
-            model(input_ids=ids, use_cache=False)
+            model(input_ids=ids.to(dev), use_cache=False)
         for q in acts.values():
             q.finish_observing()
     finally:

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data
-from .sim import decoder_layers, float_mode
+from .sim import decoder_layers, float_mode, model_device
 from .zoo import cache_root
 
 STATS_VERSION = 1
@@ -47,7 +47,7 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in model.state_dict().items():
         flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().contiguous()
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         h.update(sample.numpy().tobytes())
@@ -82,10 +82,11 @@ def collect(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progre
             hooks.append(mod.register_forward_pre_hook(hook(f"model.layers.{i}.{lname}")))
     was_training = model.training
     model.eval()
+    dev = model_device(model)
     try:
         with float_mode(model):
             for ids in tqdm(windows.split(batch_size), desc="activation stats", disable=not progress, unit="batch"):
-                model(input_ids=ids, use_cache=False)
+                model(input_ids=ids.to(dev), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -98,7 +99,7 @@ def activation_stats(lm, calib, progress: bool = True, batch_size: int = 4, use_
     key = stats_key(lm.model, lm.tokenizer, calib, lm.add_bos)
     path = stats_path(key)
     if use_cache and path.exists():
-        blob = torch.load(path, weights_only=True)
+        blob = torch.load(path, weights_only=True, map_location=model_device(lm.model))
         return ActStats(blob["absmax"], {k: tuple(v) for k, v in blob["minmax"].items()}, key,
                         blob["windows"], blob["tokens"])
     windows = data.calibration_windows(lm.tokenizer, calib.samples, calib.seqlen, calib.seed, calib.corpus,
@@ -109,7 +110,7 @@ def activation_stats(lm, calib, progress: bool = True, batch_size: int = 4, use_
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
-        torch.save({"absmax": absmax, "minmax": {k: list(v) for k, v in minmax.items()},
+        torch.save({"absmax": {k: v.cpu() for k, v in absmax.items()}, "minmax": {k: list(v) for k, v in minmax.items()},
                     "windows": stats.windows, "tokens": stats.tokens}, tmp)
         os.replace(tmp, path)  # atomic: concurrent trials either see the whole file or none
     return stats

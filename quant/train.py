@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from .layers import LayerRunner
 from .learn import Learnables, attach, fold
+from .optim import ScaledAdamW
 from .quantizer import Quantizer
 from .scheme import ROLES
-from .sim import decoder_layers, float_mode, quantizers_off
+from .sim import decoder_layers, float_mode, model_device, quantizers_off
 from .stats import model_fingerprint
 
 # Configuration fields that do not change the result: a resume may differ in them.
@@ -111,29 +112,28 @@ def cosine(step: int, total: int, lr: float, min_lr: float) -> float:
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(step, total) / total))
 
 
-def make_optimizer(learn: Learnables, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(learn: Learnables, cfg: TrainConfig) -> ScaledAdamW:
     """AdamW, one group per kind (LET, LWC, LRL), each with its own cosine schedule.
 
-    With ``lrl_relative`` every range parameter gets its own group whose learning rate is ``lrl_lr`` times
-    the parameter's natural size (its initial |scale|, or the number of integer levels for an offset).
-    Adam's step is about the learning rate whatever the gradient's size, so with one absolute rate a
-    16-bit scale (~1e-4) moves 100x faster, relatively, than an 8-bit one (~1e-2); the reference gets
-    away with 1e-6 because it takes 61k steps.
+    With ``lrl_relative`` every range parameter's learning rate is ``lrl_lr`` times the parameter's
+    natural size (its initial |scale|, or the number of integer levels for an offset): a per-parameter
+    multiplier inside the one LRL group (``quant.optim``). Adam's step is about the learning rate
+    whatever the gradient's size, so with one absolute rate a 16-bit scale (~1e-4) moves 100x faster,
+    relatively, than an 8-bit one (~1e-2); the reference gets away with 1e-6 because it takes 61k steps.
     """
     groups = []
     for kind in ("let", "lwc", "lrl"):
         hi, lo = getattr(cfg, f"{kind}_lr"), getattr(cfg, f"{kind}_min_lr")
-        if kind == "lrl" and cfg.lrl_relative:
-            for name, p in learn.lrl.items():
-                u = learn.lrl_unit[name]
-                groups.append({"params": [p], "lr": hi * u, "kind": kind, "max_lr": hi * u, "min_lr": lo * u})
+        named = {n: p for n, p in getattr(learn, kind).items() if p.requires_grad}
+        if not named:
             continue
-        params = [p for p in getattr(learn, kind).values() if p.requires_grad]
-        if params:
-            groups.append({"params": params, "lr": hi, "kind": kind, "max_lr": hi, "min_lr": lo})
+        scales = ([learn.lrl_unit[n] for n in named] if kind == "lrl" and cfg.lrl_relative
+                  else [1.0] * len(named))
+        groups.append({"params": list(named.values()), "scales": scales, "lr": hi, "kind": kind,
+                       "max_lr": hi, "min_lr": lo})
     if not groups:
         raise ValueError("nothing to train: enable at least one of let, lwc, lrl")
-    return torch.optim.AdamW(groups, weight_decay=0.0)
+    return ScaledAdamW(groups)
 
 
 def set_lrs(opt: torch.optim.Optimizer, step: int, total: int) -> dict:
@@ -152,13 +152,14 @@ def freeze_model(model: nn.Module, learn: Learnables) -> None:
 
 
 class TensorStore:
-    """``n`` float32 tensors of one shape, in RAM or, above ``budget_bytes``, in a memory-mapped file."""
+    """``n`` float32 tensors of one shape, in memory on ``device`` or, above ``budget_bytes``, in a
+    memory-mapped file (read back one batch at a time)."""
 
-    def __init__(self, n: int, shape: tuple, budget_bytes: float, folder: Path | None):
+    def __init__(self, n: int, shape: tuple, budget_bytes: float, folder: Path | None, device=None):
         self.nbytes = n * int(np.prod(shape)) * 4
         self.path = None
         if self.nbytes <= budget_bytes:
-            self.data = torch.empty((n, *shape))
+            self.data = torch.empty((n, *shape), device=device)
         else:
             if folder is None:
                 raise ValueError(f"targets need {self.nbytes / 2**30:.1f} GiB, above ram_budget_gb; "
@@ -328,6 +329,9 @@ class E2ETrainer:
         self.train_off = training_float_sites(model, cfg.train_float)
         ident = {"config": {k: v for k, v in cfg.identity().items() if k not in VOLATILE},
                  "model": model_fingerprint(model), "scheme": getattr(model.mq_scheme, "name", None),
+                 # the optimizer's state layout: a checkpoint from torch's AdamW (one group per range) is
+                 # refused by name rather than failing inside load_state_dict
+                 "optimizer": "scaled-adamw",
                  "windows": {"n": windows.shape[0], "seqlen": windows.shape[1],
                              "sha": _tensor_sha(windows)}}
         self.ckpt = Checkpoint(getattr(cfg, "checkpoint_dir", None), {**ident, **(identity or {})})
@@ -336,7 +340,7 @@ class E2ETrainer:
         n, t = self.windows.shape
         hidden = self.model.config.hidden_size
         budget = getattr(self.cfg, "ram_budget_gb", 4.0) * 2**30
-        store = TensorStore(n, (t, hidden), budget, self.ckpt.folder)
+        store = TensorStore(n, (t, hidden), budget, self.ckpt.folder, model_device(self.model))
         bs = self.cfg.calib_batch_size
         with torch.no_grad(), float_mode(self.model):
             for j, b in enumerate(tqdm(self.windows.split(bs), desc="float targets", disable=not self.progress,
@@ -356,7 +360,7 @@ class E2ETrainer:
 
     def step(self, opt, ids, target) -> float:
         with quantizers_off(self.train_off):
-            loss = self.loss(ids, target)
+            loss = self.loss(ids, target.to(ids.device, non_blocking=True))
             lv = loss.item()
             if not math.isfinite(lv):
                 return lv
@@ -424,4 +428,4 @@ class E2ETrainer:
 def _tensor_sha(t: torch.Tensor) -> str:
     import hashlib
 
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha256(t.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]

@@ -204,6 +204,23 @@ def resolve(name_or_path: str) -> tuple[Path | str, bool]:
         "not a local transformers folder, and not a hub id (owner/name)")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (or None) is the first CUDA device when torch sees one, else the CPU; a device torch cannot
+    use is refused by name."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, auto)") from e
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if dev.index is not None and dev.index >= count or count == 0:
+            raise ValueError(f"device {device!r} asked for, but torch {torch.__version__} sees {count} CUDA "
+                             "device(s)")
+    return dev
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, num_layers: int | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer; ``num_layers`` keeps only the first N decoder layers.
@@ -213,6 +230,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, num_layers: int | None = None,
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    resolve_device(device)  # refuse an unusable device before loading anything
     src, add_bos = resolve(name_or_path)
     if isinstance(src, Path):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -230,7 +248,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, num_layers: int | None = None,
             text_config.layer_types = text_config.layer_types[:num_layers]
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(
-            src, config=config, dtype=dtype, attn_implementation="eager").to(device)
+            src, config=config, dtype=dtype, attn_implementation="eager").to(resolve_device(device))
         tok = AutoTokenizer.from_pretrained(src)
     model.eval()
     return LoadedModel(model, tok, name_or_path, str(src), add_bos, num_layers or total, total)
