@@ -35,7 +35,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="rtn | smoothquant | omniquant | lrl-block | mobilequant (hyper-parameters: flags below)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
     p.add_argument("--calib-corpus", default="news", help="calibration corpus name or text file")
-    p.add_argument("--seqlen", type=int, default=None, help="window length in tokens (default 512)")
+    p.add_argument("--seqlen", type=int, default=None, help="window length in tokens (default 512; an artifact is evaluated at its calibration window)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when torch sees one)")
     method_args.add(p)
@@ -183,6 +183,9 @@ def _model_for_eval(args, progress: bool):
         lm = artifact.load(args.artifact, device=args.device)
         recipe = lm.recipe
         seqlen = args.seqlen or recipe.get("calibration", {}).get("seqlen", 512)
+        if not args.seqlen and seqlen != 512:  # ppl at another window length is a different metric
+            print(f"evaluating at seqlen {seqlen}, the artifact's calibration window (--seqlen to change)",
+                  file=sys.stderr)
         label = {"model": recipe.get("model"), "scheme": recipe.get("scheme"), "method": recipe.get("method")}
         return lm, label, seqlen
     if args.model:

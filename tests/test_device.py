@@ -82,9 +82,10 @@ def test_float_model_on_cuda_matches_cpu():
     ("rtn", {}, 2e-3),
     ("smoothquant", {}, 2e-3),
     # training follows a rounding-sensitive path (a value on a rounding boundary may round the other way
-    # and the optimizer carries that on), so learned methods get a looser bound
-    ("omniquant", {"epochs": 1}, 1e-2),
-    ("mobilequant", {"epochs": 2}, 1e-2),
+    # and the optimizer carries that on), so learned methods get a looser bound. Measured on an H100:
+    # fp 7e-6, rtn 2.5e-4, smoothquant 3.9e-5, omniquant 8.6e-4, mobilequant 5.5e-4.
+    ("omniquant", {"epochs": 1}, 5e-3),
+    ("mobilequant", {"epochs": 2}, 5e-3),
 ])
 def test_methods_on_cuda_match_cpu(method, hp, bound):
     cpu_lm, _ = _quantized(method, "cpu", CALM, **hp)
