@@ -23,9 +23,9 @@ from dataclasses import asdict
 import torch
 
 from quant import CalibConfig, evaluate_perplexity, load_model, quantize
+from quant.methods import method_config
 from quant.train import TrainingDiverged
 from quant.zoo import resolve_device
-from quant.methods import method_config
 
 import rowfile  # bench/rowfile.py, beside this script
 

@@ -35,7 +35,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="rtn | smoothquant | omniquant | lrl-block | mobilequant (hyper-parameters: flags below)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
     p.add_argument("--calib-corpus", default="news", help="calibration corpus name or text file")
-    p.add_argument("--seqlen", type=int, default=None, help="window length in tokens (default 512; an artifact is evaluated at its calibration window)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="window length in tokens (default 512; an artifact is evaluated at its calibration window)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when torch sees one)")
     method_args.add(p)

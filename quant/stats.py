@@ -110,7 +110,8 @@ def activation_stats(lm, calib, progress: bool = True, batch_size: int = 4, use_
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
-        torch.save({"absmax": {k: v.cpu() for k, v in absmax.items()}, "minmax": {k: list(v) for k, v in minmax.items()},
+        torch.save({"absmax": {k: v.cpu() for k, v in absmax.items()},
+                    "minmax": {k: list(v) for k, v in minmax.items()},
                     "windows": stats.windows, "tokens": stats.tokens}, tmp)
         os.replace(tmp, path)  # atomic: concurrent trials either see the whole file or none
     return stats

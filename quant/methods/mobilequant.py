@@ -28,6 +28,7 @@ class MobileQuantConfig(TrainConfig):
     kd_temperature: float = 1.0
     checkpoint_dir: str | None = None  # resumable training state, one file per epoch (atomic)
     ram_budget_gb: float = 4.0      # float targets above this go to a memory-mapped file in checkpoint_dir
+                                    # (on a GPU it budgets GPU memory; mapped targets move a batch at a time)
 
     def check(self) -> None:
         super().check()
