@@ -164,6 +164,14 @@ def test_mobilequant_resume_after_interrupt_continues_the_same_run(tmp_path):
     with pytest.raises(CheckpointMismatch, match=r"config\.epochs: 2 in the checkpoint, 3 now"):
         _mq(tmp_path / "b", epochs=3)
 
+    # a checkpoint from before ScaledAdamW (torch AdamW, one group per range) is refused by name
+    meta_path = tmp_path / "b" / "ckpt" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["identity"]["optimizer"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointMismatch, match=r"optimizer: '<absent>' in the checkpoint, 'scaled-adamw' now"):
+        _mq(tmp_path / "b")
+
 
 def test_mobilequant_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     holder = {}
