@@ -117,22 +117,21 @@ def main(argv=None) -> int:
             else:
                 res = quantize(lm, scheme, method, calib, method_config=method_config(method, overrides))
         except TrainingDiverged as e:
-            row = {**common, "ppl": None, "ratio_to_fp": None, "diverged": str(e),
-                   "quantize_s": round(time.perf_counter() - t0, 1), "steps": None}
-            rows.append(row)
-            rowfile.append(args.rows, row)
-            print(json.dumps(row), file=sys.stderr)
-            continue
-        q_s = time.perf_counter() - t0
-        ppl = evaluate_perplexity(lm, args.seqlen, limit=args.limit, batch_size=args.eval_batch)
-        if method == "fp":
-            fp_ppl = ppl.ppl
-        info = res.recipe.get("method_info", {})
-        row = {**common, "ppl": round(ppl.ppl, 3),
-               "ratio_to_fp": round(ppl.ppl / fp_ppl, 4) if fp_ppl else None, "quantize_s": round(q_s, 1),
-               "eval_s": round(ppl.seconds, 1), "windows": ppl.windows, "steps": info.get("steps"),
-               "train_loss": (info.get("epoch_losses") or [None])[-1] if "epoch_losses" in info
-               else info.get("final_mse")}
+            res, diverged = None, str(e)
+        q_s = round(time.perf_counter() - t0, 1)
+        if res is None:
+            row = {**common, "ppl": None, "ratio_to_fp": None, "diverged": diverged, "quantize_s": q_s,
+                   "steps": None}
+        else:
+            ppl = evaluate_perplexity(lm, args.seqlen, limit=args.limit, batch_size=args.eval_batch)
+            if method == "fp":
+                fp_ppl = ppl.ppl
+            info = res.recipe.get("method_info", {})
+            row = {**common, "ppl": round(ppl.ppl, 3),
+                   "ratio_to_fp": round(ppl.ppl / fp_ppl, 4) if fp_ppl else None, "quantize_s": q_s,
+                   "eval_s": round(ppl.seconds, 1), "windows": ppl.windows, "steps": info.get("steps"),
+                   "train_loss": (info.get("epoch_losses") or [None])[-1] if "epoch_losses" in info
+                   else info.get("final_mse")}
         rows.append(row)
         rowfile.append(args.rows, row)
         print(json.dumps(row), file=sys.stderr)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .sim import decoder_layers, float_mode
+from .sim import decoder_layers, float_mode, model_device
 
 
 class LayerRunner:
@@ -57,7 +57,7 @@ class LayerRunner:
         key = (batch, seqlen)
         if key not in self._kwargs:
             # masks and rotary tables depend on shapes only, so any token ids do
-            self.capture(torch.zeros(key, dtype=torch.long, device=self.model.model.embed_tokens.weight.device))
+            self.capture(torch.zeros(key, dtype=torch.long, device=model_device(self.model)))
         return self._kwargs[key]
 
     def layer(self, i: int, h: torch.Tensor) -> torch.Tensor:

@@ -230,7 +230,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, num_layers: int | None = None,
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    resolve_device(device)  # refuse an unusable device before loading anything
+    device = resolve_device(device)  # refuse an unusable device before loading anything
     src, add_bos = resolve(name_or_path)
     if isinstance(src, Path):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -248,7 +248,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, num_layers: int | None = None,
             text_config.layer_types = text_config.layer_types[:num_layers]
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(
-            src, config=config, dtype=dtype, attn_implementation="eager").to(resolve_device(device))
+            src, config=config, dtype=dtype, attn_implementation="eager").to(device)
         tok = AutoTokenizer.from_pretrained(src)
     model.eval()
     return LoadedModel(model, tok, name_or_path, str(src), add_bos, num_layers or total, total)

@@ -21,10 +21,6 @@ SAMPLES = "calib.samples"
 IDENTITY = ("model", "layers", "scheme", "method")
 
 
-def _varies(rows: list[dict], k: str) -> bool:
-    return len({json.dumps(r.get(k), sort_keys=True, default=str) for r in rows if k in r}) > 1
-
-
 def varying(trials: list[TrialRun]) -> list[str]:
     """Params that differ between trials. A method's hyper-parameter counts only if it differs among the
     trials of one method (methods have different defaults); calibration keys only among quantized trials."""
@@ -35,7 +31,7 @@ def varying(trials: list[TrialRun]) -> list[str]:
                  and k not in ("plugin", "method_config", "calib")]
 
     def differs(group, k):
-        return _varies([t.params for t in group], k)
+        return len({json.dumps(t.params.get(k), sort_keys=True, default=str) for t in group if k in t.params}) > 1
 
     def within_a_method(k):
         by: dict = {}
@@ -49,15 +45,15 @@ def varying(trials: list[TrialRun]) -> list[str]:
 
 
 def independent(keys: list[str], rows: list[dict]) -> list[str]:
-    """``keys`` without those the earlier ones determine (a learning rate and its minimum varied together
-    need one column, not two)."""
+    """The ``keys`` that vary over ``rows``, without those the earlier ones determine (a learning rate and
+    its minimum varied together need one column, not two)."""
     kept: list[str] = []
 
     def groups(ks):
         return len({json.dumps([r.get(k) for k in ks], default=str) for r in rows})
 
     for k in keys:
-        if not kept or groups(kept + [k]) > groups(kept):
+        if groups(kept + [k]) > groups(kept):
             kept.append(k)
     return kept
 
@@ -162,8 +158,7 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
         # a failed trial keeps its cell, so a diverged run reads as such instead of a gap
         cells = quantized + [{**r, "vs fp": "failed"} for r in rows
                              if r.get("status") == "FAILED" and r.get("method") != FLOAT_METHOD]
-        index = independent([k for k in axes if k != column
-                             and _varies(cells, k)], cells)
+        index = independent([k for k in axes if k != column], cells)
         # methods without the key (SmoothQuant has no epochs) get their own column: the untrained start
         table, values = pivot(cells, index, column, "vs fp")
         short = column.split(".")[-1]
@@ -172,8 +167,7 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
 
     xk = x or (SAMPLES if SAMPLES in axes else None)
     if xk and quantized:
-        groups = independent([k for k in axes if k != xk
-                              and _varies(quantized, k)], quantized)
+        groups = independent([k for k in axes if k != xk], quantized)
         if _plot(quantized, xk, groups, out / "ppl_vs_samples.png", f"{sweep}: {metric}"):
             blocks += [Heading(f"Ratio to FP against {xk}"), Image("ppl_vs_samples.png", "ratio to FP")]
 

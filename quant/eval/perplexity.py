@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..sim import model_device
+
 
 @dataclass
 class PerplexityResult:
@@ -55,7 +57,7 @@ def perplexity(model, windows: torch.Tensor, corpus: str = "wiki", batch_size: i
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     total = 0.0
     t0 = time.perf_counter()
     bar = tqdm(total=windows.shape[0], desc="perplexity", unit="win", disable=not progress)
