@@ -5,6 +5,9 @@
     python bench/step_overhead.py --train-float 16bit # 16-bit sites unquantized while training
     python bench/step_overhead.py --device cuda --profile 15   # on a GPU, with the 15 costliest ops
 
+On a GPU the quantized step is replayed from a CUDA graph, as training runs it (``quant.graphs``); the eager
+step and a graphed plain step are timed too, so the ratio can be read like for like.
+
 The quantized step is the real one (``E2ETrainer.step``: every decoder layer with LET reparametrised
 weights, LWC weight ranges recomputed, learnable activation ranges, MSE on the last hidden state, backward,
 AdamW update). The plain step is the same stack in float with every weight trainable, MSE against the same
@@ -27,6 +30,7 @@ from quant.layers import LayerRunner
 from quant.learn import attach
 from quant.methods import MethodContext, mobilequant, omniquant
 from quant.sim import float_mode, simulate
+from quant.graphs import GraphedLoss, graphs_enabled
 from quant.train import E2ETrainer, freeze_model, make_optimizer
 from quant.zoo import resolve_device
 
@@ -71,48 +75,71 @@ def main(argv=None) -> int:
         prm.requires_grad_(True)
     prunner = LayerRunner(plain)
 
-    def plain_step():
+    def plain_step(loss_fn):
         plain.zero_grad(set_to_none=True)
-        loss = F.mse_loss(prunner.stack(prunner.embed(ids)), target)
-        loss.backward()
+        loss_fn(ids, target).backward()
 
-    def quant_step():
-        trainer.step(opt, ids, target)
+    def plain_loss(i, t):
+        return F.mse_loss(prunner.stack(prunner.embed(i)), t)
 
-    plain_step(), quant_step()  # warm-up: kernels, captured layer arguments
-    tq, tp = [], []
+    steps = {"plain": lambda: plain_step(plain_loss), "mobilequant_eager": lambda: trainer.step(opt, ids, target)}
+    graphs = graphs_enabled(device)
+    if graphs:
+        # as training runs it on a GPU (quant.graphs), and a plain step given the same help
+        plain_graphed = GraphedLoss(plain_loss, plain.parameters(), device, steps=10**9)
+        graphed_trainer = E2ETrainer(lm.model, windows, cfg, MethodContext(progress=False))
+        graphed_trainer.use_graphs(learn, steps=10**9)
+        steps["plain_graphed"] = lambda: plain_step(plain_graphed)
+        steps["mobilequant"] = lambda: graphed_trainer.step(opt, ids, target)
+    for fn in steps.values():  # warm-up: kernels, captured layer arguments; the second call captures a graph
+        fn(), fn()
+    times = {k: [] for k in steps}
     for _ in range(args.repeats):
-        for fn, out in ((plain_step, tp), (quant_step, tq)):
+        for name, fn in steps.items():
             sync()
             t0 = time.perf_counter()
             fn()
             sync()
-            out.append(time.perf_counter() - t0)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    trained = "mobilequant" if graphs else "mobilequant_eager"
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
             for _ in range(2):
-                quant_step()
+                steps[trained]()
             sync()
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=args.profile), file=sys.stderr)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile), file=sys.stderr)
-    ratio = statistics.median(tq) / statistics.median(tp)
+    ratio = med[trained] / med["plain"]
     res = {"model": args.model, "layers": lm.num_layers, "scheme": args.scheme, "tokens": ids.numel(),
-           "plain_step_s": round(statistics.median(tp), 3), "mobilequant_step_s": round(statistics.median(tq), 3),
-           "ratio": round(ratio, 3), "train_float": args.train_float, "repeats": args.repeats, "threads": torch.get_num_threads(),
-           "device": str(device),
-           "learnables": learn.counts()}
+           "plain_step_s": round(med["plain"], 4), "mobilequant_step_s": round(med[trained], 4),
+           "ratio": round(ratio, 3), "cuda_graphs": graphs,
+           "mobilequant_eager_step_s": round(med["mobilequant_eager"], 4),
+           "eager_ratio": round(med["mobilequant_eager"] / med["plain"], 3),
+           "train_float": args.train_float, "repeats": args.repeats, "threads": torch.get_num_threads(),
+           "device": str(device), "learnables": learn.counts()}
+    if graphs:
+        res["plain_graphed_step_s"] = round(med["plain_graphed"], 4)
+        res["graphed_ratio"] = round(med["mobilequant"] / med["plain_graphed"], 3)
     if args.json:
         print(json.dumps(res))
     else:
         print(f"{args.model} ({lm.num_layers} layers), {args.scheme}, 1 x {args.seqlen} tokens, on {device}, "
               f"{torch.get_num_threads()} threads, median of {args.repeats}"
               + (f", training with {args.train_float} in float" if args.train_float else ""))
-        print(f"plain float forward+backward: {res['plain_step_s']:.3f} s")
-        print(f"MobileQuant training step:    {res['mobilequant_step_s']:.3f} s")
+        print(f"plain float forward+backward: {res['plain_step_s']:.4f} s")
+        if graphs:
+            print(f"  the same from a CUDA graph:  {res['plain_graphed_step_s']:.4f} s")
+            print(f"MobileQuant step, eager:      {res['mobilequant_eager_step_s']:.4f} s "
+                  f"(ratio {res['eager_ratio']:.2f})")
+            print(f"MobileQuant step, CUDA graph: {res['mobilequant_step_s']:.4f} s "
+                  f"(as training runs it; {res['graphed_ratio']:.2f} against the graphed plain step)")
+        else:
+            print(f"MobileQuant training step:    {res['mobilequant_step_s']:.4f} s")
         print(f"ratio: {ratio:.2f} (aim <= 1.5)")
     return 0
 

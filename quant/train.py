@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .graphs import GraphedLoss
 from .layers import LayerRunner
 from .learn import Learnables, attach, fold
 from .optim import ScaledAdamW
@@ -220,7 +221,7 @@ def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, c
     n = windows.shape[0]
     steps_per_epoch = math.ceil(n / bs)
     total = cfg.epochs * steps_per_epoch
-    layer_loss, step_global, counts = [], 0, {"let": 0, "lwc": 0, "lrl": 0}
+    layer_loss, step_global, counts, graphs = [], 0, {"let": 0, "lwc": 0, "lrl": 0}, 0
     gen = torch.Generator().manual_seed(cfg.seed)
     layers = decoder_layers(model)
     bar = tqdm(range(len(layers)), desc="block-wise", disable=not progress, unit="layer")
@@ -235,6 +236,8 @@ def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, c
         off = training_float_sites(decoder_layers(model)[i], cfg.train_float)
         if total:
             opt = make_optimizer(learn, cfg)
+            graphed = GraphedLoss(lambda h, t, i=i: F.mse_loss(runner.layer(i, h), t), learn.named().values(),
+                                  h_q.device, total)
             first = None
             for step in range(total):
                 if step % steps_per_epoch == 0:
@@ -242,7 +245,7 @@ def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, c
                 idx = perm[(step % steps_per_epoch) * bs:(step % steps_per_epoch + 1) * bs]
                 lrs = set_lrs(opt, step, total)
                 with quantizers_off(off):
-                    loss = F.mse_loss(runner.layer(i, h_q[idx]), out_fp[idx])
+                    loss = graphed(h_q[idx], out_fp[idx])
                     lv = loss.item()
                     _loss_check(lv, first, cfg, f"block-wise layer {i} step {step}",
                                 "nothing was folded for this layer")
@@ -254,7 +257,9 @@ def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, c
                 step_global += 1
                 if on_step:
                     on_step({"step": step_global, "layer": i, "epoch": step // steps_per_epoch, "loss": lv, **lrs})
-            del opt
+            graphs += graphed.captured
+            graphed.release()
+            del opt, graphed
         fold(model, learn)
         with torch.no_grad():
             h_q = torch.cat([runner.layer(i, b) for b in h_q.split(bs)])
@@ -264,7 +269,7 @@ def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, c
         h_fp = out_fp
     return {"mode": "block-wise", "steps": step_global, "steps_per_layer": total, "layer_mse": layer_loss,
             "final_mse": layer_loss[-1] if layer_loss else None, "learnables": counts,
-            "train_s": round(time.perf_counter() - t0, 2)}
+            "cuda_graphs": graphs, "train_s": round(time.perf_counter() - t0, 2)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,6 +332,7 @@ class E2ETrainer:
         self.runner = LayerRunner(model)
         self.loss_kind = getattr(cfg, "loss", "hidden")
         self.train_off = training_float_sites(model, cfg.train_float)
+        self.graphed: GraphedLoss | None = None
         ident = {"config": {k: v for k, v in cfg.identity().items() if k not in VOLATILE},
                  "model": model_fingerprint(model), "scheme": getattr(model.mq_scheme, "name", None),
                  # the optimizer's state layout: a checkpoint from torch's AdamW (one group per range) is
@@ -358,9 +364,16 @@ class E2ETrainer:
             return kd
         return F.mse_loss(h, target) + kd_w * kd
 
+    def use_graphs(self, learn: Learnables, steps: int) -> GraphedLoss:
+        """Replay the loss from a CUDA graph from the second step on (``quant.graphs``; eager on a CPU)."""
+        self.graphed = GraphedLoss(self.loss, learn.named().values(), model_device(self.model), steps)
+        return self.graphed
+
     def step(self, opt, ids, target) -> float:
+        dev = model_device(self.model)
+        loss_fn = self.graphed or self.loss
         with quantizers_off(self.train_off):
-            loss = self.loss(ids, target.to(ids.device, non_blocking=True))
+            loss = loss_fn(ids.to(dev, non_blocking=True), target.to(dev, non_blocking=True))
             lv = loss.item()
             if not math.isfinite(lv):
                 return lv
@@ -387,6 +400,7 @@ class E2ETrainer:
                 opt.load_state_dict(state["optimizer"])
             start_epoch, epoch_losses, first = state["epoch"], list(state["epoch_losses"]), state.get("first_loss")
         resumed = start_epoch
+        graphed = self.use_graphs(learn, total - start_epoch * spe)
         store = self.compute_targets() if start_epoch < cfg.epochs else None
         note = (f"the last good checkpoint (epoch {{e}}) is kept in {self.ckpt.folder}" if self.ckpt.folder
                 else "no checkpoint_dir was given, so nothing was kept")
@@ -418,9 +432,11 @@ class E2ETrainer:
             bar.close()
             if store is not None:
                 store.close()
+            graphed.release()
         fold(self.model, learn)
         return {"mode": "end-to-end", "steps": total, "resumed_from_epoch": resumed, "first_loss": first,
                 "epoch_losses": epoch_losses, "loss": self.loss_kind, "learnables": learn.counts(),
+                "cuda_graphs": graphed.captured,
                 "targets_on_disk": bool(store is not None and store.path is not None),
                 "train_s": round(time.perf_counter() - t0, 2)}
 
