@@ -5,8 +5,9 @@
     python bench/step_overhead.py --train-float 16bit # 16-bit sites unquantized while training
     python bench/step_overhead.py --device cuda --profile 15   # on a GPU, with the 15 costliest ops
 
-On a GPU the quantized step is replayed from a CUDA graph, as training runs it (``quant.graphs``); the eager
-step and a graphed plain step are timed too, so the ratio can be read like for like.
+With ``MQFARM_CUDA_GRAPHS=1`` on a GPU the quantized step is replayed from a CUDA graph, as training then
+runs it (``quant.graphs``); the eager step and a graphed plain step are timed too, so the ratio can be read
+like for like.
 
 The quantized step is the real one (``E2ETrainer.step``: every decoder layer with LET reparametrised
 weights, LWC weight ranges recomputed, learnable activation ranges, MSE on the last hidden state, backward,
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     steps = {"plain": lambda: plain_step(plain_loss), "mobilequant_eager": lambda: trainer.step(opt, ids, target)}
     graphs = graphs_enabled(device)
     if graphs:
-        # as training runs it on a GPU (quant.graphs), and a plain step given the same help
+        # as training runs it with graphs on (quant.graphs), and a plain step given the same help
         plain_graphed = GraphedLoss(plain_loss, plain.parameters(), device, steps=10**9)
         graphed_trainer = E2ETrainer(lm.model, windows, cfg, MethodContext(progress=False))
         graphed_trainer.use_graphs(learn, steps=10**9)
