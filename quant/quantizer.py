@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from . import kernels
+
 ALLOWED_BITS = (4, 8, 16)
 _EPS = 1e-10
 
@@ -98,6 +100,14 @@ class _FakeQuantLSQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, offset, qmin, qmax):
+        ctx.shapes = (scale.shape, offset.shape)
+        ctx.need = tuple(ctx.needs_input_grad[:3])
+        if kernels.usable(x, scale):
+            # one pass; backward recomputes the mask and residual from x (quant.kernels)
+            ctx.save_for_backward(x, scale, offset)
+            ctx.fused = (qmin, qmax)
+            return kernels.forward(x, scale, offset, qmin, qmax)
+        ctx.fused = None
         z = x / scale
         q = torch.round(z).add_(offset)
         u = q.clamp(qmin, qmax)
@@ -109,14 +119,17 @@ class _FakeQuantLSQ(torch.autograd.Function):
         need_s, need_o = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         d = torch.addcmul(u, z, inside, value=-1) if need_s else None  # u - z inside, u outside
         ctx.save_for_backward(inside, d, scale)
-        ctx.shapes = (scale.shape, offset.shape)
-        ctx.need = (ctx.needs_input_grad[0], need_s, need_o)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        inside, d, scale = ctx.saved_tensors
         need_x, need_s, need_o = ctx.need
+        if ctx.fused is not None:
+            x, scale, offset = ctx.saved_tensors
+            gx, gs, go = kernels.backward(x, g, scale, offset, *ctx.fused)
+            return ((gx if need_x else None), (gs.reshape(ctx.shapes[0]) if need_s else None),
+                    (go.reshape(ctx.shapes[1]) if need_o else None), None, None)
+        inside, d, scale = ctx.saved_tensors
         gx = g * inside if (need_x or need_o) else None
         gs = go = None
         if need_s:
@@ -153,6 +166,9 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, spec:
         scale, offset = scale.reshape(shape), offset.reshape(shape)
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or offset.requires_grad):
         return _FakeQuantLSQ.apply(x, scale, offset, spec.qmin, spec.qmax)
+    if kernels.usable(x, scale):
+        return kernels.forward(x, scale, offset, spec.qmin, spec.qmax, reciprocal=True,
+                               out=x if inplace and x.is_contiguous() else None)
     inv = 1.0 / scale  # a multiply is cheaper than a divide; ATen's fused kernel does the same
     y = x.mul_(inv) if inplace else torch.mul(x, inv)
     y.round_().add_(offset).clamp_(spec.qmin, spec.qmax).sub_(offset).mul_(scale)

@@ -1,0 +1,106 @@
+"""The fused CPU kernels (``quant.kernels``) against the torch path they replace.
+
+Outputs and input gradients must be bit-identical (the same float32 operations in the same order per
+element); the scale and offset gradients are sums, so they may differ in summation order only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quant import kernels
+from quant.quantizer import QSpec, fake_quant, qparams_from_minmax
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    def run(fn):
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        try:
+            return fn()
+        finally:
+            monkeypatch.setattr(kernels, "ENABLED", True)
+    return run
+
+
+CASES = [  # (shape, spec, per_channel, transpose)
+    ((6, 512), QSpec(8), False, False),
+    ((4, 9, 37), QSpec(8), False, True),          # a non-contiguous view, as attention's q/k/v are
+    ((48, 100), QSpec(4, symmetric=True), True, False),
+    ((3, 2048), QSpec(16), False, False),
+    ((48,), QSpec(8), True, False),               # a norm gain, one range per element
+    ((7, 3), QSpec(8), False, False),             # fewer elements than a row of the split
+]
+
+
+def _inputs(shape, spec, per_channel, transpose, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    if transpose:
+        x = x.transpose(-1, -2)
+    n = x.shape[0] if per_channel else 1
+    # narrower than the data, so values clip at both ends; a fractional offset, as learned ranges train it
+    s = torch.full((n,), 4.0 / (spec.qmax - spec.qmin)) * (1 + 0.1 * torch.rand(n, generator=g))
+    o = torch.full((n,), 0.0 if spec.symmetric else (spec.qmax - spec.qmin) / 2 + 0.3)
+    return x, s, o, torch.randn(x.shape, generator=g)
+
+
+@pytest.mark.parametrize("shape,spec,per_channel,transpose", CASES)
+def test_training_node_is_bit_identical_to_the_torch_path(shape, spec, per_channel, transpose, torch_path):
+    x, s0, o0, up = _inputs(shape, spec, per_channel, transpose)
+    assert kernels.usable(x, s0)
+
+    def run():
+        xi, s, o = (v.clone().requires_grad_(True) for v in (x, s0, o0))
+        if transpose:
+            xi = x.clone().requires_grad_(True)
+        y = fake_quant(xi, s, o, spec)
+        (y * up).sum().backward()
+        return y.detach(), xi.grad, s.grad, o.grad
+
+    fused, ref = run(), torch_path(run)
+    assert torch.equal(fused[0], ref[0]) and torch.equal(fused[1], ref[1])
+    assert 0 < (fused[1] == 0).float().mean() < 0.6  # both clipped and unclipped values are present
+    for a, b in ((fused[2], ref[2]), (fused[3], ref[3])):  # sums with cancellation: bound by the largest
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-5 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("shape,spec,per_channel,transpose", CASES)
+def test_inference_path_is_bit_identical_in_place_or_not(shape, spec, per_channel, transpose, torch_path):
+    x, s, o, _ = _inputs(shape, spec, per_channel, transpose, seed=1)
+    with torch.no_grad():
+        ref = torch_path(lambda: fake_quant(x, s, o, spec))
+        assert torch.equal(fake_quant(x, s, o, spec), ref)
+        y = x.clone()
+        out = fake_quant(y, s, o, spec, inplace=True)
+        assert torch.equal(out, ref)
+        if not transpose:  # a contiguous temporary is overwritten, as the simulator asks
+            assert out.data_ptr() == y.data_ptr()
+
+
+def test_gradients_of_scale_and_offset_match_float64():
+    """Against the LSQ formula evaluated in float64 on the same rounding decisions."""
+    spec = QSpec(8)
+    x, s, o, up = _inputs((256, 1024), spec, False, False, seed=2)
+    xi, si, oi = (v.clone().requires_grad_(True) for v in (x, s, o))
+    (fake_quant(xi, si, oi, spec) * up).sum().backward()
+    z = x.double() / s.double()
+    q = torch.round((x / s).double()) + o.double()  # float32 division, as both paths round
+    u = q.clamp(spec.qmin, spec.qmax)
+    inside = u == q
+    ds = torch.where(inside, u - o.double() - z, u - o.double())
+    assert si.grad.item() == pytest.approx((up.double() * ds).sum().item(), rel=1e-5)
+    assert oi.grad.item() == pytest.approx(-(up.double() * ~inside).sum().item() * s.item(), rel=1e-5)
+
+
+def test_other_tensors_take_the_torch_path():
+    spec = QSpec(8)
+    x = torch.randn(5, 7)
+    s, o = qparams_from_minmax(x.min(), x.max(), spec)
+    assert not kernels.usable(x.double(), s)
+    assert not kernels.usable(x, torch.rand(7) + 0.1)  # per-channel along another axis
+    with torch.no_grad():
+        y64 = fake_quant(x.double(), s.double(), o.double(), spec)
+    assert y64.dtype == torch.float64
+    torch.testing.assert_close(y64.float(), fake_quant(x, s, o, spec), rtol=0, atol=1e-6)
