@@ -150,6 +150,39 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum(dim=[i for i, n in enumerate(shape) if n == 1], keepdim=True)
 
 
+class _RowMinMax(torch.autograd.Function):
+    """Per-row min and max whose gradient goes to one arg-min and one arg-max element per row.
+
+    ``amin``/``amax`` share the gradient among tied elements, which costs a comparison, a copy and a
+    multiply over the whole weight in every LWC step (8% of a CPU training step); here backward is one
+    zero fill and two scatters. Ties, which are rare in trained float weights, get the whole gradient
+    at one of them: another subgradient of the same function.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        mn, imn = x.min(dim=1, keepdim=True)
+        mx, imx = x.max(dim=1, keepdim=True)
+        ctx.save_for_backward(imn, imx)
+        ctx.shape = x.shape
+        return mn.squeeze(1), mx.squeeze(1)
+
+    @staticmethod
+    def backward(ctx, gmn, gmx):
+        imn, imx = ctx.saved_tensors
+        g = torch.zeros(ctx.shape, dtype=gmn.dtype, device=gmn.device)
+        g.scatter_add_(1, imn, gmn.unsqueeze(1))
+        g.scatter_add_(1, imx, gmx.unsqueeze(1))
+        return g
+
+
+def row_minmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x.amin(1), x.amax(1))`` of a 2-D tensor, with a cheap backward (:class:`_RowMinMax`)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RowMinMax.apply(x)
+    return x.amin(1), x.amax(1)
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, spec: QSpec, axis: int = 0,
                inplace: bool = False) -> torch.Tensor:
     """Quantize-dequantize ``x``; per-channel ``scale``/``offset`` run along ``axis``.
@@ -240,7 +273,8 @@ class Quantizer(nn.Module):
     def lwc_bounds(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The clipped (min, max) of ``w`` under the current LWC factors (differentiable)."""
         flat = w.reshape(w.shape[0], -1) if self.spec.per_channel else w.reshape(1, -1)
-        return torch.sigmoid(self.lwc_low) * flat.amin(1), torch.sigmoid(self.lwc_up) * flat.amax(1)
+        mn, mx = row_minmax(flat)
+        return torch.sigmoid(self.lwc_low) * mn, torch.sigmoid(self.lwc_up) * mx
 
     def disable_lwc(self) -> None:
         self.lwc_up = self.lwc_low = None

@@ -147,3 +147,26 @@ def test_fused_training_node_matches_the_composite_formula(spec, per_channel):
     assert 0 < (fused[1] == 0).float().mean() < 0.5  # both clipped and unclipped values are present
     torch.testing.assert_close(fused[2], ref[2], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused[3], ref[3], rtol=1e-5, atol=1e-6)
+
+
+def test_row_minmax_matches_amin_amax_and_their_gradient():
+    from quant.quantizer import row_minmax
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 300, generator=g)
+    up_mn, up_mx = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    grads = []
+    for fn in (row_minmax, lambda t: (t.amin(1), t.amax(1))):
+        xi = x.clone().requires_grad_(True)
+        mn, mx = fn(xi)
+        (mn * up_mn + mx * up_mx).sum().backward()
+        grads.append((mn.detach(), mx.detach(), xi.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))  # no ties: the same subgradient
+    # a tie: the whole gradient lands on one of the tied elements (amax splits it), the row total is kept
+    xt = torch.tensor([[1.0, 3.0, 3.0, -2.0]], requires_grad=True)
+    mn, mx = row_minmax(xt)
+    (2 * mx + mn).sum().backward()
+    assert mx.item() == 3.0 and mn.item() == -2.0
+    assert xt.grad[0, 1:3].tolist() in ([2.0, 0.0], [0.0, 2.0]) and xt.grad[0, 3].item() == 1.0
+    with torch.no_grad():
+        assert [t.tolist() for t in row_minmax(x)] == [x.amin(1).tolist(), x.amax(1).tolist()]
