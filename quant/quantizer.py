@@ -95,7 +95,9 @@ class _FakeQuantLSQ(torch.autograd.Function):
     For ``u = clamp(round(x/s) + o) - o`` and ``y = u * s``: inside the range dy/dx = 1 (straight-through),
     dy/ds = u - x/s, dy/do = 0; outside it dy/dx = 0, dy/ds = u, dy/do = -s. Saving two float
     tensors (the mask and ``d``) instead of the composite graph's intermediates roughly halves a training
-    step's fake-quant cost, which dominates the step (about 20 sites per decoder layer).
+    step's fake-quant cost, which dominates the step (about 20 sites per decoder layer). On the CPU the
+    node runs the fused loops of ``quant.kernels`` instead (one pass each way, only ``x`` saved); this
+    torch path serves other devices and dtypes.
     """
 
     @staticmethod
@@ -116,8 +118,7 @@ class _FakeQuantLSQ(torch.autograd.Function):
         inside = torch.eq(u, q, out=torch.empty_like(u))
         u.sub_(offset)
         y = u * scale
-        need_s, need_o = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        d = torch.addcmul(u, z, inside, value=-1) if need_s else None  # u - z inside, u outside
+        d = torch.addcmul(u, z, inside, value=-1) if ctx.need[1] else None  # u - z inside, u outside
         ctx.save_for_backward(inside, d, scale)
         return y
 
