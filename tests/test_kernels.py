@@ -104,3 +104,16 @@ def test_other_tensors_take_the_torch_path():
         y64 = fake_quant(x.double(), s.double(), o.double(), spec)
     assert y64.dtype == torch.float64
     torch.testing.assert_close(y64.float(), fake_quant(x, s, o, spec), rtol=0, atol=1e-6)
+
+
+def test_nan_propagates_so_divergence_is_caught():
+    """A NaN activation must reach the loss (``quant.train`` stops on a non-finite loss), not be clamped
+    into the range."""
+    spec = QSpec(8)
+    x = torch.tensor([[float("nan"), 0.5, float("inf"), -float("inf")] * 64])
+    s, o = torch.tensor([0.01]), torch.tensor([128.0])
+    with torch.no_grad():
+        y = fake_quant(x, s, o, spec)
+    assert torch.isnan(y[0, 0]) and y[0, 2].item() == pytest.approx(1.27) and y[0, 3].item() == pytest.approx(-1.28)
+    xi = x.clone().requires_grad_(True)
+    assert torch.isnan(fake_quant(xi, s.clone().requires_grad_(True), o, spec)[0, 0])
