@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,7 +114,7 @@ def cosine(step: int, total: int, lr: float, min_lr: float) -> float:
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(step, total) / total))
 
 
-def make_optimizer(learn: Learnables, cfg: TrainConfig) -> ScaledAdamW:
+def make_optimizer(learn: Learnables, cfg: TrainConfig, lr_scale: float = 1.0) -> ScaledAdamW:
     """AdamW, one group per kind (LET, LWC, LRL), each with its own cosine schedule.
 
     With ``lrl_relative`` every range parameter's learning rate is ``lrl_lr`` times the parameter's
@@ -124,7 +125,7 @@ def make_optimizer(learn: Learnables, cfg: TrainConfig) -> ScaledAdamW:
     """
     groups = []
     for kind in ("let", "lwc", "lrl"):
-        hi, lo = getattr(cfg, f"{kind}_lr"), getattr(cfg, f"{kind}_min_lr")
+        hi, lo = getattr(cfg, f"{kind}_lr") * lr_scale, getattr(cfg, f"{kind}_min_lr") * lr_scale
         named = {n: p for n, p in getattr(learn, kind).items() if p.requires_grad}
         if not named:
             continue
@@ -221,7 +222,7 @@ def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, c
     n = windows.shape[0]
     steps_per_epoch = math.ceil(n / bs)
     total = cfg.epochs * steps_per_epoch
-    layer_loss, step_global, counts, graphs = [], 0, {"let": 0, "lwc": 0, "lrl": 0}, 0
+    layer_loss, step_global, counts, graphs, retried = [], 0, {"let": 0, "lwc": 0, "lrl": 0}, 0, {}
     gen = torch.Generator().manual_seed(cfg.seed)
     layers = decoder_layers(model)
     bar = tqdm(range(len(layers)), desc="block-wise", disable=not progress, unit="layer")
@@ -235,31 +236,28 @@ def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, c
         last = None
         off = training_float_sites(decoder_layers(model)[i], cfg.train_float)
         if total:
-            opt = make_optimizer(learn, cfg)
-            graphed = GraphedLoss(lambda h, t, i=i: F.mse_loss(runner.layer(i, h), t), learn.named().values(),
-                                  h_q.device, total)
-            first = None
-            for step in range(total):
-                if step % steps_per_epoch == 0:
-                    perm = torch.randperm(n, generator=gen)
-                idx = perm[(step % steps_per_epoch) * bs:(step % steps_per_epoch + 1) * bs]
-                lrs = set_lrs(opt, step, total)
-                with quantizers_off(off):
-                    loss = graphed(h_q[idx], out_fp[idx])
-                    lv = loss.item()
-                    _loss_check(lv, first, cfg, f"block-wise layer {i} step {step}",
-                                "nothing was folded for this layer")
-                    first = lv if first is None else first
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                opt.step()
-                last = lv
-                step_global += 1
-                if on_step:
-                    on_step({"step": step_global, "layer": i, "epoch": step // steps_per_epoch, "loss": lv, **lrs})
-            graphs += graphed.captured
-            graphed.release()
-            del opt, graphed
+            init, rng = learn.state_dict(), gen.get_state()
+            retries = getattr(cfg, "layer_retries", 0)
+            for attempt in range(retries + 1):
+                try:
+                    last, graphs_i = _train_layer(i, runner, learn, h_q, out_fp, cfg, total, steps_per_epoch, gen,
+                                                  off, 0.5**attempt, step_global, on_step)
+                    break
+                except TrainingDiverged as e:
+                    step_global += e.steps
+                    if attempt == retries:
+                        if attempt:
+                            raise TrainingDiverged(f"{e} (after {attempt} retries of this layer, the last at "
+                                                   f"1/{2**attempt} of the learning rates)") from None
+                        raise
+                    # the layer starts over from its initial learnables and the same batch order
+                    learn.load_state_dict(init)
+                    gen.set_state(rng)
+                    retried[str(i)] = 0.5 ** (attempt + 1)  # str: the recipe is JSON
+                    tqdm.write(f"{e.args[0].split(';')[0]}; retrying the layer at "
+                               f"1/{2**(attempt + 1)} of the learning rates", file=sys.stderr)
+            step_global += total
+            graphs += graphs_i
         fold(model, learn)
         with torch.no_grad():
             h_q = torch.cat([runner.layer(i, b) for b in h_q.split(bs)])
@@ -269,7 +267,42 @@ def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, c
         h_fp = out_fp
     return {"mode": "block-wise", "steps": step_global, "steps_per_layer": total, "layer_mse": layer_loss,
             "final_mse": layer_loss[-1] if layer_loss else None, "learnables": counts,
-            "cuda_graphs": graphs, "train_s": round(time.perf_counter() - t0, 2)}
+            "cuda_graphs": graphs, "retried_layers": retried, "train_s": round(time.perf_counter() - t0, 2)}
+
+
+def _train_layer(i, runner, learn, h_q, out_fp, cfg, total, steps_per_epoch, gen, off, lr_scale, step0,
+                 on_step) -> tuple[float, int]:
+    """One layer's optimisation; returns (last loss, graphs captured). A divergence raises
+    ``TrainingDiverged`` with ``steps`` set to the optimizer steps it had taken."""
+    n = h_q.shape[0]
+    bs = cfg.batch_size
+    opt = make_optimizer(learn, cfg, lr_scale)
+    graphed = GraphedLoss(lambda h, t: F.mse_loss(runner.layer(i, h), t), learn.named().values(), h_q.device, total)
+    first = last = None
+    try:
+        for step in range(total):
+            if step % steps_per_epoch == 0:
+                perm = torch.randperm(n, generator=gen)
+            idx = perm[(step % steps_per_epoch) * bs:(step % steps_per_epoch + 1) * bs]
+            lrs = set_lrs(opt, step, total)
+            with quantizers_off(off):
+                loss = graphed(h_q[idx], out_fp[idx])
+                lv = loss.item()
+                try:
+                    _loss_check(lv, first, cfg, f"block-wise layer {i} step {step}", "nothing was folded for this layer")
+                except TrainingDiverged as e:
+                    e.steps = step
+                    raise
+                first = lv if first is None else first
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            last = lv
+            if on_step:
+                on_step({"step": step0 + step + 1, "layer": i, "epoch": step // steps_per_epoch, "loss": lv, **lrs})
+        return last, graphed.captured
+    finally:
+        graphed.release()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -290,3 +290,42 @@ def test_train_float_keeps_sites_float_in_training_only(method):
 def test_train_float_names_an_unknown_role():
     with pytest.raises(ValueError, match=r"train_float: unknown role\(s\) \['attn.score'\]"):
         method_config("mobilequant", {"train_float": "16bit,attn.score"})
+
+
+def _poison_layer(lm, layer: int, times: int):
+    """An on_step hook that sets one LWC factor of ``layer`` to NaN at its first step, ``times`` times."""
+    left = {"n": times}
+
+    def hook(rec):
+        if rec.get("layer") == layer and left["n"] > 0:
+            left["n"] -= 1
+            q = next(m for n, m in lm.model.named_modules()
+                     if f"layers.{layer}." in n and getattr(m, "lwc_up", None) is not None)
+            with torch.no_grad():
+                q.lwc_up.fill_(float("nan"))
+    return hook
+
+
+def test_blockwise_layer_retry_restarts_the_diverged_layer_at_half_rates():
+    cfg = {"epochs": 2, "layer_retries": 2}
+    clean = quantize(load_model("smollm2-135m", num_layers=2), "w8a8", "omniquant", CAL, progress=False,
+                     method_config=cfg).recipe["method_info"]
+    lm = load_model("smollm2-135m", num_layers=2)
+    info = quantize(lm, "w8a8", "omniquant", CAL, progress=False, on_step=_poison_layer(lm, 1, 1),
+                    method_config=cfg).recipe["method_info"]
+    assert info["retried_layers"] == {"1": 0.5} and clean["retried_layers"] == {}
+    assert info["layer_mse"][0] == clean["layer_mse"][0]  # the layer before is untouched
+    # the poisoned attempt stopped after its first step, then the layer ran in full
+    assert info["steps"] == clean["steps"] + 1
+    assert all(torch.isfinite(q.scale).all() for q in quantizers(lm.model).values())
+    # retrying twice and still diverging stops the run, naming the retries
+    lm = load_model("smollm2-135m", num_layers=2)
+    with pytest.raises(TrainingDiverged, match=r"layer 1 step 1: loss became nan.*after 2 retries.*1/4"):
+        quantize(lm, "w8a8", "omniquant", CAL, progress=False, on_step=_poison_layer(lm, 1, 3), method_config=cfg)
+    # without retries the first divergence stops the run, as before
+    lm = load_model("smollm2-135m", num_layers=2)
+    with pytest.raises(TrainingDiverged, match=r"layer 1 step 1: loss became nan; nothing was folded"):
+        quantize(lm, "w8a8", "omniquant", CAL, progress=False, on_step=_poison_layer(lm, 1, 1),
+                 method_config={"epochs": 2})
+    with pytest.raises(ValueError, match="layer_retries must be an integer >= 0"):
+        method_config("omniquant", {"layer_retries": -1}).check()

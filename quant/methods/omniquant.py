@@ -8,6 +8,7 @@ trained block-wise; the paper's block-wise vs end-to-end ablation). Both start f
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
@@ -22,6 +23,16 @@ class OmniQuantConfig(TrainConfig):
 
     let_min_lr: float = 1e-3
     lwc_min_lr: float = 1e-2
+    # a layer whose loss diverges starts over at half the learning rates, up to this many times, before
+    # the run stops (0: stop at once, as the reference does)
+    layer_retries: int = 0
+
+    ID_NEUTRAL: ClassVar[dict] = {**TrainConfig.ID_NEUTRAL, "layer_retries": 0}
+
+    def check(self) -> None:
+        super().check()
+        if not (isinstance(self.layer_retries, int) and self.layer_retries >= 0):
+            raise ValueError(f"layer_retries must be an integer >= 0, got {self.layer_retries!r}")
 
 
 def default_config(name: str) -> OmniQuantConfig:
