@@ -1,7 +1,9 @@
 """The report of one sweep: every trial with its metrics and ratio to FP, a pivot over the training
-budget when one varies (the scaling study's table), and a plot of quality against calibration samples.
+budget when one varies (the scaling study's table), a plot of quality against calibration samples, and
+the training curves (``reports.training``).
 
-Written as ``report.md`` and ``report.html`` (plus ``ppl_vs_samples.png`` and ``trials.json``) in ``out_dir``; the axes are
+Written as ``report.md`` and ``report.html`` (plus ``ppl_vs_samples.png``, ``training_loss.png`` and
+``trials.json``) in ``out_dir``; the axes are
 found from the runs themselves (the params that vary), so any sweep gets a sensible report.
 """
 
@@ -14,6 +16,8 @@ from pathlib import Path
 from .runs import TrialRun, load_trials
 from .render import Heading, Image, Para, Table, to_html, to_markdown
 from .tables import cell, pivot, sort_key
+from .training import load_curves
+from .training import plot as plot_curves
 
 FLOAT_METHOD = "none"
 BUDGET_COLUMNS = ("method_config.epochs", "method_config.iterations", "method_config.steps")
@@ -170,6 +174,23 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
         groups = independent([k for k in axes if k != xk], quantized)
         if _plot(quantized, xk, groups, out / "ppl_vs_samples.png", f"{sweep}: {metric}"):
             blocks += [Heading(f"Ratio to FP against {xk}"), Image("ppl_vs_samples.png", "ratio to FP")]
+
+    curves = load_curves(trials, tracking_uri)
+    if curves:
+        by_id = {t.trial_id: t for t in trials}
+        keys = independent(axes, rows) or axes
+        crows = sorted(({"trial": by_id[tid].short, **{k: by_id[tid].params.get(k) for k in keys}, "status": by_id[tid].status,
+                         "mode": c.mode, "steps": c.steps, "first loss": c.first, "last loss": c.last, "late change": c.late_change}
+                        for tid, c in curves.items()), key=lambda r: tuple(sort_key(r.get(k)) for k in keys))
+        blocks += [Heading("Training loss"),
+                   Para("From the per-step losses in MLflow. `last loss`: mean of the last tenth of the steps "
+                        "(block-wise: of the last layer's). `late change`: that mean over the mean of the tenth "
+                        "before, minus one; negative means the loss was still falling when training stopped "
+                        "(block-wise: the median over layers)."),
+                   Table(crows, ["trial", *keys, "mode", "steps", "first loss", "last loss", "late change", "status"])]
+        labels = {tid: ", ".join(f"{k.split('.')[-1]}={by_id[tid].params.get(k)}" for k in keys) for tid in curves}
+        if plot_curves(curves, labels, out / "training_loss.png", sweep):
+            blocks.append(Image("training_loss.png", "training loss"))
 
     (out / "trials.json").write_text(json.dumps([{"trial_id": t.trial_id, "status": t.status, "params": t.params,
                                                   "metrics": t.metrics, "executions": t.executions}

@@ -71,6 +71,20 @@ def _ppl(t) -> float:
     return 20.0 + 100.0 / (n * e) + (1.0 if t.config["method"] == "lrl-block" else 0.0)
 
 
+def _steps(t) -> list[dict]:
+    """Training losses for the 8-sample, 4-epoch trials: end to end 100 / step over 40 steps; block-wise
+    two layers of 10 steps, layer l at (l + 1) * (11 - k) for its k-th step."""
+    c = t.config
+    if (c.get("calib") or {}).get("samples") != 8 or (c.get("method_config") or {}).get("epochs") != 4:
+        return []
+    if c["method"] == "mobilequant":
+        return [{"step": s, "loss": 100.0 / s, "epoch": (s - 1) // 10} for s in range(1, 41)]
+    if c["method"] == "lrl-block":
+        return [{"step": 10 * ly + k, "layer": ly, "loss": (ly + 1) * (11.0 - k)} for ly in (0, 1)
+                for k in range(1, 11)]
+    return []
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("reports")
@@ -84,6 +98,7 @@ def store(tmp_path_factory):
     tr.fail_trial(rid, "RuntimeError: worker ran out of memory")
     for t in sweep.trials:
         rid = tr.start_trial(t, {"cpu": 1})
+        tr.log_steps(rid, _steps(t))
         if _diverges(t):
             tr.fail_trial(rid, "TrainingDiverged: loss exploded")
         else:
@@ -129,7 +144,7 @@ def test_report_tables_hold_the_exact_ratios_and_the_plot(store):
     assert "![ratio to FP](ppl_vs_samples.png)" in text
     # the HTML page holds the same tables: its last table is the pivot, row for row
     tables = _html_tables((root / "out" / "report.html").read_text())
-    assert len(tables) == 2 and len(tables[0]) == 1 + 10
+    assert len(tables) == 3 and len(tables[0]) == 1 + 10
     md_rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in pivot[:1] + pivot[2:]]
     assert tables[1] == md_rows
 
@@ -143,3 +158,26 @@ def test_farm_report_cli(store):
     bad = subprocess.run([sys.executable, "-m", "farm.cli", "report", "nosuch", "--data", str(root)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no sweep named 'nosuch'" in bad.stderr
+
+
+def test_training_curves_are_summarised_exactly(store):
+    """``late change`` = mean of the last tenth of the steps / mean of the tenth before - 1 (block-wise:
+    per layer, then the median), on the losses the fixture logged."""
+    from reports.training import curve
+
+    root, uri, _, _ = store
+    text = sweep_report("rep", uri, root / "curves").read_text()
+    table = text.split("## Training loss")[1].split("![")[0].strip().splitlines()
+    assert table[2].endswith("| method | method_config.epochs | calib.samples | mode | steps | first loss | last loss "
+                             "| late change | status |")
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in table[4:]]
+    rows = {c[2]: c for c in cells}
+    assert len(cells) == 2  # only the two trials that logged losses
+    e2e, block = rows["mobilequant"], rows["lrl-block"]
+    last, before = sum(100 / s for s in range(37, 41)) / 4, sum(100 / s for s in range(33, 37)) / 4
+    assert e2e[-6:] == ["end-to-end", "40", "100", f"{last:.4g}", f"{last / before - 1:.4g}", "FINISHED"]
+    # each layer's tenth is its last step: (l+1)*1 against (l+1)*2, so -0.5 for both; last layer's = 2
+    assert block[-6:] == ["block-wise", "20", "10", "2", "-0.5", "FINISHED"]
+    png = (root / "curves" / "training_loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and "![training loss](training_loss.png)" in text
+    assert curve([]) is None and curve([(1, 5.0)]).late_change is None
