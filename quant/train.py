@@ -392,6 +392,9 @@ class E2ETrainer:
         kd_w = getattr(self.cfg, "kd_weight", 1.0)
         if self.loss_kind == "hidden":
             return F.mse_loss(h, target)
+        if self.loss_kind == "normed":
+            norm = self.model.model.norm  # not simulated: the float norm the LM head reads
+            return F.mse_loss(norm(h), norm(target))
         kd = _kd(self.model, h, target, getattr(self.cfg, "kd_temperature", 1.0))
         if self.loss_kind == "logits":
             return kd

@@ -329,3 +329,30 @@ def test_blockwise_layer_retry_restarts_the_diverged_layer_at_half_rates():
                  method_config={"epochs": 2})
     with pytest.raises(ValueError, match="layer_retries must be an integer >= 0"):
         method_config("omniquant", {"layer_retries": -1}).check()
+
+
+@pytest.mark.parametrize("loss", ["hidden", "normed", "logits", "hidden+logits"])
+def test_end_to_end_losses_vanish_at_the_target_and_match_their_formula(loss, small_ids):
+    import torch.nn.functional as F
+
+    from quant.methods.mobilequant import MobileQuantConfig
+    from quant.train import E2ETrainer
+
+    _, cal = small_ids["smollm2-135m"]
+    lm = load_model("smollm2-135m", num_layers=2)
+    simulate(lm.model, "w8a8")
+    calibrate_weights(lm.model)
+    calibrate_activations(lm.model, [cal], progress=False)
+    cfg = MobileQuantConfig(loss=loss, kd_weight=0.5, kd_temperature=2.0)
+    tr = E2ETrainer(lm.model, cal, cfg)
+    with torch.no_grad():
+        h = tr.runner.stack(tr.runner.embed(cal))
+        assert tr.loss(cal, h).item() == pytest.approx(0.0, abs=1e-6)  # the model's own output as target
+        target = h + 0.3 * torch.randn_like(h)
+        norm, head = lm.model.model.norm, lm.model.lm_head
+        kd = F.kl_div(F.log_softmax(head(norm(h)).flatten(0, 1) / 2, -1),
+                      F.log_softmax(head(norm(target)).flatten(0, 1) / 2, -1), log_target=True,
+                      reduction="batchmean") * 4
+        want = {"hidden": F.mse_loss(h, target), "normed": F.mse_loss(norm(h), norm(target)), "logits": kd,
+                "hidden+logits": F.mse_loss(h, target) + 0.5 * kd}[loss]
+        assert tr.loss(cal, target).item() == pytest.approx(want.item(), rel=1e-5) and want.item() > 0

@@ -23,7 +23,9 @@ class MobileQuantConfig(TrainConfig):
     lrl_relative: bool = True       # --lrl-relative false --lrl-lr 1e-6 --lrl-min-lr 1e-7: the reference
     lrl_lr: float = 1e-3
     lrl_min_lr: float = 1e-4
-    loss: str = "hidden"            # hidden | logits | hidden+logits (logits = KL to the float model's logits)
+    # hidden | normed | logits | hidden+logits. normed: MSE after the model's final (float) norm, i.e. on what
+    # the LM head reads; logits: KL to the float model's logits
+    loss: str = "hidden"
     kd_weight: float = 1.0          # weight of the logits term in hidden+logits
     kd_temperature: float = 1.0
     checkpoint_dir: str | None = None  # resumable training state, one file per epoch (atomic)
@@ -32,8 +34,8 @@ class MobileQuantConfig(TrainConfig):
 
     def check(self) -> None:
         super().check()
-        if self.loss not in ("hidden", "logits", "hidden+logits"):
-            raise ValueError(f"mobilequant loss must be hidden, logits or hidden+logits, got {self.loss!r}")
+        if self.loss not in ("hidden", "normed", "logits", "hidden+logits"):
+            raise ValueError(f"mobilequant loss must be hidden, normed, logits or hidden+logits, got {self.loss!r}")
 
 
 def apply(model: torch.nn.Module, windows: torch.Tensor, config: MobileQuantConfig | None = None, ctx=None) -> dict:
