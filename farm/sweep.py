@@ -265,6 +265,10 @@ def _run(sweep: Sweep, opts: Options, tracker, outcome: Outcome, runs: dict, out
 
 def _handle(tid, kind, payload, trials, tracker, resources, runs, attempts, outcome, progress, data, sweep):
     trial = trials[tid]
+    if kind in ("started", "step") and (tid in outcome.results or tid in outcome.failed):
+        # Progress events and results travel separately, so on a starved machine a trial's "started" can
+        # arrive after its result: it must not open a second run, which would stay RUNNING forever.
+        return
     if kind == "started":
         prev = attempts.get(tid)
         count = (prev[2] + 1) if prev else 1
