@@ -34,7 +34,7 @@ def _compile():
     from numba import njit
 
     jit = njit(cache=True, nogil=True, boundscheck=False)
-    # reassociation only lets the float64 sums vectorise; every per-element float32 result keeps its order
+    # reassociation only lets the row sums vectorise; every per-element float32 result keeps its order
     jit_sum = njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc", "nsz"})
 
     @jit
