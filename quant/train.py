@@ -289,7 +289,8 @@ def _train_layer(i, runner, learn, h_q, out_fp, cfg, total, steps_per_epoch, gen
                 loss = graphed(h_q[idx], out_fp[idx])
                 lv = loss.item()
                 try:
-                    _loss_check(lv, first, cfg, f"block-wise layer {i} step {step}", "nothing was folded for this layer")
+                    _loss_check(lv, first, cfg, f"block-wise layer {i} step {step}",
+                                "nothing was folded for this layer")
                 except TrainingDiverged as e:
                     e.steps = step
                     raise

@@ -179,8 +179,9 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
     if curves:
         by_id = {t.trial_id: t for t in trials}
         keys = independent(axes, rows) or axes
-        crows = sorted(({"trial": by_id[tid].short, **{k: by_id[tid].params.get(k) for k in keys}, "status": by_id[tid].status,
-                         "mode": c.mode, "steps": c.steps, "first loss": c.first, "last loss": c.last, "late change": c.late_change}
+        crows = sorted(({"trial": by_id[tid].short, **{k: by_id[tid].params.get(k) for k in keys},
+                         "status": by_id[tid].status, "mode": c.mode, "steps": c.steps, "first loss": c.first,
+                         "last loss": c.last, "late change": c.late_change}
                         for tid, c in curves.items()), key=lambda r: tuple(sort_key(r.get(k)) for k in keys))
         blocks += [Heading("Training loss"),
                    Para("From the per-step losses in MLflow. `last loss`: mean of the last tenth of the steps "
