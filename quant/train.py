@@ -236,8 +236,9 @@ def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, c
         last = None
         off = training_float_sites(decoder_layers(model)[i], cfg.train_float)
         if total:
-            init, rng = learn.state_dict(), gen.get_state()
             retries = getattr(cfg, "layer_retries", 0)
+            # what a retry starts over from (only kept when retries are allowed)
+            init, rng = (learn.state_dict(), gen.get_state()) if retries else (None, None)
             for attempt in range(retries + 1):
                 try:
                     last, graphs_i = _train_layer(i, runner, learn, h_q, out_fp, cfg, total, steps_per_epoch, gen,

@@ -29,7 +29,7 @@ class Curve:
 def _tenths(values: list[float]) -> tuple[float, float | None]:
     k = max(1, len(values) // 10)
     last = statistics.fmean(values[-k:])
-    if len(values) < 2 * k or len(values) < 2:
+    if len(values) < 2:  # from two values on there are always two tenths of k
         return last, None
     before = statistics.fmean(values[-2 * k:-k])
     return last, (last / before - 1.0 if before else None)

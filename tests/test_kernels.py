@@ -14,6 +14,20 @@ from quant.quantizer import QSpec, fake_quant, qparams_from_minmax
 
 
 @pytest.fixture
+def calls(monkeypatch):
+    """Counts the kernel calls, so a test fails if the fused path is silently not taken."""
+    n = {"forward": 0, "backward": 0}
+    for name in n:
+        real = getattr(kernels, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            n[_name] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(kernels, name, spy)
+    return n
+
+
+@pytest.fixture
 def torch_path(monkeypatch):
     def run(fn):
         monkeypatch.setattr(kernels, "ENABLED", False)
@@ -47,19 +61,20 @@ def _inputs(shape, spec, per_channel, transpose, seed=0):
 
 
 @pytest.mark.parametrize("shape,spec,per_channel,transpose", CASES)
-def test_training_node_is_bit_identical_to_the_torch_path(shape, spec, per_channel, transpose, torch_path):
+def test_training_node_is_bit_identical_to_the_torch_path(shape, spec, per_channel, transpose, torch_path, calls):
     x, s0, o0, up = _inputs(shape, spec, per_channel, transpose)
-    assert kernels.usable(x, s0)
+    assert kernels.usable(x, s0) and x.is_contiguous() != transpose
 
     def run():
-        xi, s, o = (v.clone().requires_grad_(True) for v in (x, s0, o0))
-        if transpose:
-            xi = x.clone().requires_grad_(True)
+        xi, s, o = (v.clone().requires_grad_(True) for v in (x, s0, o0))  # clone keeps a view's strides
         y = fake_quant(xi, s, o, spec)
         (y * up).sum().backward()
         return y.detach(), xi.grad, s.grad, o.grad
 
-    fused, ref = run(), torch_path(run)
+    fused = run()
+    assert calls == {"forward": 1, "backward": 1}
+    ref = torch_path(run)
+    assert calls == {"forward": 1, "backward": 1}
     assert torch.equal(fused[0], ref[0]) and torch.equal(fused[1], ref[1])
     assert 0 < (fused[1] == 0).float().mean() < 0.6  # both clipped and unclipped values are present
     for a, b in ((fused[2], ref[2]), (fused[3], ref[3])):  # sums with cancellation: bound by the largest
@@ -67,11 +82,12 @@ def test_training_node_is_bit_identical_to_the_torch_path(shape, spec, per_chann
 
 
 @pytest.mark.parametrize("shape,spec,per_channel,transpose", CASES)
-def test_inference_path_is_bit_identical_in_place_or_not(shape, spec, per_channel, transpose, torch_path):
+def test_inference_path_is_bit_identical_in_place_or_not(shape, spec, per_channel, transpose, torch_path, calls):
     x, s, o, _ = _inputs(shape, spec, per_channel, transpose, seed=1)
     with torch.no_grad():
         ref = torch_path(lambda: fake_quant(x, s, o, spec))
-        assert torch.equal(fake_quant(x, s, o, spec), ref)
+        assert calls["forward"] == 0
+        assert torch.equal(fake_quant(x, s, o, spec), ref) and calls["forward"] == 1
         y = x.clone()
         out = fake_quant(y, s, o, spec, inplace=True)
         assert torch.equal(out, ref)
