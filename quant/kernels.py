@@ -79,7 +79,29 @@ def _compile():
             gs_rows[r] = acc_s
             gout_rows[r] = acc_o
 
-    return forward_div, forward_mul, backward
+    @jit
+    def let_forward(w, col, row, y):
+        rows, cols = w.shape
+        for r in range(rows):
+            rr = row[r]
+            for c in range(cols):
+                y[r, c] = (w[r, c] * col[c]) / rr
+
+    @jit_sum
+    def let_backward(w, g, col, row, gcol, grow):
+        # y = (w * col) / row: dy/dcol = w / row, dy/drow = -(w * col) / row^2, summed over rows and columns
+        rows, cols = w.shape
+        zero = np.float32(0.0)
+        for r in range(rows):
+            rr = row[r]
+            acc = zero
+            for c in range(cols):
+                gg = g[r, c]
+                acc += gg * (w[r, c] * col[c])
+                gcol[c] += (gg / rr) * w[r, c]
+            grow[r] = -acc / (rr * rr)
+
+    return forward_div, forward_mul, backward, let_forward, let_backward
 
 
 def _kernels():
@@ -124,7 +146,7 @@ def forward(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: in
     torch path does; ``out`` may be ``x`` itself when ``x`` is contiguous."""
     rows, per = as_rows(x, scale.numel())
     y = torch.empty_like(rows) if out is None else out.view(rows.shape)
-    fwd_div, fwd_mul, _ = _kernels()
+    fwd_div, fwd_mul = _kernels()[:2]
     s, o = _vec(scale), _vec(offset)
     lo, hi = np.float32(qmin), np.float32(qmax)
     if reciprocal:
@@ -147,3 +169,27 @@ def backward(x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, offset: torc
     gs = gs_rows.reshape(n, -1).sum(1)
     go = -gout_rows.reshape(n, -1).sum(1) * s.astype(np.float64)
     return gx.view(x.shape), torch.from_numpy(gs.astype(np.float32)), torch.from_numpy(go.astype(np.float32))
+
+
+def let_usable(w: torch.Tensor, col: torch.Tensor | None, row: torch.Tensor | None) -> bool:
+    """A frozen 2-D float32 CPU weight scaled per column and per row by float32 vectors."""
+    return (ENABLED and w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
+            and not w.requires_grad
+            and all(v is None or (v.dtype == torch.float32 and v.device.type == "cpu" and v.dim() == 1)
+                    for v in (col, row)))
+
+
+def let_forward(w: torch.Tensor, col: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """``(w * col) / row[:, None]`` in one pass, bit-identical to those two torch operations."""
+    wc = w.contiguous()
+    y = torch.empty_like(wc)
+    _kernels()[3](_np(wc), _vec(col), _vec(row), _np(y))
+    return y
+
+
+def let_backward(w: torch.Tensor, g: torch.Tensor, col: torch.Tensor, row: torch.Tensor):
+    """``(grad_col, grad_row)`` of ``let_forward`` in one pass over ``w`` and ``g``."""
+    gcol = np.zeros(w.shape[1], np.float32)
+    grow = np.empty(w.shape[0], np.float32)
+    _kernels()[4](_np(w.contiguous()), _np(g.contiguous()), _vec(col), _vec(row), gcol, grow)
+    return torch.from_numpy(gcol), torch.from_numpy(grow)

@@ -11,6 +11,7 @@ import torch
 
 from quant import kernels
 from quant.quantizer import QSpec, fake_quant, qparams_from_minmax
+from quant.sim import _LetScale
 
 
 @pytest.fixture
@@ -133,3 +134,26 @@ def test_nan_propagates_so_divergence_is_caught():
     assert torch.isnan(y[0, 0]) and y[0, 2].item() == pytest.approx(1.27) and y[0, 3].item() == pytest.approx(-1.28)
     xi = x.clone().requires_grad_(True)
     assert torch.isnan(fake_quant(xi, s.clone().requires_grad_(True), o, spec)[0, 0])
+
+
+@pytest.mark.parametrize("which", ["both", "col", "row"])
+def test_let_reparametrisation_matches_the_torch_operations(which):
+    """``(w * col) / row[:, None]``: the forward bit-identical to the two torch operations (a missing side
+    is ones, which is exact), the scale gradients equal to torch autograd's up to summation order."""
+    g = torch.Generator().manual_seed(3)
+    w, up = torch.randn(96, 200, generator=g), torch.randn(96, 200, generator=g)
+    col0 = 0.5 + torch.rand(200, generator=g) if which != "row" else torch.ones(200)
+    row0 = 0.5 + torch.rand(96, generator=g) if which != "col" else torch.ones(96)
+    assert kernels.let_usable(w, col0, row0) and not kernels.let_usable(w.double(), col0, row0)
+    assert not kernels.let_usable(w.clone().requires_grad_(True), col0, row0)  # a trained weight: torch ops
+
+    def run(fused):
+        col, row = (v.clone().requires_grad_(True) for v in (col0, row0))
+        y = _LetScale.apply(w, col, row) if fused else (w * col) / row.unsqueeze(-1)
+        (y * up).sum().backward()
+        return y.detach(), col.grad, row.grad
+
+    fused, ref = run(True), run(False)
+    assert torch.equal(fused[0], ref[0])
+    for a, b in zip(fused[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))

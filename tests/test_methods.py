@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from quant import CalibConfig, load_model, quantize
+from quant import CalibConfig, kernels, load_model, quantize
 from quant.equiv import layer_pairs
 from quant.learn import attach, fold
 from quant.layers import LayerRunner
@@ -14,7 +14,7 @@ from quant.methods.smoothquant import smooth
 from quant.quantizer import fake_quant, qparams_from_minmax
 from quant.sim import calibrate_activations, calibrate_weights, quantizers, simulate
 from quant.stats import ActStats, collect
-from quant.train import CheckpointMismatch, TrainingDiverged
+from quant.train import CheckpointMismatch, TrainingDiverged, freeze_model
 
 from .conftest import ARCH_MODELS
 
@@ -81,8 +81,12 @@ def test_lwc_at_init_is_minmax_clipping_scaled_by_sigmoid(small_ids):
     assert torch.equal(lin._quantized_weight().detach(), rtn_w)
 
 
-def test_gradients_reach_every_let_lwc_and_range_parameter(small_ids):
+def test_gradients_reach_every_let_lwc_and_range_parameter(small_ids, monkeypatch):
     _, cal = small_ids["smollm2-135m"]
+    fused = []  # passes of the fused LET loops (quant.kernels) rather than torch ops
+    for name in ("let_forward", "let_backward"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name: fused.append(_n) or _r(*a))
     lm = load_model("smollm2-135m", num_layers=2)
     simulate(lm.model, "w8a8")
     calibrate_weights(lm.model)
@@ -91,11 +95,15 @@ def test_gradients_reach_every_let_lwc_and_range_parameter(small_ids):
         for q in quantizers(lm.model, "act").values():
             q.set_qparams(q.scale * 0.5, q.offset)
     learn = attach(lm.model, pairs="modified", lwc=True, lrl=True)
+    freeze_model(lm.model, learn)  # as training does
     runner = LayerRunner(lm.model)
     with torch.no_grad():
         target = runner.stack(runner.embed(cal[:1])) + 0.01
+    fused.clear()
     loss = torch.nn.functional.mse_loss(runner.stack(runner.embed(cal[:1])), target)
     loss.backward()
+    # q, k, v, o, gate, up and down in each of the 2 layers, forward and backward; the norms' gains are 1-D
+    assert sorted(fused) == ["let_backward"] * 14 + ["let_forward"] * 14
     counts = learn.counts()
     assert counts["let"] == 2 * (576 + 576 + 192 + 1536)  # qkv, fc1, out (3 kv heads x 64), fc2 per layer
     assert len(learn.lrl) == 2 * 2 * len([q for q in quantizers(lm.model, "act").values()]) // 2
