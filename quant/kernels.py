@@ -1,4 +1,5 @@
-"""Fused CPU kernels for fake quantization, compiled with numba: one pass where torch needs six to ten.
+"""Fused CPU kernels for fake quantization and the LET reparametrisation, compiled with numba: one pass
+where torch needs several.
 
 Fake quantization is element-wise and memory-bound, and the simulator runs it about 20 times per decoder
 layer. As torch operations each step is its own pass over the tensor (divide, round, add, clamp, compare,
@@ -15,12 +16,16 @@ to it; the scale and offset gradients differ only in summation order.
 A tensor is seen as rows: ``scale[r // rows_per_scale]`` applies to row ``r``. Per-tensor: any row
 split and ``rows_per_scale`` = rows; per-channel along axis 0: one row per channel.
 
+The LET loops compute a frozen weight's effective value ``(w * col) / row[:, None]`` (bit-identical to
+those two torch operations) and, backward, both scale gradients in one pass over ``w`` and ``g``.
+
 ``MQFARM_KERNELS=torch`` (or ``kernels.ENABLED = False``) uses the torch path instead.
 """
 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -101,7 +106,8 @@ def _compile():
                 gcol[c] += (gg / rr) * w[r, c]
             grow[r] = -acc / (rr * rr)
 
-    return forward_div, forward_mul, backward, let_forward, let_backward
+    return SimpleNamespace(forward_div=forward_div, forward_mul=forward_mul, backward=backward,
+                           let_forward=let_forward, let_backward=let_backward)
 
 
 def _kernels():
@@ -146,13 +152,13 @@ def forward(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: in
     torch path does; ``out`` may be ``x`` itself when ``x`` is contiguous."""
     rows, per = as_rows(x, scale.numel())
     y = torch.empty_like(rows) if out is None else out.view(rows.shape)
-    fwd_div, fwd_mul = _kernels()[:2]
+    k = _kernels()
     s, o = _vec(scale), _vec(offset)
     lo, hi = np.float32(qmin), np.float32(qmax)
     if reciprocal:
-        fwd_mul(_np(rows), _vec(1.0 / scale), s, o, per, lo, hi, _np(y))
+        k.forward_mul(_np(rows), _vec(1.0 / scale), s, o, per, lo, hi, _np(y))
     else:
-        fwd_div(_np(rows), s, o, per, lo, hi, _np(y))
+        k.forward_div(_np(rows), s, o, per, lo, hi, _np(y))
     return y.view(x.shape)
 
 
@@ -165,7 +171,7 @@ def backward(x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, offset: torc
     gs_rows = np.empty(rows.shape[0], np.float64)
     gout_rows = np.empty(rows.shape[0], np.float64)
     s, o = _vec(scale), _vec(offset)
-    _kernels()[2](_np(rows), _np(grows), s, o, per, np.float32(qmin), np.float32(qmax), _np(gx), gs_rows, gout_rows)
+    _kernels().backward(_np(rows), _np(grows), s, o, per, np.float32(qmin), np.float32(qmax), _np(gx), gs_rows, gout_rows)
     gs = gs_rows.reshape(n, -1).sum(1)
     go = -gout_rows.reshape(n, -1).sum(1) * s.astype(np.float64)
     return gx.view(x.shape), torch.from_numpy(gs.astype(np.float32)), torch.from_numpy(go.astype(np.float32))
@@ -183,7 +189,7 @@ def let_forward(w: torch.Tensor, col: torch.Tensor, row: torch.Tensor) -> torch.
     """``(w * col) / row[:, None]`` in one pass, bit-identical to those two torch operations."""
     wc = w.contiguous()
     y = torch.empty_like(wc)
-    _kernels()[3](_np(wc), _vec(col), _vec(row), _np(y))
+    _kernels().let_forward(_np(wc), _vec(col), _vec(row), _np(y))
     return y
 
 
@@ -191,5 +197,5 @@ def let_backward(w: torch.Tensor, g: torch.Tensor, col: torch.Tensor, row: torch
     """``(grad_col, grad_row)`` of ``let_forward`` in one pass over ``w`` and ``g``."""
     gcol = np.zeros(w.shape[1], np.float32)
     grow = np.empty(w.shape[0], np.float32)
-    _kernels()[4](_np(w.contiguous()), _np(g.contiguous()), _vec(col), _vec(row), gcol, grow)
+    _kernels().let_backward(_np(w.contiguous()), _np(g.contiguous()), _vec(col), _vec(row), gcol, grow)
     return torch.from_numpy(gcol), torch.from_numpy(grow)
