@@ -7,7 +7,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .device_metrics import DeviceResult, device_results
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a report reads one recipe per corpus
 
 
 @dataclass
@@ -20,6 +23,12 @@ class TrialRun:
     run_id: str = ""
     start_ms: int = 0
     executions: int = 1              # MLflow runs recorded for this trial (failed attempts, resumed sweeps)
+    experiment_id: str = ""
+
+    @property
+    def devices(self) -> dict[str, DeviceResult]:
+        """Its measurements per device (``reports.device_metrics``), by device name."""
+        return device_results(self.metrics, self.tags)
 
     @property
     def short(self) -> str:
@@ -72,5 +81,6 @@ def load_trials(sweep: str, tracking_uri: str) -> list[TrialRun]:
                 continue
         by_trial[tid] = TrialRun(
             tid, r.info.status, {k: parse_param(v) for k, v in r.data.params.items()}, dict(r.data.metrics),
-            dict(r.data.tags), r.info.run_id, r.info.start_time or 0, seen.executions if seen else 1)
+            dict(r.data.tags), r.info.run_id, r.info.start_time or 0, seen.executions if seen else 1,
+            r.info.experiment_id)
     return sorted(by_trial.values(), key=lambda t: t.start_ms)

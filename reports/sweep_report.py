@@ -1,10 +1,14 @@
-"""The report of one sweep: every trial with its metrics and ratio to FP, a pivot over the training
-budget when one varies (the scaling study's table), a plot of quality against calibration samples, and
-the training curves (``reports.training``).
+"""The report of one sweep, in the order a reader asks: how much quality does each method keep (the
+ratio-to-FP bars), the summary in the paper's shape (model x scheme x method: perplexity, ratio to FP, task
+accuracies, per device prefill latency, decode tokens/s, energy per token; best of each column
+highlighted), the quality/latency/energy Pareto view, every device measurement, every trial, the pivot over
+the training budget and the plot against calibration samples (a scaling study), the training curves
+(``reports.training``), the failed trials with their errors, and the provenance (``reports.provenance``).
 
-Written as ``report.md`` and ``report.html`` (plus ``ppl_vs_samples.png``, ``training_loss.png`` and
-``trials.json``) in ``out_dir``; the axes are
-found from the runs themselves (the params that vary), so any sweep gets a sensible report.
+Written as ``report.md`` and a self-contained ``report.html`` (the same blocks; images embedded), plus the
+PNGs and ``trials.json`` in ``out_dir``. The axes are found from the runs themselves (the params that
+vary), so any sweep gets a sensible report. When the tracking URI is an http(s) server every trial links
+to its run in the MLflow UI.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ import json
 import time
 from pathlib import Path
 
+from . import fmt
+from . import plots
+from .provenance import provenance_blocks
+from .render import Heading, Image, Link, Para, Table, to_html, to_markdown
 from .runs import TrialRun, load_trials
-from .render import Heading, Image, Para, Table, to_html, to_markdown
+from .summary import device_table, pareto_points, pareto_table, summary
 from .tables import cell, pivot, sort_key
 from .training import load_curves
 from .training import plot as plot_curves
@@ -76,10 +84,25 @@ def _fp_reference(trials: list[TrialRun], metric: str) -> dict:
     return out
 
 
-def rows_of(trials: list[TrialRun], axes: list[str], metric: str | None, fp: dict) -> list[dict]:
+def run_link(tracking_uri: str):
+    """``trial -> URL of its run in the MLflow UI`` when the store is an http(s) server, else None."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    base = tracking_uri.rstrip("/")
+    return lambda t: f"{base}/#/experiments/{t.experiment_id}/runs/{t.run_id}"
+
+
+def _trial_cell(t: TrialRun, link):
+    return Link(t.short, link(t)) if link else t.short
+
+
+TRIAL_FORMATS = {"vs fp": fmt.ratio, "quantize s": fmt.duration, "total s": fmt.duration}
+
+
+def rows_of(trials: list[TrialRun], axes: list[str], metric: str | None, fp: dict, link=None) -> list[dict]:
     rows = []
     for t in trials:
-        r = {"trial": t.short, "status": t.status, **{k: t.params.get(k) for k in axes}}
+        r = {"trial": _trial_cell(t, link), "status": t.status, **{k: t.params.get(k) for k in axes}}
         if metric and metric in t.metrics:
             r[metric] = t.metrics[metric]
             ref = fp.get((t.params.get("model"), t.params.get("layers")))
@@ -122,6 +145,22 @@ def _plot(rows: list[dict], x: str, lines: list[str], path: Path, title: str) ->
     return True
 
 
+def failed_blocks(trials: list[TrialRun], axes: list[str], link=None) -> list:
+    """The trials whose newest run did not finish, with the error each recorded (the first line; the full
+    traceback is the run's ``trial/error.txt`` artifact)."""
+    bad = [t for t in trials if t.status in ("FAILED", "KILLED")]
+    if not bad:
+        return []
+    rows = [{"trial": _trial_cell(t, link), **{k: t.params.get(k) for k in axes}, "status": t.status,
+             "kind": t.tags.get("error_kind") or None, "runs": t.executions,
+             "error": (t.tags.get("error") or t.tags.get("farm_note") or "(no error recorded)").splitlines()[0][:500]}
+            for t in bad]
+    rows.sort(key=lambda r: tuple(sort_key(r.get(k)) for k in axes))
+    return [Heading("Failed trials"),
+            Para(f"{len(bad)} trial(s) without a finished run; `runs` counts every MLflow run of the trial."),
+            Table(rows, ["trial", *axes, "status", "kind", "runs", "error"], css="failed")]
+
+
 def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: str | None = None,
                  x: str | None = None) -> Path:
     """Build the report of ``sweep`` from MLflow into ``out_dir``; returns the path of ``report.md``.
@@ -131,10 +170,11 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
     trials = load_trials(sweep, tracking_uri)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    link = run_link(tracking_uri)
     axes = varying(trials)
     metric = primary_metric(trials)
     fp = _fp_reference(trials, metric) if metric else {}
-    rows = rows_of(trials, axes, metric, fp)
+    rows = rows_of(trials, axes, metric, fp, link)
     counts: dict = {}
     for t in trials:
         counts[t.status] = counts.get(t.status, 0) + 1
@@ -150,10 +190,35 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
             fp.items(), key=lambda kv: tuple(sort_key(v) for v in kv[0])))
         blocks.append(Para(f"Metric: `{metric}`, lower is better; `vs fp` divides by the FP trial of the same "
                            f"model ({refs or 'no FP trial finished'})."))
+
+    summ = summary(trials, metric, fp, link)
+    if plots.ratio_bars(summ.rows, out / "ratio_to_fp.png", f"{sweep}: {metric or 'perplexity'} relative to FP"):
+        blocks += [Heading("Ratio to FP"), Image("ratio_to_fp.png", "ratio to FP per method and scheme")]
+    if summ.rows:
+        multi = "trials" in summ.table.columns
+        blocks += [Heading("Summary"),
+                   Para("One row per model, scheme and method" + (
+                        " (the best trial of each by the metric; `trials` says of how many)" if multi else "")
+                        + ". Bold: the best value of the column among the quantized rows. Devices: prefill "
+                        "latency in ms (median), decode tokens/s, energy in mJ per token."),
+                   summ.table]
+    points = pareto_points(summ)
+    if plots.pareto(points, out / "pareto.png", f"{sweep}: quality against latency and energy"):
+        blocks += [Heading("Quality, latency and energy"),
+                   Para("Each point is a summary row on one device; the frontier joins the rows no other row "
+                        "beats on both axes. `on frontier`: no other row is at least as good on the ratio, the "
+                        "prefill latency and (where every row has it) the energy, and better on one."),
+                   Image("pareto.png", "Pareto plot of quality against latency and energy"), pareto_table(points)]
+    dev = device_table(trials, link)
+    if dev is not None:
+        blocks += [Heading("Device measurements"),
+                   Para("Every trial on every device: median prefill latency with its bootstrap confidence "
+                        "interval (ms), decode tokens/s, energy per token (mJ)."), dev]
+
     cols = ["trial", *axes] + ([metric, "vs fp"] if metric else []) + ["quantize s", "total s", "status"]
     if any("error" in r for r in rows):
         cols.append("error")
-    blocks += [Heading("Trials"), Table(rows, cols)]
+    blocks += [Heading("Trials"), Table(rows, cols, formats=TRIAL_FORMATS, css="trials")]
 
     column = columns or next((c for c in BUDGET_COLUMNS if c in axes), None)
     quantized = [r for r in rows if r.get("status") == "FINISHED" and r.get("method") != FLOAT_METHOD
@@ -166,8 +231,11 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
         # methods without the key (SmoothQuant has no epochs) get their own column: the untrained start
         table, values = pivot(cells, index, column, "vs fp")
         short = column.split(".")[-1]
+        value_cols = [(column, v) for v in values]
         headers = {(column, v): f"{short} {cell(v)}" if v is not None else f"(no {short})" for v in values}
-        blocks += [Heading(f"Ratio to FP by {column}"), Table(table, index + [(column, v) for v in values], headers)]
+        blocks += [Heading(f"Ratio to FP by {column}"),
+                   Table(table, index + value_cols, headers, formats={c: fmt.ratio for c in value_cols},
+                         css="pivot")]
 
     xk = x or (SAMPLES if SAMPLES in axes else None)
     if xk and quantized:
@@ -179,7 +247,7 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
     if curves:
         by_id = {t.trial_id: t for t in trials}
         keys = independent(axes, rows) or axes
-        crows = sorted(({"trial": by_id[tid].short, **{k: by_id[tid].params.get(k) for k in keys},
+        crows = sorted(({"trial": _trial_cell(by_id[tid], link), **{k: by_id[tid].params.get(k) for k in keys},
                          "status": by_id[tid].status, "mode": c.mode, "steps": c.steps, "first loss": c.first,
                          "last loss": c.last, "late change": c.late_change}
                         for tid, c in curves.items()), key=lambda r: tuple(sort_key(r.get(k)) for k in keys))
@@ -188,15 +256,19 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
                         "(block-wise: of the last layer's). `late change`: that mean over the mean of the tenth "
                         "before, minus one; negative means the loss was still falling when training stopped "
                         "(block-wise: the median over layers)."),
-                   Table(crows, ["trial", *keys, "mode", "steps", "first loss", "last loss", "late change", "status"])]
+                   Table(crows, ["trial", *keys, "mode", "steps", "first loss", "last loss", "late change", "status"],
+                         css="training")]
         labels = {tid: ", ".join(f"{k.split('.')[-1]}={by_id[tid].params.get(k)}" for k in keys) for tid in curves}
         if plot_curves(curves, labels, out / "training_loss.png", sweep):
             blocks.append(Image("training_loss.png", "training loss"))
 
+    blocks += failed_blocks(trials, axes, link)
+    blocks += provenance_blocks(trials, tracking_uri)
+
     (out / "trials.json").write_text(json.dumps([{"trial_id": t.trial_id, "status": t.status, "params": t.params,
                                                   "metrics": t.metrics, "executions": t.executions}
                                                  for t in trials], indent=1, default=str))
-    (out / "report.html").write_text(to_html(blocks, f"Sweep report: {sweep}"))
+    (out / "report.html").write_text(to_html(blocks, f"Sweep report: {sweep}", base=out))
     path = out / "report.md"
     path.write_text(to_markdown(blocks))
     return path

@@ -1,23 +1,25 @@
-"""Markdown tables and a pivot, for reports (no pandas needed for tables this small)."""
+"""Markdown tables and a pivot, for reports (no pandas needed for tables this small). Cell text comes
+from ``reports.fmt``."""
 
 from __future__ import annotations
 
+from .fmt import number
+
 
 def cell(v, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.3e}"
-    return str(v)
+    return number(v, digits)
+
+
+def md_escape(text: str) -> str:
+    """A cell's text made safe inside a Markdown table row (a ``|`` or a newline would split it)."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def markdown(rows: list[dict], columns: list[str], headers: dict | None = None) -> str:
     headers = headers or {}
-    out = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |",
+    out = ["| " + " | ".join(str(headers.get(c, c)) for c in columns) + " |",
            "|" + "|".join("---" for _ in columns) + "|"]
-    out += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    out += ["| " + " | ".join(md_escape(cell(r.get(c))) for c in columns) + " |" for r in rows]
     return "\n".join(out)
 
 

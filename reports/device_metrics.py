@@ -1,0 +1,76 @@
+"""The device measurements of a trial as they land in its MLflow run: the one place that knows their names.
+
+Metrics, per device ``<d>`` (the pool's device name, e.g. ``host``, ``pixel8-1``):
+
+* ``device/<d>/prefill_ms``: median prefill latency in milliseconds, with its bootstrap confidence
+  interval ``device/<d>/prefill_ms_ci_low`` and ``device/<d>/prefill_ms_ci_high``;
+* ``device/<d>/decode_tok_s``: decode tokens per second;
+* ``device/<d>/energy_mj_per_tok``: energy per generated token in millijoules.
+
+Tags ``device/<d>/model``, ``/soc``, ``/os_build``, ``/runtime`` identify the device, and
+``device/<d>/latency_meaningful`` is ``"false"`` for a device whose times are not latency (the QNN HTP
+emulator runs the NPU's arithmetic at emulation speed): reports never tabulate or plot those times.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+PREFIX = "device/"
+PREFILL_MS, PREFILL_CI_LOW, PREFILL_CI_HIGH = "prefill_ms", "prefill_ms_ci_low", "prefill_ms_ci_high"
+DECODE_TOK_S = "decode_tok_s"
+ENERGY_MJ_PER_TOK = "energy_mj_per_tok"
+METRICS = (PREFILL_MS, PREFILL_CI_LOW, PREFILL_CI_HIGH, DECODE_TOK_S, ENERGY_MJ_PER_TOK)
+IDENTITY_TAGS = ("model", "soc", "os_build", "runtime")
+LATENCY_MEANINGFUL = "latency_meaningful"
+
+# the device name may hold "/" or ":" ("aihub:Galaxy S24"), so the known suffix anchors the split
+_METRIC = re.compile(rf"^{re.escape(PREFIX)}(?P<device>.+)/(?P<name>{'|'.join(METRICS)})$")
+_TAG = re.compile(rf"^{re.escape(PREFIX)}(?P<device>.+)/(?P<name>{'|'.join(IDENTITY_TAGS + (LATENCY_MEANINGFUL,))})$")
+
+
+def metric_key(device: str, name: str) -> str:
+    """The MLflow metric (or tag) key of ``name`` on ``device``."""
+    return f"{PREFIX}{device}/{name}"
+
+
+@dataclass
+class DeviceResult:
+    """One trial's numbers on one device (``None``: not measured)."""
+    device: str
+    prefill_ms: float | None = None
+    prefill_ci_low: float | None = None
+    prefill_ci_high: float | None = None
+    decode_tok_s: float | None = None
+    energy_mj_per_tok: float | None = None
+    latency_meaningful: bool = True
+    identity: dict = field(default_factory=dict)  # model, soc, os_build, runtime (those that were tagged)
+
+
+_FIELD = {PREFILL_MS: "prefill_ms", PREFILL_CI_LOW: "prefill_ci_low", PREFILL_CI_HIGH: "prefill_ci_high",
+          DECODE_TOK_S: "decode_tok_s", ENERGY_MJ_PER_TOK: "energy_mj_per_tok"}
+
+
+def device_results(metrics: dict, tags: dict) -> dict[str, DeviceResult]:
+    """The per-device results in one run's ``metrics`` and ``tags``, by device name."""
+    out: dict[str, DeviceResult] = {}
+    for k, v in metrics.items():
+        m = _METRIC.match(k)
+        if m:
+            r = out.setdefault(m["device"], DeviceResult(m["device"]))
+            setattr(r, _FIELD[m["name"]], float(v))
+    for k, v in tags.items():
+        m = _TAG.match(k)
+        if not m:
+            continue
+        r = out.setdefault(m["device"], DeviceResult(m["device"]))
+        if m["name"] == LATENCY_MEANINGFUL:
+            r.latency_meaningful = str(v).strip().lower() not in ("false", "0", "no")
+        else:
+            r.identity[m["name"]] = str(v)
+    return out
+
+
+def is_device_key(key: str) -> bool:
+    return key.startswith(PREFIX)

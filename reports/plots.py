@@ -1,0 +1,126 @@
+"""The report's pictures (PNG, matplotlib's Agg backend): the ratio to FP per method and scheme, and the
+quality/latency/energy Pareto view per device. Value labels use ``reports.fmt``, as the tables do.
+Each function returns False and writes nothing when there is nothing to draw."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import fmt
+from .summary import RATIO, ParetoPoint, _is_fp
+from .tables import sort_key
+
+DPI = 110
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def ratio_bars(rows: list[dict], path: Path, title: str) -> bool:
+    """Grouped bars, one panel per model: methods along x, one bar per scheme, height = ratio to FP (the
+    dashed line at 1 is FP). A log axis when ratios span more than 20x (a diverged run would flatten the
+    rest)."""
+    pts = [r for r in rows if r.get(RATIO) is not None and not _is_fp(r)]
+    if not pts:
+        return False
+    plt = _pyplot()
+    models = sorted({(r["model"], r.get("layers")) for r in pts}, key=lambda m: tuple(sort_key(v) for v in m))
+    schemes = sorted({r["scheme"] for r in pts}, key=sort_key)
+    fig, axes = plt.subplots(1, len(models), figsize=(max(5.0, 1.3 * len(schemes) * 3) * len(models) ** 0.5 + 2,
+                                                      4.0), dpi=DPI, squeeze=False)
+    ratios = [r[RATIO] for r in pts]
+    log = max(ratios) / max(min(ratios), 1e-9) > 20
+    colours = plt.get_cmap("tab10")
+    for ax, (model, layers) in zip(axes[0], models):
+        mine = [r for r in pts if (r["model"], r.get("layers")) == (model, layers)]
+        methods = sorted({r["method"] for r in mine}, key=sort_key)
+        width = 0.8 / len(schemes)
+        for si, scheme in enumerate(schemes):
+            xs, hs = [], []
+            for mi, method in enumerate(methods):
+                hit = [r[RATIO] for r in mine if r["scheme"] == scheme and r["method"] == method]
+                if hit:
+                    xs.append(mi - 0.4 + width * (si + 0.5))
+                    hs.append(hit[0])
+            if not xs:
+                continue
+            bars = ax.bar(xs, hs, width * 0.92, label=scheme, color=colours(si % 10))
+            ax.bar_label(bars, labels=[fmt.ratio(h) for h in hs], fontsize=7, padding=2)
+        ax.axhline(1.0, color="#444", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(methods)), methods)
+        ax.set_ylabel("perplexity / FP perplexity")
+        if log:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, max(r[RATIO] for r in mine) * 1.15)
+        ax.set_title(f"{model}" + ("" if layers is None else f" ({layers} layers)"), fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(title="scheme", fontsize=8, title_fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _front(ax, pts: list[ParetoPoint], x, on) -> None:
+    front = sorted((p for p in pts if on(p)), key=lambda p: (x(p), p.ratio))
+    if front:
+        ax.step([x(p) for p in front], [p.ratio for p in front], where="post", color="#c0392b", linewidth=1.5,
+                label="Pareto frontier", zorder=1)
+        ax.scatter([x(p) for p in front], [p.ratio for p in front], s=160, facecolors="none",
+                   edgecolors="#c0392b", linewidths=1.5, zorder=3)
+        for p in front:
+            ax.annotate(p.label, (x(p), p.ratio), textcoords="offset points", xytext=(6, 6), fontsize=7)
+
+
+def pareto(points: dict[str, list[ParetoPoint]], path: Path, title: str) -> bool:
+    """Per device a row: ratio to FP against prefill latency and, where measured, against energy per
+    token; colour = method, marker = scheme, the frontier drawn and its points ringed and named."""
+    devices = [d for d, pts in points.items() if pts]
+    if not devices:
+        return False
+    plt = _pyplot()
+    panels = 2 if any(p.energy is not None for d in devices for p in points[d]) else 1
+    fig, axes = plt.subplots(len(devices), panels, figsize=(5.4 * panels + 1.6, 3.8 * len(devices)), dpi=DPI,
+                             squeeze=False)
+    all_pts = [p for d in devices for p in points[d]]
+    methods = sorted({p.row["method"] for p in all_pts}, key=sort_key)
+    schemes = sorted({p.row["scheme"] for p in all_pts}, key=sort_key)
+    colours, markers = plt.get_cmap("tab10"), "osD^vP*X"
+    for row_axes, d in zip(axes, devices):
+        pts = points[d]
+        specs = [("prefill latency (ms)", lambda p: p.prefill_ms, lambda p: p.on_latency_front)]
+        if panels == 2:
+            specs.append(("energy per token (mJ)", lambda p: p.energy, lambda p: p.on_energy_front))
+        for ax, (xlabel, x, on) in zip(row_axes, specs):
+            shown = [p for p in pts if x(p) is not None]
+            if not shown:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"{d}: not measured", ha="center", va="center", transform=ax.transAxes)
+                continue
+            for p in shown:
+                ax.scatter(x(p), p.ratio, color=colours(methods.index(p.row["method"]) % 10),
+                           marker=markers[schemes.index(p.row["scheme"]) % len(markers)], s=50, zorder=2)
+            _front(ax, shown, x, on)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("perplexity / FP perplexity")
+            ax.set_title(f"{d}: lower left is better", fontsize=10)
+            ax.grid(True, alpha=0.3)
+    handles = [plt.Line2D([], [], color=colours(i % 10), marker="o", linestyle="", label=m)
+               for i, m in enumerate(methods)]
+    handles += [plt.Line2D([], [], color="#555", marker=markers[i % len(markers)], linestyle="", label=s)
+                for i, s in enumerate(schemes)]
+    handles.append(plt.Line2D([], [], color="#c0392b", label="Pareto frontier"))
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
