@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import sweep_cli  # sweep, status, report, ui
 
     COMMANDS.update(sweep_cli.add_commands(sub))
+    from . import device_cli  # devices, bench
+
+    COMMANDS.update(device_cli.add_commands(sub))
     return parser
 
 

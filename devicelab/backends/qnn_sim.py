@@ -13,7 +13,10 @@ process, then ``SessionOptions.add_provider_for_devices(qnn_devices, {"backend_t
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -25,6 +28,19 @@ EP_NAME = "QNNExecutionProvider"
 SOCS = {"57": "SM8650", "43": "SM8550", "36": "SM8450"}  # QNN soc_model ids of the Snapdragon 8 Gen 3/2/1
 _lock = threading.Lock()
 _registered = False
+
+
+@contextmanager
+def _native_stdout_to_stderr():
+    """QNN's native libraries print banners on fd 1; they must not mix into a command's JSON on stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def qnn_ep_devices() -> list:
@@ -40,7 +56,8 @@ def qnn_ep_devices() -> list:
                 raise DeviceError(f"qnn-sim: onnxruntime-qnn is not installed ({e}); "
                                   "pip install 'mobilequant-farm[device]'") from None
             try:
-                ort.register_execution_provider_library(EP_NAME, onnxruntime_qnn.get_library_path())
+                with _native_stdout_to_stderr():
+                    ort.register_execution_provider_library(EP_NAME, onnxruntime_qnn.get_library_path())
             except Exception as e:  # registered already by someone else in this process
                 if "already" not in str(e).lower():
                     raise DeviceError(f"qnn-sim: cannot register the QNN execution provider: {e}") from e
@@ -85,7 +102,8 @@ class QnnSimDevice(Device):
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         so.add_provider_for_devices(qnn_ep_devices(), {"backend_type": "htp", "soc_model": self.soc_model,
                                                        "htp_arch": self.htp_arch})
-        return ort.InferenceSession(str(path), so)
+        with _native_stdout_to_stderr():
+            return ort.InferenceSession(str(path), so)
 
     def prepare(self, model: Path) -> PreparedExport:
         return prepare_export(Path(model), self.session, self.name)

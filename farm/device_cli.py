@@ -1,0 +1,146 @@
+"""The `farm devices` and `farm bench` subcommands (wired into farm/cli.py).
+
+    farm devices [--devices FILE] [--json]               # every device of the pool with its health
+    farm bench EXPORT --device NAME|KIND [--graph prefill|decode] [--repeats N] [--warmup N] [--tokens N]
+               [--json]                                   # the measurement protocol on one device
+
+The devices file is --devices, else $MQFARM_DEVICES, else ./devices.yaml, else the defaults (host, and
+qnn-sim where onnxruntime-qnn is installed); see docs/devices.md. Progress goes to stderr; the record to
+stdout (one JSON object per workload with --json).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+GRAPHS = ("prefill", "decode")
+
+
+def add_commands(sub) -> dict:
+    d = sub.add_parser("devices", help="list the device pool with each device's health")
+    d.add_argument("--devices", default=None, help="devices file (default $MQFARM_DEVICES or ./devices.yaml)")
+    d.add_argument("--json", action="store_true", help="one JSON object per device")
+
+    b = sub.add_parser("bench", help="measure an export folder on a device (latency, tokens/s, energy)")
+    b.add_argument("export", help="export folder (written by `farm export`)")
+    b.add_argument("--device", required=True, help="a device name from `farm devices`, or a kind: "
+                   "host, qnn-sim, adb, aihub (any available device of it)")
+    b.add_argument("--graph", choices=GRAPHS + ("both",), default="both",
+                   help="prefill (latency at the export's prompt length), decode (tokens/s), or both (default)")
+    b.add_argument("--repeats", type=int, default=20, help="timed runs (default 20)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    b.add_argument("--tokens", type=int, default=16, help="decode steps per timed run (default 16)")
+    b.add_argument("--threads", type=int, default=None, help="host: intra-op threads (default: the devices file's)")
+    b.add_argument("--allow-charging", action="store_true", help="phones: measure power while USB charges")
+    b.add_argument("--devices", default=None, help="devices file (default $MQFARM_DEVICES or ./devices.yaml)")
+    b.add_argument("--json", action="store_true", help="print each record as one JSON object")
+    return {"devices": cmd_devices, "bench": cmd_bench}
+
+
+def _fmt(v, unit: str = "", digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return f"{v:.{digits}f}{unit}" if isinstance(v, float) else f"{v}{unit}"
+
+
+def _gib(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f} GiB"
+
+
+def cmd_devices(args) -> int:
+    from devicelab import inventory
+    from devicelab.pool import Pool
+
+    from .cli import _print_table
+
+    inv = inventory.load(args.devices)
+    pool = Pool(inv)
+    rows = []
+    for e in inv.entries:
+        h = pool.health(e)
+        row = {"name": e.name, "kind": e.kind, "online": _fmt(h.online), "battery": _fmt(h.battery_pct, "%", 0),
+               "temp": _fmt(h.temperature_c, " C"), "charging": _fmt(h.charging), "free": _gib(h.free_storage_bytes),
+               "detail": h.detail}
+        if args.json:
+            print(json.dumps({"name": e.name, "kind": e.kind, "source": e.source, **h.to_dict()}, sort_keys=True))
+        rows.append(row)
+    if not args.json:
+        _print_table(rows, ["name", "kind", "online", "battery", "temp", "charging", "free", "detail"])
+        print(f"\ndevices file: {inv.path or 'none (defaults); see docs/devices.md'}; locks in {inv.lock_dir}")
+    return 0
+
+
+def _check_counts(args) -> None:
+    from .cli import UsageError
+
+    for flag in ("repeats", "tokens"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+
+
+def print_record(rec, file=None) -> None:
+    """A measurement for people: the identity, then median / p90 / CI (and what the numbers mean)."""
+    file = file or sys.stdout
+    d, w = rec.device, rec.workload
+    print(f"device   {d.name} ({d.kind}): {d.model}, {d.soc}; {d.runtime} {d.runtime_version}", file=file)
+    print(f"         {d.os_build}", file=file)
+    what = f"prefill of {w.prompt_len} tokens" if w.graph == "prefill" else f"decode, {w.tokens} steps per run"
+    print(f"workload {what}; {w.warmup} warm-up + {w.repeats} timed runs; model {rec.model_id}", file=file)
+    if rec.status != "ok":
+        print(f"FAILED   {rec.error}", file=file)
+        return
+    unit = "ms" if w.graph == "prefill" else "ms/token"
+    print(f"latency  median {rec.median_ms:.4g} {unit}  p90 {rec.p90_ms:.4g}  "
+          f"{rec.ci_level:.0%} CI of the median [{rec.ci_low_ms:.4g}, {rec.ci_high_ms:.4g}]", file=file)
+    if rec.tokens_per_s is not None:
+        print(f"decode   {rec.tokens_per_s:.1f} tokens/s", file=file)
+    elif "prefill_tok_s" in rec.extra:
+        print(f"prefill  {rec.extra['prefill_tok_s']:.1f} tokens/s", file=file)
+    if rec.energy_mj_per_token is not None:
+        print(f"energy   {rec.energy_mj_per_token:.3g} mJ/token at {rec.power_mw:.0f} mW above idle", file=file)
+    if not rec.latency_meaningful:
+        print("note     emulated device: these times are NOT latency (outputs only)", file=file)
+
+
+def cmd_bench(args) -> int:
+    from dataclasses import replace
+
+    from devicelab import inventory
+    from devicelab.exported import read_export
+    from devicelab.pool import Pool
+    from devicelab.protocol import DeviceError, Workload
+
+    from .cli import UsageError
+
+    _check_counts(args)
+    read_export(args.export)  # a wrong or unknown-version export fails before any device is touched
+    inv = inventory.load(args.devices)
+    if args.threads is not None:
+        inv.entries = [replace(e, options={**e.options, "threads": args.threads}) if e.kind == "host" else e
+                       for e in inv.entries]
+    pool = Pool(inv, on_event=lambda msg: print(msg, file=sys.stderr, flush=True))
+    graphs = GRAPHS if args.graph == "both" else (args.graph,)
+    workloads = [Workload(graph=g, tokens=args.tokens, warmup=args.warmup, repeats=args.repeats,
+                          threads=args.threads or 1, allow_charging=args.allow_charging) for g in graphs]
+    try:
+        result = pool.bench(args.export, args.device, workloads)
+    except DeviceError as e:  # the device refused (storage, busy, backend missing): one line, exit 2
+        raise UsageError(str(e)) from None
+    for rec in result.failed + result.records:
+        if args.json:
+            print(json.dumps(rec.to_dict(), sort_keys=True))
+        else:
+            print_record(rec)
+            print()
+    if not result.ok:
+        print(f"farm bench: error: {len(result.records)}/{result.wanted} workloads measured; every "
+              f"{args.device} device tried was lost", file=sys.stderr)
+        return 1
+    return 0
