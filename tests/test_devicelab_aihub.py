@@ -292,6 +292,10 @@ def test_failed_compile_is_recorded_with_its_reason_and_the_other_graph_still_me
     prepared = dev.prepare(export)
     bad = dev.run(prepared, Workload(graph="decode"))
     good = dev.run(prepared, Workload(graph="prefill", repeats=10))
+    with pytest.raises(DeviceError, match="workload.repeats is 0; AI Hub's --max_profiler_iterations needs at least 1"):
+        dev.run(prepared, Workload(graph="prefill", repeats=0))
+    with pytest.raises(DeviceError, match=r"no 'verify' graph \(has \['decode', 'prefill'\]\)"):
+        dev.run(prepared, Workload(graph="verify"))
     dev.close()
     assert bad.status == "failed" and reason in bad.error
     assert "compile job jc2" in bad.error and "http://127.0.0.1:9/jobs/jc2/" in bad.error

@@ -310,6 +310,9 @@ class AiHubDevice(Device):
         if workload.graph not in prepared.graphs:
             raise DeviceError(f"{self.name}: the prepared export has no {workload.graph!r} graph "
                               f"(has {sorted(prepared.graphs)})")
+        if workload.repeats < 1:
+            raise DeviceError(f"{self.name}: workload.repeats is {workload.repeats}; AI Hub's "
+                              f"--max_profiler_iterations needs at least 1")
         compiled = prepared.graphs[workload.graph]
         record = Measurement(device=self.info(), workload=workload, model_id=prepared.export.content_hash,
                              extra={"compile_job": compiled.compile_job_id, "compile_url": compiled.compile_url,
