@@ -19,6 +19,9 @@ the qnn-sim emulator. The format (every key optional)::
         runtime_dir: ~/qnn/aarch64-android   # pushed to the phone: qnn-net-run, libQnnHtp*.so, ...
         runtime_cmd: "./qnn-net-run --retrieve_context model.bin --backend libQnnHtp.so"
         allow_charging: false   # measure power while USB charges (readings are wrong then)
+        max_temp_c: 40          # cool down to this battery temperature before a run, for at most
+        cooldown_timeout_s: 600 #   this long (then the run fails, naming the temperature)
+        current_unit: auto      # current_now units: auto (from the magnitude), uA or mA
     aihub:                      # Qualcomm AI Hub cloud devices (credentials: qai-hub configure)
       devices: ["Samsung Galaxy S24 (Family)"]
     lock_dir: ~/.mqfarm/device-locks   # one benchmark per device at a time, across processes
@@ -74,7 +77,8 @@ class Inventory:
 _HOST_KEYS = {"threads": int, "pin": bool}
 _QNN_KEYS = {"enabled": bool, "soc_model": str, "htp_arch": str}
 _PHONE_KEYS = {"name": str, "serial": str, "soc": str, "runtime_dir": str, "runtime_cmd": str,
-               "allow_charging": bool, "min_battery_pct": (int, float), "max_temp_c": (int, float)}
+               "allow_charging": bool, "min_battery_pct": (int, float), "max_temp_c": (int, float),
+               "cooldown_timeout_s": (int, float), "current_unit": str}
 _TOP_KEYS = ("host", "qnn_sim", "phones", "aihub", "lock_dir")
 
 
@@ -189,10 +193,30 @@ def _server_listening(host: str, port: int, timeout: float = 0.3) -> bool:
 def discover_adb() -> list[DeviceEntry]:
     """Phones attached to a running adb server, as ``adb`` entries named by serial (source ``adb``).
 
-    Never starts a server and never raises: no server, or a server that fails, means no phones. The
-    ``adb`` backend's engineer fills in the listing (through adbutils) below.
+    Never starts a server and never raises: no server, or a server that fails, means no phones. Only
+    phones in state ``device`` are listed (not offline or unauthorized ones); each one's SoC comes from
+    ``getprop ro.soc.model`` when it answers within 5 s.
     """
     host, port = adb_server_address()
     if not _server_listening(host, port):
         return []
-    return []
+    try:
+        import adbutils
+
+        client = adbutils.AdbClient(host=host, port=port, socket_timeout=5)
+        listed = [i for i in client.list(extended=True) if i.state == "device"]
+    except Exception:  # adbutils missing, or the server went away / answered garbage: no phones
+        return []
+    entries = []
+    for info in listed:
+        options = {"serial": info.serial}
+        try:  # the SoC names the Ray resource (phone:sm8650); a phone that does not answer stays listed
+            soc = client.device(info.serial).shell("getprop ro.soc.model", timeout=5).strip()
+            if soc:
+                options["soc"] = soc
+        except Exception:
+            pass
+        if info.tags.get("model"):
+            options["model"] = info.tags["model"]
+        entries.append(DeviceEntry(info.serial, "adb", options, "adb"))
+    return entries
