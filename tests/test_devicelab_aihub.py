@@ -71,7 +71,8 @@ def _profile(times_us: list[int], units: list[str], peak: int = 50_331_648) -> d
     d.execution_memory.peak.lower, d.execution_memory.peak.upper = peak - 4096, peak + 4096
     d.all_execution_times.extend(times_us)
     for i, unit in enumerate(units):
-        d.layer_details.add(name=f"op_{i}", layer_type_name="Conv2d", compute_unit=pb.ComputeUnit.Value(f"COMPUTE_UNIT_{unit}"))
+        d.layer_details.add(name=f"op_{i}", layer_type_name="Conv2d",
+                            compute_unit=pb.ComputeUnit.Value(f"COMPUTE_UNIT_{unit}"))
     return _profile_pb_to_python_dict(d)
 
 

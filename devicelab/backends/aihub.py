@@ -89,7 +89,8 @@ def parse_profile(profile: dict) -> dict:
     unit from ``execution_detail``). Raises ValueError naming the missing or malformed field.
     """
     if not isinstance(profile, dict) or "execution_summary" not in profile:
-        raise ValueError(f"profile has no execution_summary (keys: {sorted(profile) if isinstance(profile, dict) else type(profile).__name__})")
+        got = sorted(profile) if isinstance(profile, dict) else type(profile).__name__
+        raise ValueError(f"profile has no execution_summary (got {got})")
     summary = profile["execution_summary"]
     est = summary.get("estimated_inference_time")
     if not isinstance(est, (int, float)) or est <= 0:
