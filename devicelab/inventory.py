@@ -161,8 +161,8 @@ def load(path: str | Path | None = None, discover: bool = True) -> Inventory:
     data = None
     if p is not None:
         if not p.is_file():
-            why = f"(from ${ENV_FILE})" if path is None and explicit else ""
-            raise InventoryError(f"devices file {p} {why}does not exist".replace("  ", " "))
+            why = f" (from ${ENV_FILE})" if path is None and explicit else ""
+            raise InventoryError(f"devices file {p}{why} does not exist")
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
