@@ -65,12 +65,12 @@ def duration(seconds) -> str:
     if s < 10:
         text = f"{s:.1f}"
         return (text[:-2] if text.endswith(".0") else text) + " s"
-    whole = int(round(s))
+    whole = math.floor(s + 0.5)  # half up, as people round (round() would make 12.5 s read 12 s)
     if whole < 60:
         return f"{whole} s"
     if whole < 3600:
         return f"{whole // 60}m{whole % 60:02d}s"
-    minutes = int(round(s / 60))
+    minutes = math.floor(s / 60 + 0.5)
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
 

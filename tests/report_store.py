@@ -1,0 +1,111 @@
+"""A synthetic sweep with device measurements, written into a real sqlite MLflow store through farm's own
+Tracker (the code path a sweep uses), for the report tests and the documentation's screenshot.
+
+Every number is set here (``TRUTH``), so a test can check each cell of the report against it. The device
+metrics and tags follow ``reports.device_metrics`` (the names the device stage logs): a host stand-in and a
+phone with meaningful times, and the QNN HTP emulator (``latency_meaningful=false``) whose times must never
+reach a latency column or a plot. One trial fails with an error holding a ``|`` (a Markdown table's cell
+separator), the RTN trials quantize in 0.0002 s and the MobileQuant ones in 284.3 s (read ``0 s`` and
+``4m44s``).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+SWEEP = """\
+name: devrep
+description: synthetic W8A8 / W4A8 sweep with device measurements (report tests)
+base: {model: smollm2-135m, layers: 1, seqlen: 32, samples: 4}
+grid:
+  scheme: [w8a8, w4a8]
+  method: [mobilequant, smoothquant, rtn]
+methods:
+  mobilequant: {epochs: 2}
+  omniquant: {epochs: 1}
+include:
+  - {scheme: fp}
+  - {scheme: w8a8, method: omniquant}
+eval: {perplexity: {limit: 2}}
+"""
+
+PPL_METRIC = "ppl/wiki/seq32"
+FAILED = ("w8a8", "omniquant")
+ERROR = "FloatingPointError: loss is nan | step 3"
+CORPUS_ID = "news:0f1e2d3c4b5a6978"
+
+# (scheme, method) -> perplexity, lambada acc, hellaswag acc_norm,
+#   host (prefill ms, decode tok/s), phone (prefill ms, decode tok/s, mJ/token)
+TRUTH = {
+    ("fp", "none"): (20.0, 0.42, 0.351, (180.0, 9.5), (410.0, 4.1, 95.0)),
+    ("w8a8", "rtn"): (40.0, 0.30, 0.288, (52.3, 30.1), (21.4, 61.0, 11.2)),
+    ("w8a8", "smoothquant"): (26.0, 0.39, 0.334, (55.1, 29.4), (22.0, 59.8, 10.5)),
+    ("w8a8", "mobilequant"): (25.4, 0.40, 0.341, (50.2, 30.8), (20.9, 62.3, 10.8)),
+    ("w4a8", "rtn"): (85.0, 0.12, 0.262, (41.7, 38.2), (15.2, 74.5, 8.1)),
+    ("w4a8", "smoothquant"): (58.0, 0.25, 0.297, (43.9, 37.5), (15.8, 73.9, 8.3)),
+    ("w4a8", "mobilequant"): (40.0, 0.33, 0.318, (44.6, 36.9), (16.1, 72.8, 8.6)),
+}
+EMULATOR_MS = 31234.5  # the emulator's "prefill time": must appear nowhere as latency
+DEVICES = {
+    "host": {"model": "Intel Xeon (test host)", "soc": "x86_64", "os_build": "Linux 6.1.0-test",
+             "runtime": "onnxruntime 1.32.0", "latency_meaningful": "true"},
+    "galaxy-s24": {"model": "Samsung Galaxy S24", "soc": "SM8650", "os_build": "UP1A.231005.007",
+                   "runtime": "qnn-net-run 2.27", "latency_meaningful": "true"},
+    "qnn-sim": {"model": "QNN HTP emulator", "soc": "SM8650 (emulated)", "os_build": "Linux 6.1.0-test",
+                "runtime": "onnxruntime-qnn 2.7.0", "latency_meaningful": "false"},
+}
+CI = 0.05  # the confidence interval of the median prefill time: +-5 %
+
+
+def key_of(trial) -> tuple[str, str]:
+    return trial.config["scheme"], trial.config["method"]
+
+
+def quantize_s(method: str) -> float:
+    return {"rtn": 0.0002, "smoothquant": 3.04, "mobilequant": 284.3}.get(method, 0.0)
+
+
+def outcome(trial) -> tuple[dict, dict]:
+    """The metrics and extra tags the fixture logs for ``trial`` (TRUTH, in the names the report reads)."""
+    from reports.device_metrics import (DECODE_TOK_S, ENERGY_MJ_PER_TOK, PREFILL_CI_HIGH, PREFILL_CI_LOW,
+                                        PREFILL_MS, metric_key)
+
+    ppl, lambada, hellaswag, host, phone = TRUTH[key_of(trial)]
+    metrics = {PPL_METRIC: ppl, "lmeval/lambada/acc": lambada, "lmeval/lambada/acc_stderr": 0.02,
+               "lmeval/hellaswag/acc_norm": hellaswag, "lmeval/lambada/n": 100.0,
+               "time/quantize_s": quantize_s(trial.config["method"]), "time/total_s": quantize_s(
+                   trial.config["method"]) + 12.5}
+    for dev, values in (("host", host), ("galaxy-s24", phone), ("qnn-sim", (EMULATOR_MS, 0.05, 1234.0))):
+        ms, tok_s = values[0], values[1]
+        metrics.update({metric_key(dev, PREFILL_MS): ms, metric_key(dev, PREFILL_CI_LOW): ms * (1 - CI),
+                        metric_key(dev, PREFILL_CI_HIGH): ms * (1 + CI), metric_key(dev, DECODE_TOK_S): tok_s})
+        if len(values) > 2:
+            metrics[metric_key(dev, ENERGY_MJ_PER_TOK)] = values[2]
+    tags = {metric_key(dev, k): v for dev, ident in DEVICES.items() for k, v in ident.items()}
+    return metrics, tags
+
+
+def build_store(root: Path) -> tuple[str, object]:
+    """Write the sweep into ``root/mlflow.db``; returns (tracking URI, the farm Sweep)."""
+    from farm.spec import load_sweep
+    from farm.tracking import Tracker
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "devrep.yaml").write_text(textwrap.dedent(SWEEP))
+    sweep = load_sweep(root / "devrep.yaml")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    tr = Tracker(uri, sweep.name, artifact_root=root / "artifacts")
+    tr.start_parent(sweep)
+    for t in sweep.trials:
+        rid = tr.start_trial(t, {"cpu": 1})
+        if key_of(t) == FAILED:
+            tr.fail_trial(rid, ERROR, tb="Traceback (most recent call last):\n  ...\n" + ERROR)
+            continue
+        if t.config["method"] == "mobilequant":  # end to end, loss 10 / step over 20 steps
+            tr.log_steps(rid, [{"step": s, "loss": 10.0 / s} for s in range(1, 21)])
+        metrics, tags = outcome(t)
+        recipe = {"calibration": {**(t.config.get("calib") or {}), "corpus_id": CORPUS_ID}, "content_hash": t.id}
+        tr.finish_trial(rid, {"metrics": metrics, "recipe": recipe if t.config["method"] != "none" else {}},
+                        extra_tags=tags)
+    return uri, sweep
