@@ -322,6 +322,11 @@ class PhoneStandIn:
         return (f"device::ro.product.name={p.device};ro.product.model={p.model};ro.product.device={p.device};"
                 f"features={FEATURES}")
 
+    def heat(self, temperature_c: float) -> None:
+        """The phone is this hot now (a previous job warmed it); it cools from here at ``cooling_c_per_s``."""
+        with self._lock:
+            self.phone.temperature_c, self._t0 = temperature_c, time.monotonic()
+
     def temperature_c(self) -> float:
         p = self.phone
         return max(p.ambient_c, p.temperature_c - p.cooling_c_per_s * (time.monotonic() - self._t0))

@@ -456,8 +456,12 @@ class AdbDevice(Device):
             out = self._device().shell(f"cat {BATTERY}/current_now {BATTERY}/voltage_now", timeout=10)
         except Exception as e:
             raise self._lost_or_error("read current_now", e) from None
-        cur, volt = out.split()[:2]
-        return time.monotonic(), int(cur), int(volt)
+        try:
+            cur, volt = out.split()[:2]
+            return time.monotonic(), int(cur), int(volt)
+        except ValueError:  # a v1 shell that lost its phone ends with no output and no error
+            raise self._lost_or_error(f"read {BATTERY}/current_now and voltage_now",
+                                      ValueError(f"unreadable output {out!r}")) from None
 
     def _sample_for(self, seconds: float) -> list:
         out, end = [], time.monotonic() + seconds
