@@ -220,3 +220,67 @@ def test_discover_adb_lists_connected_phones_and_nothing_without_a_server(adb_se
     from devicelab.inventory import _server_listening
 
     assert not _server_listening("127.0.0.1", port)
+
+
+def test_phone_lost_mid_run_is_retried_on_a_second_phone_through_the_pool(adb_server, runtime_dir, compiled,
+                                                                          tmp_path):
+    """Protocol-level stand-ins, two of them. Through the pool (devicelab.pool): the first workload is
+    measured on phone-a; phone-a drops 0.3 s into the second one, which becomes a failed record naming
+    phone-a and is measured again on phone-b; the first record is kept as it was."""
+    from devicelab.inventory import DeviceEntry, Inventory
+    from devicelab.pool import Pool
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "export.json").write_text(json.dumps({"exporter": "mqfarm-onnx", "exporter_version": 1,
+                                                    "content_hash": "c0ffee", "graphs": {}}))
+    shutil.copytree(compiled, export / compiled.name)
+    first, second = Workload(**RUN), Workload(**{**RUN, "warmup": 2, "repeats": 8})  # the loop runs `seq 0 9`
+    knobs_a = Phone(disconnect_after_s=0.3, disconnect_match=r"seq 0 9\b")
+    with phone(adb_server, tmp_path / "a", runtime_dir, knobs_a) as (sa, a), \
+            phone(adb_server, tmp_path / "b", runtime_dir, Phone(seed=1)) as (sb, b):
+        entries = [DeviceEntry("phone-a", "adb", {"serial": a.serial}), DeviceEntry("phone-b", "adb", {"serial": b.serial})]
+        a.name, b.name = "phone-a", "phone-b"
+        events = []
+        pool = Pool(Inventory(entries, None, tmp_path / "locks"), devices={"phone-a": a, "phone-b": b},
+                    on_event=events.append)
+        res = pool.bench(export, "adb", [first, second])
+        assert sa.disconnected.is_set() and not sb.disconnected.is_set()
+    assert res.ok and res.device == "phone-b"
+    assert [(r.device.name, r.workload.repeats, r.status, len(r.samples_ms)) for r in res.records] == [
+        ("phone-a", 5, "ok", 5), ("phone-b", 8, "ok", 8)]
+    assert all(r.model_id == "c0ffee" and r.power_mw > 0 for r in res.records)
+    (lost,) = res.failed
+    assert (lost.status, lost.device.name, lost.device.soc, lost.workload.repeats) == ("failed", "phone-a", "SM8650", 8)
+    assert lost.error.startswith("device lost: phone-a: lost while trying to run qnn-net-run")
+    assert any("retrying on another adb device" in e for e in events)
+
+
+def test_genie_decode_tokens_per_second_and_energy_per_token(adb_server, tmp_path):
+    """Protocol-level stand-in running the test genie-t2t-run: decode samples are 1000 / the
+    token-generation-rate of each --profile JSON (read back from the phone's sandbox), tokens/s their
+    median, TTFT kept per run, and energy per token within 5% of the stand-in's excess power x ms/token."""
+    rt = tmp_path / "genie-rt"
+    rt.mkdir()
+    shutil.copy(DATA / "adb_runtime" / "genie-t2t-run", rt)
+    (rt / "libGenie.so").write_bytes(b"\x7fELF stand-in for libGenie.so")
+    model = tmp_path / "compiled-genie"
+    model.mkdir()
+    (model / "genie_config.json").write_text(json.dumps({"model": "llm.bin", "num_generate": 12}))
+    (model / "llm.bin").write_bytes(json.dumps({"ms_per_prompt_token": 0.5, "ms_per_token": 25.0}).encode() + b"\n")
+    knobs = Phone()
+    with phone(adb_server, tmp_path, rt, knobs) as (standin, dev):
+        prepared = dev.prepare(model)
+        assert prepared.runtime == "genie-t2t-run" and prepared.runtime_version == "2.22.6.240515"
+        rec = dev.run(prepared, Workload(graph="decode", prompt_len=32, warmup=1, repeats=4))
+        out = standin.host_path(prepared.remote_dir) / "out"
+        profiles = [json.loads((out / f"profile_{i}.json").read_text()) for i in range(1, 5)]
+    queries = [p["components"][0]["events"][1] for p in profiles]
+    rates = [q["token-generation-rate"]["value"] for q in queries]
+    assert rec.samples_ms == [1000.0 / r for r in rates]
+    assert rec.tokens_per_s == stats.median(rates)
+    assert rec.extra["ttft_ms"] == [q["time-to-first-token"]["value"] / 1000.0 for q in queries]
+    assert rec.extra["generated_tokens"] == [12] * 4 and rec.extra["tokens_per_sample"] == 1
+    assert 25.0 <= rec.median_ms < 50.0
+    excess_mw = (knobs.active_ma - knobs.idle_ma) * knobs.voltage_v
+    assert rec.energy_mj_per_token == pytest.approx(excess_mw * stats.median(rec.samples_ms) / 1000.0, rel=0.05)

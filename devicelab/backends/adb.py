@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import stats
+from ..exported import read_export
 from ..inventory import DeviceEntry, adb_server_address
 from ..protocol import Device, DeviceError, DeviceInfo, DeviceLost, Health, Measurement, Workload
 
@@ -241,7 +242,7 @@ class AdbDevice(Device):
             raise DeviceError(f"{self.name}: model {model} does not exist")
         model_id = ""
         if (model / "export.json").is_file():
-            model_id = json.loads((model / "export.json").read_text()).get("content_hash", "")
+            model_id = read_export(model).content_hash  # ExportError for an unknown exporter or version
             compiled = sorted(p for p in model.glob("compiled-*") if p.is_dir())
             soc = self.info().soc.lower()
             fitting = [p for p in compiled if soc and soc in p.name.lower()] or compiled
@@ -250,7 +251,7 @@ class AdbDevice(Device):
                                   f"first (farm compile)")
             model = fitting[0]
         elif (model.parent / "export.json").is_file():
-            model_id = json.loads((model.parent / "export.json").read_text()).get("content_hash", "")
+            model_id = read_export(model.parent).content_hash
         files = [model] if model.is_file() else sorted(p for p in model.iterdir() if p.is_file())
         bins = [p.name for p in files if p.suffix == ".bin"]
         if self._runtime_kind() == "genie-t2t-run":
