@@ -252,6 +252,7 @@ class PhoneStandIn:
         self.phone = phone or Phone()
         self.serialno = serialno
         self.draws: list[Draw] = []
+        self.sync_requests: list[str] = []  # sync request ids in arrival order (STAT, SND2, ...)
         self.disconnected = threading.Event()
         self._lock = threading.Lock()
         self._active: dict[int, Draw] = {}
@@ -509,6 +510,7 @@ class PhoneStandIn:
             if ident == b"QUIT":
                 return
             path = stream.read_exact(length).decode("utf-8", "replace")
+            self.sync_requests.append(ident.decode("ascii", "replace"))
             {b"STAT": self._sync_stat_v1, b"STA2": self._sync_stat_v2, b"LST2": self._sync_stat_v2,
              b"LIST": self._sync_list, b"LIS2": self._sync_list, b"SEND": self._sync_send,
              b"SND2": self._sync_send, b"RECV": self._sync_recv, b"RCV2": self._sync_recv,
@@ -560,8 +562,10 @@ class PhoneStandIn:
             stream.write(b"DONE" + bytes(16))
 
     def _sync_send(self, stream: _Stream, path: str, ident: bytes) -> None:
+        dry_run = False
         if ident == b"SND2":
-            _id, mode, _flags = struct.unpack("<4sII", stream.read_exact(12))
+            _id, mode, flags = struct.unpack("<4sII", stream.read_exact(12))
+            dry_run = bool(flags & 0x80000000)  # SyncFlag::kDryRun: receive, store nothing
         else:
             path, _, mode_text = path.rpartition(",")  # SEND's path is "PATH,MODE" (MODE in decimal)
             mode = int(mode_text) if mode_text.isdigit() else 0o100644
@@ -576,10 +580,16 @@ class PhoneStandIn:
             else:
                 _sync_fail(stream, f"unexpected {chunk_id!r} in SEND")
                 return
+        if path.endswith("/"):
+            _sync_fail(stream, f"couldn't create file: Is a directory: {path}")
+            return
         try:
             target = self.host_path(path)
         except PermissionError:
             _sync_fail(stream, f"couldn't create file: Permission denied: {path}")
+            return
+        if dry_run:
+            stream.write(b"OKAY" + bytes(4))
             return
         if len(data) > self.free_bytes():
             _sync_fail(stream, f"write failed: No space left on device: {path}")

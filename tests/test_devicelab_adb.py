@@ -284,3 +284,30 @@ def test_genie_decode_tokens_per_second_and_energy_per_token(adb_server, tmp_pat
     assert 25.0 <= rec.median_ms < 50.0
     excess_mw = (knobs.active_ma - knobs.idle_ma) * knobs.voltage_v
     assert rec.energy_mj_per_token == pytest.approx(excess_mw * stats.median(rec.samples_ms) / 1000.0, rel=0.05)
+
+
+def test_standin_speaks_adb_to_the_real_adb_client(adb_server, tmp_path):
+    """The stand-in itself, through the adb command-line client (not adbutils): `adb devices -l` lists it
+    with its model, `adb shell` returns the command's exit code and stderr (shell v2), `adb push` and a
+    folder `adb pull` round-trip 300 kB bit-exactly, and the client used the v2 sync requests our features
+    offer (STA2, LIS2, RCV2, and SND2 for a file over one sync packet; small files go as v1 SEND)."""
+    payload = bytes(range(256)) * 1200
+    (tmp_path / "blob.bin").write_bytes(payload)
+    with PhoneStandIn(tmp_path / "phone") as standin:
+        serial = adb_server.connect(standin)
+        try:
+            listed = adb_server.cli("devices", "-l").stdout
+            assert f"{serial}" in listed and "model:SM_S928B" in listed and "device:e3q" in listed
+            sh = adb_server.cli("-s", serial, "shell", "getprop ro.soc.model; echo oops >&2; exit 7")
+            assert (sh.returncode, sh.stdout, sh.stderr) == (7, "SM8650\n", "oops\n")
+            push = adb_server.cli("-s", serial, "push", str(tmp_path / "blob.bin"), f"{SANDBOX}/x/blob.bin")
+            assert push.returncode == 0, push.stderr
+            assert standin.host_path(f"{SANDBOX}/x/blob.bin").read_bytes() == payload
+            pull = adb_server.cli("-s", serial, "pull", f"{SANDBOX}/x", str(tmp_path / "back"))
+            assert pull.returncode == 0, pull.stderr
+            assert (tmp_path / "back" / "blob.bin").read_bytes() == payload
+            bad = adb_server.cli("-s", serial, "push", str(tmp_path / "blob.bin"), f"{SANDBOX}/y/")
+            assert bad.returncode == 1 and "couldn't create file: Is a directory" in bad.stderr
+            assert {"STA2", "LIS2", "RCV2", "SND2"} <= set(standin.sync_requests)
+        finally:
+            adb_server.client().disconnect(standin.address)

@@ -30,6 +30,7 @@ import hashlib
 import json
 import re
 import shlex
+import sys
 import tempfile
 import threading
 import time
@@ -69,6 +70,7 @@ class AdbOptions:
     allow_charging: bool = False
     baseline_s: float = 2.0  # idle power baseline taken right before the run
     sample_interval_s: float = 0.05
+    run_timeout_s: float = 3600.0  # one run() of all repeats; a runtime that hangs longer fails the record
     current_unit: str = "auto"  # auto | uA | mA
     pull_dir: Path | None = None  # where run outputs are pulled (default: a temporary folder)
 
@@ -95,7 +97,7 @@ class AdbDevice(Device):
         self.name = name or serial
         self.options = options or AdbOptions()
         self.server = server or adb_server_address()
-        self._progress = progress or (lambda line: None)
+        self._progress = progress or _to_stderr
         self._client = None
         self._info: DeviceInfo | None = None
         self._runtime_version = ""
@@ -357,7 +359,8 @@ class AdbDevice(Device):
             sampler.start()
         t0 = time.monotonic()
         try:
-            self.shell(command, f"run {prepared.runtime} ({runs} runs)", timeout=None)
+            self._progress(f"{self.name}: {prepared.runtime}, {workload.warmup} warm-up + {workload.repeats} runs")
+            self.shell(command, f"run {prepared.runtime} ({runs} runs)", timeout=self.options.run_timeout_s)
         finally:
             window_s = time.monotonic() - t0
             samples = sampler.stop() if sampler else []
@@ -470,6 +473,10 @@ class AdbDevice(Device):
             out.append(self._read_power())
             time.sleep(self.options.sample_interval_s)
         return out
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class _Sampler(threading.Thread):
