@@ -201,10 +201,9 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, spec:
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or offset.requires_grad):
         return _FakeQuantLSQ.apply(x, scale, offset, spec.qmin, spec.qmax)
     if kernels.usable(x, scale):
-        return kernels.forward(x, scale, offset, spec.qmin, spec.qmax, reciprocal=True,
+        return kernels.forward(x, scale, offset, spec.qmin, spec.qmax,
                                out=x if inplace and x.is_contiguous() else None)
-    inv = 1.0 / scale  # a multiply is cheaper than a divide; ATen's fused kernel does the same
-    y = x.mul_(inv) if inplace else torch.mul(x, inv)
+    y = x.div_(scale) if inplace else torch.div(x, scale)
     y.round_().add_(offset).clamp_(spec.qmin, spec.qmax).sub_(offset).mul_(scale)
     return y
 
