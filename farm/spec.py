@@ -40,9 +40,9 @@ import json
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import yamlmarks
 from .yamlmarks import Located, LocatedError
@@ -90,9 +90,18 @@ class EvalSpec(_Strict):
 
 
 class DeviceSpec(_Strict):
-    backend: str
-    device: str | None = None
+    """One entry of ``devices:``: a device name from the devices file or a kind (host, qnn-sim, adb, aihub);
+    a bare string is ``{device: <string>}``."""
+
+    device: str
+    graphs: list[Literal["prefill", "decode"]] = Field(default_factory=lambda: ["prefill", "decode"], min_length=1)
     repeats: int = Field(10, ge=1)
+    warmup: int = Field(3, ge=0)
+    tokens: int = Field(16, ge=1)  # decode steps per timed run
+    prefill: int = Field(128, ge=1)  # the export's prompt length
+    ctx: int = Field(1024, ge=2)  # the export's KV cache positions
+    allow_charging: bool = False
+    resources: dict[str, float] = Field(default_factory=dict)  # Ray resources (default for phones: phone:<soc>)
 
 
 class Resources(_Strict):
@@ -120,6 +129,11 @@ class SweepFile(_Strict):
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     devices: list[DeviceSpec] = Field(default_factory=list)
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _device_strings(cls, v):
+        return [{"device": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
     resources: Resources = Field(default_factory=Resources)
     concurrency: Concurrency = Field(default_factory=Concurrency)
     retries: int = Field(2, ge=0, le=10)  # re-runs of a trial whose worker process died
@@ -328,6 +342,20 @@ def harness_module():
 
 # ---------------------------------------------------------------- expansion
 
+def _check_devices(loc: Located, spec: SweepFile) -> None:
+    """Every device target must resolve in the devices file the driver reads (docs/devices.md)."""
+    from devicelab.inventory import InventoryError
+    from devicelab.pool import PoolError
+
+    from .device_stage import plan_jobs
+
+    for i, d in enumerate(spec.devices):
+        try:
+            plan_jobs([d])
+        except (PoolError, InventoryError, ValueError) as e:
+            raise _err(loc, ("devices", i), str(e)) from None
+
+
 def _scheme_from_bitwidth(v) -> str:
     return f"w{v}a8" if isinstance(v, int) else str(v).lower()
 
@@ -342,9 +370,7 @@ def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int
         raise _err(loc, ("plugins", "methods"), f"cannot load plugin method: {e}") from None
 
     if spec.devices:
-        # devicelab is a later issue: refuse rather than pretend to have measured anything
-        raise _err(loc, ("devices",), "device benchmarks were requested but devicelab backends are not "
-                   "available yet; remove the devices: section to run this sweep")
+        _check_devices(loc, spec)
     if spec.eval.suite:
         h = harness_module()
         if h is None:

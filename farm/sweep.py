@@ -45,6 +45,10 @@ class Options:
     worker_logs: bool = False
     live: bool | None = None  # progress line redrawn in place (default: when stderr is a terminal)
     out: object = None  # where progress and notes go (default stderr)
+    # the device stage's export and compile steps (default quant.export.export_artifact and
+    # devicelab.compile.compile_export); module-level functions, so Ray can ship them to workers
+    exporter: object = None
+    compiler: object = None
 
     @property
     def uri(self) -> str:
@@ -65,10 +69,11 @@ class Outcome:
     registered: list = field(default_factory=list)
     parent_run_id: str | None = None
     cluster: dict = field(default_factory=dict)
+    device_failed: dict = field(default_factory=dict)  # "trial id/device label" -> error (this invocation)
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.interrupted
+        return not self.failed and not self.interrupted and not self.device_failed
 
 
 # ---------------------------------------------------------------- result files
@@ -206,29 +211,31 @@ def _run(sweep: Sweep, opts: Options, tracker, outcome: Outcome, runs: dict, out
     from . import scheduler, stages
 
     data = Path(opts.data_dir)
-    trials = {t.id: t for t in sweep.trials}
     spec = sweep.spec
-    resources = spec.resources.model_dump()
+    state = SweepRun(sweep, tracker, outcome, runs, data, spec.resources.model_dump())
     stale = tracker.kill_stale()
     if stale:
         print(f"marked {stale} run(s) left RUNNING by an earlier driver as KILLED", file=out)
     logged = tracker.finished_trials()
-    for tid, trial in trials.items():
+    for tid, trial in state.trials.items():
         res = load_result(data, tid)
         if res is None:
             continue
         outcome.results[tid] = res
         if tid not in logged:  # done earlier but not logged in this store: log it, run nothing
-            rid = tracker.start_trial(trial, resources, res.get("started_at"), {"from_cache": "true"})
+            rid = tracker.start_trial(trial, state.resources, res.get("started_at"), {"from_cache": "true"})
             tracker.log_steps(rid, res.get("steps", []))
             tracker.finish_trial(rid, res)
+            tracker.log_devices(rid, res.get("devices", {}))
             outcome.logged_from_cache.append(tid)
+            logged[tid] = rid
+        state.finished_runs[tid] = logged[tid]
     todo = [t for t in sweep.trials if t.id not in outcome.results]
-    if not todo:
+    device_todo = state.devices_missing() if spec.devices else {}
+    if not todo and not device_todo:
         print(f"sweep {sweep.name}: all {len(sweep.trials)} trials are done; nothing to run", file=out)
         return
     owned = scheduler.connect(opts.address, opts.num_cpus, worker_logs=opts.worker_logs)
-    progress = None
     runner = None
     try:
         outcome.cluster = scheduler.cluster_summary()
@@ -242,73 +249,156 @@ def _run(sweep: Sweep, opts: Options, tracker, outcome: Outcome, runs: dict, out
         print(f"sweep {sweep.name}: {len(sweep.trials)} trials, {len(outcome.results)} done, {len(todo)} to run "
               f"on {outcome.cluster['nodes']} node(s) / {outcome.cluster['cpus']:g} CPU"
               f"{f' / {gpus:g} GPU' if gpus else ''}; MLflow {opts.uri}", file=out)
-        progress = Progress(len(sweep.trials), len(outcome.results), slots, out, opts.live)
-        runner = scheduler.Runner(str(data), resources, spec.retries, spec.concurrency.max_trials,
+        state.progress = Progress(len(sweep.trials), len(outcome.results), slots, out, opts.live)
+        if spec.devices:
+            from .device_stage import DeviceJobs, plan_jobs
+
+            state.device_jobs = DeviceJobs(plan_jobs(spec.devices), str(data), spec.retries, opts.exporter,
+                                           opts.compiler)
+            for tid, labels in device_todo.items():  # finished trials whose device stage is not done yet
+                state.submit_devices(tid, outcome.results[tid], labels)
+        runner = scheduler.Runner(str(data), state.resources, spec.retries, spec.concurrency.max_trials,
                                   spec.save_artifacts)
         runner.add([scheduler.Job(t.id, t.config, stages.plan(t.config)) for t in todo])
-        attempts: dict = {}  # trial id -> (attempt key, steps logged for it, attempt count)
-        while runner.active:
-            for tid, kind, payload in runner.poll(0.5):
-                _handle(tid, kind, payload, trials, tracker, resources, runs, attempts, outcome, progress,
-                        data, sweep)
-            progress.redraw()
+        while runner.active or state.devices_active:
+            events = runner.poll(0.5) if runner.active else []
+            if state.device_jobs is not None:
+                events += state.device_jobs.poll(0 if runner.active else 0.5)
+            for tid, kind, payload in events:
+                state.handle(tid, kind, payload)
+            state.progress.redraw()
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if runner is not None:
             runner.cancel()
+        if state.device_jobs is not None:
+            state.device_jobs.cancel()
         raise
     finally:
-        if progress is not None:
-            progress.close()
+        if state.progress is not None:
+            state.progress.close()
         scheduler.shutdown(owned)
 
 
-def _handle(tid, kind, payload, trials, tracker, resources, runs, attempts, outcome, progress, data, sweep):
-    trial = trials[tid]
-    if kind in ("started", "step") and (tid in outcome.results or tid in outcome.failed):
-        # Progress events and results travel separately, so on a starved machine a trial's "started" can
-        # arrive after its result: it must not open a second run, which would stay RUNNING forever.
-        return
-    if kind == "started":
-        prev = attempts.get(tid)
+class SweepRun:
+    """The state of a running sweep, which every worker event updates: the trials by id, the MLflow run of
+    each attempt in flight (``runs``) and of each finished trial (``finished_runs``), what was logged of
+    each attempt, the outcome, the progress line and the device stages in flight.
+
+    Events: ``started``, ``step``, ``finished``, ``failed`` from trials (farm.scheduler), ``device`` from a
+    device stage (farm.device_stage), whose metrics go into the finished trial's run."""
+
+    def __init__(self, sweep: Sweep, tracker, outcome: Outcome, runs: dict, data: Path, resources: dict):
+        self.sweep, self.tracker, self.outcome, self.runs, self.data = sweep, tracker, outcome, runs, data
+        self.resources = resources
+        self.trials = {t.id: t for t in sweep.trials}
+        self.attempts: dict = {}  # trial id -> (attempt key, steps logged for it, attempt count)
+        self.finished_runs: dict = {}  # trial id -> MLflow run id of its finished run
+        self.progress: Progress | None = None
+        self.device_jobs = None  # farm.device_stage.DeviceJobs when the sweep has devices:
+
+    @property
+    def devices_active(self) -> bool:
+        return self.device_jobs is not None and self.device_jobs.active
+
+    def label(self, tid: str) -> str:
+        return _label(self.trials[tid], self.sweep.varying)
+
+    def handle(self, tid: str, kind: str, payload: dict) -> None:
+        if kind in ("started", "step") and (tid in self.outcome.results or tid in self.outcome.failed):
+            # Progress events and results travel separately, so on a starved machine a trial's "started" can
+            # arrive after its result: it must not open a second run, which would stay RUNNING forever.
+            return
+        getattr(self, f"_on_{kind}")(tid, payload)
+
+    def _on_started(self, tid: str, payload: dict) -> None:
+        prev = self.attempts.get(tid)
         count = (prev[2] + 1) if prev else 1
-        attempts[tid] = (payload.get("attempt"), 0, count)
+        self.attempts[tid] = (payload.get("attempt"), 0, count)
         node = payload.get("node_ip") or payload.get("host", "")
-        if tid not in runs:
-            runs[tid] = tracker.start_trial(trial, resources, payload.get("time"),
-                                            {"node": node, "node_id": payload.get("node_id", "")})
+        if tid not in self.runs:
+            self.runs[tid] = self.tracker.start_trial(self.trials[tid], self.resources, payload.get("time"),
+                                                      {"node": node, "node_id": payload.get("node_id", "")})
         else:  # Ray re-ran the trial after its worker died
-            tracker.client.set_tag(runs[tid], "attempts", str(count))
-            progress.note(f"retry  {_label(trial, sweep.varying)}: attempt {count} after the worker died")
-        progress.started(tid)
-    elif kind == "step":
-        att = attempts.get(tid)
-        if tid in runs and att and payload.get("attempt") == att[0]:
-            tracker.log_steps(runs[tid], [payload])
-            attempts[tid] = (att[0], att[1] + 1, att[2])
-    elif kind == "finished":
-        save_result(data, payload)  # first: from here on the trial counts as done
-        outcome.results[tid] = payload
-        outcome.executed.append(tid)
-        att = attempts.get(tid)
-        if tid not in runs:
-            runs[tid] = tracker.start_trial(trial, resources, payload.get("started_at"))
+            self.tracker.client.set_tag(self.runs[tid], "attempts", str(count))
+            self.progress.note(f"retry  {self.label(tid)}: attempt {count} after the worker died")
+        self.progress.started(tid)
+
+    def _on_step(self, tid: str, payload: dict) -> None:
+        att = self.attempts.get(tid)
+        if tid in self.runs and att and payload.get("attempt") == att[0]:
+            self.tracker.log_steps(self.runs[tid], [payload])
+            self.attempts[tid] = (att[0], att[1] + 1, att[2])
+
+    def _on_finished(self, tid: str, payload: dict) -> None:
+        save_result(self.data, payload)  # first: from here on the trial counts as done
+        self.outcome.results[tid] = payload
+        self.outcome.executed.append(tid)
+        att = self.attempts.get(tid)
+        if tid not in self.runs:
+            self.runs[tid] = self.tracker.start_trial(self.trials[tid], self.resources, payload.get("started_at"))
         logged = att[1] if att and att[0] == payload.get("attempt") else 0
-        tracker.log_steps(runs[tid], payload.get("steps", [])[logged:])
+        self.tracker.log_steps(self.runs[tid], payload.get("steps", [])[logged:])
         # the worker's on-disk count: it also sees attempts whose "started" event never arrived
-        tracker.finish_trial(runs[tid], payload, {"attempts": payload.get("attempt_count", 1)})
-        del runs[tid]  # only now: an interrupt inside finish_trial must still find the run to close
+        self.tracker.finish_trial(self.runs[tid], payload, {"attempts": payload.get("attempt_count", 1)})
+        self.finished_runs[tid] = self.runs[tid]
+        del self.runs[tid]  # only now: an interrupt inside finish_trial must still find the run to close
         name, value = primary_metric(payload)
         note = f"{name}={value:.3f}" if name else ""
-        progress.finished(tid, _label(trial, sweep.varying), payload.get("timing", {}).get("total_s"), True, note)
-    elif kind == "failed":
-        outcome.failed[tid] = payload["error"]
-        outcome.executed.append(tid)
-        if tid not in runs:
-            runs[tid] = tracker.start_trial(trial, resources)
-        tracker.fail_trial(runs[tid], payload["error"], payload.get("traceback", ""), payload.get("kind", ""))
-        del runs[tid]
-        progress.finished(tid, _label(trial, sweep.varying), None, False, payload["error"])
+        self.progress.finished(tid, self.label(tid), payload.get("timing", {}).get("total_s"), True, note)
+        if self.device_jobs is not None:
+            self.submit_devices(tid, payload)
+
+    def _on_failed(self, tid: str, payload: dict) -> None:
+        self.outcome.failed[tid] = payload["error"]
+        self.outcome.executed.append(tid)
+        if tid not in self.runs:
+            self.runs[tid] = self.tracker.start_trial(self.trials[tid], self.resources)
+        self.tracker.fail_trial(self.runs[tid], payload["error"], payload.get("traceback", ""), payload.get("kind", ""))
+        del self.runs[tid]
+        self.progress.finished(tid, self.label(tid), None, False, payload["error"])
+
+    # ------------------------------------------------------------ device stages
+    def devices_missing(self) -> dict:
+        """Finished trials with an artifact whose device results are missing: trial id -> labels."""
+        from .device_stage import label
+
+        want = {label(d.device) for d in self.sweep.spec.devices}
+        out = {}
+        for tid, res in self.outcome.results.items():
+            have = {k for k, v in (res.get("devices") or {}).items() if v.get("ok")}
+            if res.get("artifact_dir") and want - have:
+                out[tid] = want - have
+        return out
+
+    def submit_devices(self, tid: str, result: dict, only: set | None = None) -> None:
+        from .trial import quant_key
+
+        art = result.get("artifact_dir")
+        if not art:
+            self.progress.note(f"device {self.label(tid)}: skipped (no artifact: a float trial or save_artifacts: false)")
+            return
+        n = self.device_jobs.submit(tid, art, quant_key(self.trials[tid].config), only)
+        self.progress.note(f"device {self.label(tid)}: {n} device stage(s) queued (export, compile, bench)")
+
+    def _on_device(self, tid: str, summary: dict) -> None:
+        from .device_stage import metrics_and_tags
+
+        res = self.outcome.results[tid]
+        res.setdefault("devices", {})[summary["label"]] = summary
+        save_result(self.data, res)
+        rid = self.finished_runs.get(tid)
+        if rid is not None:
+            self.tracker.log_devices(rid, {summary["label"]: summary})
+        metrics, tags = metrics_and_tags(summary)
+        lbl = summary["label"]
+        if summary.get("ok"):
+            shown = [f"{k.rsplit('/', 1)[1]}={v:.4g}" for k, v in metrics.items()
+                     if k.endswith(("/prefill_ms", "/decode_tok_s", "/energy_mj_per_tok"))]
+            self.progress.note(f"device {self.label(tid)} on {lbl}: {' '.join(shown)}")
+        else:
+            self.outcome.device_failed[f"{tid}/{lbl}"] = tags.get(f"device/{lbl}/error", "failed")
+            self.progress.note(f"device {self.label(tid)} on {lbl}: FAILED {self.outcome.device_failed[f'{tid}/{lbl}']}")
 
 
 # ---------------------------------------------------------------- tables
@@ -366,6 +456,9 @@ def print_summary(outcome: Outcome, file=None) -> None:
           f"{len(outcome.failed)} failed) in {fmt_duration(outcome.wall_s)}", file=file)
     for tid, err in outcome.failed.items():
         print(f"  FAILED {tid[:8]}: {err}", file=file)
+    for key, err in outcome.device_failed.items():
+        tid, lbl = key.split("/", 1)
+        print(f"  FAILED {tid[:8]} on device {lbl}: {err}", file=file)
     for reg in outcome.registered:
         metric = [k for k in reg if k.startswith("ppl/")]
         extra = f" ({metric[0]}={reg[metric[0]]:.3f})" if metric else ""

@@ -212,6 +212,17 @@ class Tracker:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def log_devices(self, run_id: str, devices: dict) -> None:
+        """Device-stage results (label -> summary, farm.device_stage) into a trial's run as metrics and
+        tags; the run may already be FINISHED, since device stages end after the trial."""
+        from .device_stage import metrics_and_tags
+
+        now = int(time.time() * 1000)
+        for summary in devices.values():
+            metrics, tags = metrics_and_tags(summary)
+            self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if _metric_ok(v)],
+                                  tags=[RunTag(k, v) for k, v in tags.items()])
+
     def fail_trial(self, run_id: str, error: str, tb: str = "", kind: str = "exception") -> None:
         self.client.log_batch(run_id, tags=[RunTag("error", error[:4900]), RunTag("error_kind", kind)])
         if tb:

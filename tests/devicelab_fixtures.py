@@ -288,3 +288,9 @@ def copy_export(src: Path, dst: Path, **index_changes) -> Path:
     index.update(index_changes)
     (dst / "export.json").write_text(json.dumps(index, indent=2))
     return dst
+
+
+def tiny_exporter(artifact_dir: str, out_dir: Path, prefill: int, ctx: int) -> Path:
+    """The device stage's export step for tests (``farm.sweep.Options.exporter``): the tiny export in place
+    of the trial's real model, until tests run the real exporter on every trial."""
+    return make_tiny_export(Path(out_dir))

@@ -1,0 +1,148 @@
+"""Device stages in sweeps: `devices: [host]` in a sweep file puts latency metrics into each trial's MLflow
+run (real local Ray, real sqlite MLflow, the real host and qnn-sim backends), cached by content so a re-run
+measures nothing twice, and added to trials that finished before the section existed; and on a
+ray.cluster_utils cluster where only one node advertises `phone:sm8650`, every device stage runs on that
+node and never two at once.
+
+The export step is the tiny QDQ export (tests.devicelab_fixtures.tiny_exporter) in place of
+quant.export.export_artifact, so a trial takes seconds; the trials themselves are real (one decoder
+layer of SmolLM2, RTN).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from farm.spec import load_sweep
+from farm.sweep import Options, run_sweep
+from tests.devicelab_fixtures import tiny_exporter
+from tests.farm_env import contained_env, write_sweep
+
+HEAD = """\
+name: NAME
+base: {model: smollm2-135m, layers: 1, samples: 2, seqlen: 32, method: rtn}
+eval: {perplexity: {limit: 2}}
+resources: {cpu: 1}
+register_best: false
+"""
+
+
+@pytest.fixture(scope="module")
+def env():
+    import ray
+
+    from farm import scheduler
+
+    with contained_env() as root:
+        assert scheduler.connect(num_cpus=2)
+        try:
+            yield root, root / "data"
+        finally:
+            ray.shutdown()
+
+
+def _runs(data: Path, name: str) -> dict:
+    c = MlflowClient(f"sqlite:///{data / 'mlflow.db'}")
+    exp = c.get_experiment_by_name(name)
+    return {r.data.tags["trial_id"]: r for r in c.search_runs([exp.experiment_id], "tags.farm_role = 'trial'")}
+
+
+def _entries(data: Path, stage: str) -> list:
+    d = data / "stages" / stage
+    return sorted(p.name for p in d.iterdir() if (p / "meta.json").exists()) if d.exists() else []
+
+
+def test_a_sweep_with_devices_puts_device_metrics_into_each_trial_run(env):
+    root, data = env
+    p = write_sweep(root, "devsweep", HEAD + """\
+grid: {scheme: [w8a8, w4a8]}
+include: [{scheme: fp}]
+devices:
+  - {device: host, repeats: 5, warmup: 1, tokens: 4}
+  - {device: qnn-sim, graphs: [prefill], repeats: 2, warmup: 1}
+""")
+    sweep = load_sweep(p)
+    out = run_sweep(sweep, Options(data_dir=data, live=False, exporter=tiny_exporter))
+    assert out.ok and len(out.results) == 3, out.device_failed
+    runs = _runs(data, "devsweep")
+    quantized = [t for t in sweep.trials if t.config["method"] != "none"]
+    for t in quantized:
+        res = json.loads((data / "trials" / t.id / "result.json").read_text())
+        host = res["devices"]["host"]
+        assert host["ok"] and [r["workload"]["graph"] for r in host["records"]] == ["prefill", "decode"]
+        pre, dec = host["records"]
+        m, tags = runs[t.id].data.metrics, runs[t.id].data.tags
+        assert runs[t.id].info.status == "FINISHED"
+        # exactly the record's numbers, under the names reports read
+        assert m["device/host/prefill_ms"] == pre["median_ms"] and len(pre["samples_ms"]) == 5
+        assert m["device/host/prefill_ms_ci_low"] <= m["device/host/prefill_ms"] <= m["device/host/prefill_ms_ci_high"]
+        assert m["device/host/prefill_ms_p90"] == pre["p90_ms"]
+        assert m["device/host/decode_tok_s"] == pytest.approx(1000.0 / dec["median_ms"])
+        assert m["device/host/decode_tok_s_ci_low"] <= m["device/host/decode_tok_s"] <= m["device/host/decode_tok_s_ci_high"]
+        assert "device/host/energy_mj_per_tok" not in m  # the host measures no power: no number rather than 0
+        assert tags["device/host/runtime"] == "onnxruntime" and tags["device/host/latency_meaningful"] == "true"
+        assert tags["device/host/model"] and tags["device/host/soc"] and tags["device/host/os_build"]
+        assert tags["device/host/prompt_len"] == "16"
+        assert tags["device/qnn-sim/latency_meaningful"] == "false" and tags["device/qnn-sim/soc"].startswith("SM8650")
+        assert "device/qnn-sim/decode_tok_s" not in m and m["ppl/wiki/seq32"] > 1  # accuracy next to latency
+    fp = next(t for t in sweep.trials if t.config["method"] == "none")
+    assert not any(k.startswith("device/") for k in runs[fp.id].data.metrics)  # no artifact: nothing to export
+    assert len(_entries(data, "export")) == 2 and len(_entries(data, "bench")) == 4  # 2 trials x 2 devices
+    before = {tid: dict(r.data.metrics) for tid, r in runs.items()}
+
+    # run again: nothing is trained, exported or measured, and MLflow keeps the same numbers
+    again = run_sweep(load_sweep(p), Options(data_dir=data, live=False, exporter=tiny_exporter))
+    assert again.ok and again.executed == []
+    assert len(_entries(data, "bench")) == 4
+    assert {tid: dict(r.data.metrics) for tid, r in _runs(data, "devsweep").items()} == before
+
+
+def test_devices_added_later_measure_finished_trials_without_rerunning_them(env):
+    root, data = env
+    plain = HEAD + "grid: {scheme: [w8a8], seed: [5]}\n"
+    p = write_sweep(root, "latedev", plain)
+    first = run_sweep(load_sweep(p), Options(data_dir=data, live=False, exporter=tiny_exporter))
+    assert first.ok and len(first.executed) == 1
+    tid = first.executed[0]
+    rid = _runs(data, "latedev")[tid].info.run_id
+    p = write_sweep(root, "latedev", plain + "devices: [{device: host, graphs: [prefill], repeats: 3}]\n")
+    out = run_sweep(load_sweep(p), Options(data_dir=data, live=False, exporter=tiny_exporter))
+    assert out.ok and out.executed == []  # the trial itself is not run again
+    runs = _runs(data, "latedev")
+    assert list(runs) == [tid] and runs[tid].info.run_id == rid  # the same FINISHED run got the metrics
+    res = json.loads((data / "trials" / tid / "result.json").read_text())
+    assert runs[tid].data.metrics["device/host/prefill_ms"] == res["devices"]["host"]["records"][0]["median_ms"]
+
+
+@pytest.mark.slow
+def test_device_stages_run_on_the_node_with_the_phone_one_at_a_time():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    with contained_env() as root:
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 2, "include_dashboard": False, "object_store_memory": 100 * 1024 ** 2})
+        try:
+            phone_node = cluster.add_node(num_cpus=2, resources={"phone:sm8650": 1},
+                                          object_store_memory=100 * 1024 ** 2)
+            cluster.wait_for_nodes()
+            # the host backend stands in for the phone; what is under test is where Ray places the stage
+            p = write_sweep(root, "placement", HEAD + """\
+grid: {scheme: [w8a8, w4a8, w8a16]}
+devices: [{device: host, graphs: [prefill], repeats: 40, warmup: 2, resources: {"phone:sm8650": 1}}]
+""")
+            data = root / "data"
+            out = run_sweep(load_sweep(p), Options(data_dir=data, address=cluster.address, live=False,
+                                                   exporter=tiny_exporter))
+            assert out.ok and len(out.results) == 3
+            stages = [r["devices"]["host"] for r in out.results.values()]
+            assert {s["node"]["node_id"] for s in stages} == {phone_node.node_id}
+            spans = sorted((s["records"][0]["extra"]["started_at"], s["records"][0]["extra"]["ended_at"]) for s in stages)
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # never two at once on the phone
+            assert not ray.is_initialized()
+        finally:
+            cluster.shutdown()
