@@ -109,7 +109,10 @@ def test_more_bad_files(tmp_path):
     assert f":{_line_of(text, 'epochs')}: base.epochs:" in msg and "not known to any method" in msg
     text = BASE + "devices:\n  - {backend: host}\n"
     msg = _error(tmp_path, text)
-    assert f":{_line_of(text, 'devices')}: devices:" in msg and "devicelab backends are not available yet" in msg
+    assert f":{_line_of(text, 'backend')}: devices[0].device: Field required" in msg  # the old schema's key
+    text = BASE + "devices:\n  - host\n  - pixel-9\n"
+    msg = _error(tmp_path, text)
+    assert f":{_line_of(text, 'pixel-9')}: devices[1]: unknown device 'pixel-9'" in msg and "devices: host" in msg
     text = BASE.replace("  samples: 2\n", "  samples: 2\n  samples: 3\n")
     assert "duplicate key (first given on line" in _error(tmp_path, text)
     assert "not valid YAML" in _error(tmp_path, BASE.replace("scheme: [fp, w8a8, w4a8]", "scheme: [fp, w8a8"))
