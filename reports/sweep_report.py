@@ -30,6 +30,7 @@ from .training import plot as plot_curves
 FLOAT_METHOD = "none"
 BUDGET_COLUMNS = ("method_config.epochs", "method_config.iterations", "method_config.steps")
 SAMPLES = "calib.samples"
+SEED_KEYS = ("calib.seed", "seed")
 IDENTITY = ("model", "layers", "scheme", "method")
 
 
@@ -125,14 +126,22 @@ def _plot(rows: list[dict], x: str, lines: list[str], path: Path, title: str) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8.4, 4.2), dpi=110)
+    # seeds are repeats, not conditions: one line per condition (their mean) in a band from min to max
+    lines = [k for k in lines if k not in SEED_KEYS]
     groups: dict = {}
     for r in pts:
         groups.setdefault(tuple(r.get(k) for k in lines), []).append(r)
     for key, g in sorted(groups.items(), key=lambda kv: tuple(sort_key(v) for v in kv[0])):
-        g = sorted(g, key=lambda r: r[x])
+        at: dict = {}
+        for r in g:
+            at.setdefault(r[x], []).append(r["vs fp"])
+        xs = sorted(at)
         label = ", ".join(f"{k.split('.')[-1]}={v}" if k.startswith(("method_config.", "calib.")) else str(v)
                           for k, v in zip(lines, key) if v is not None)
-        ax.plot([r[x] for r in g], [r["vs fp"] for r in g], marker="o", label=label or "trials")
+        line, = ax.plot(xs, [sum(at[v]) / len(at[v]) for v in xs], marker="o", label=label or "trials")
+        if any(len(at[v]) > 1 for v in xs):
+            ax.fill_between(xs, [min(at[v]) for v in xs], [max(at[v]) for v in xs], color=line.get_color(),
+                            alpha=0.2, linewidth=0)
     ax.set_xscale("log", base=2)
     ax.set_xlabel(x)
     ax.set_ylabel("perplexity / FP perplexity")
@@ -241,7 +250,11 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
     if xk and quantized:
         groups = independent([k for k in axes if k != xk], quantized)
         if _plot(quantized, xk, groups, out / "ppl_vs_samples.png", f"{sweep}: {metric}"):
-            blocks += [Heading(f"Ratio to FP against {xk}"), Image("ppl_vs_samples.png", "ratio to FP")]
+            seeds = [k for k in groups if k in SEED_KEYS]
+            blocks += [Heading(f"Ratio to FP against {xk}")]
+            if seeds:
+                blocks.append(Para(f"Each line is the mean over `{seeds[0]}`; the band spans its minimum to maximum."))
+            blocks.append(Image("ppl_vs_samples.png", "ratio to FP"))
 
     curves = load_curves(trials, tracking_uri)
     if curves:
@@ -259,7 +272,8 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
                    Table(crows, ["trial", *keys, "mode", "steps", "first loss", "last loss", "late change", "status"],
                          css="training")]
         labels = {tid: ", ".join(f"{k.split('.')[-1]}={by_id[tid].params.get(k)}" for k in keys) for tid in curves}
-        if plot_curves(curves, labels, out / "training_loss.png", sweep):
+        groups = {tid: f"{by_id[tid].params.get('scheme')} {by_id[tid].params.get('method')}" for tid in curves}
+        if plot_curves(curves, labels, out / "training_loss.png", sweep, groups):
             blocks.append(Image("training_loss.png", "training loss"))
 
     blocks += failed_blocks(trials, axes, link)
