@@ -391,8 +391,8 @@ class PhoneStandIn:
         files = {"current_now": f"{int(round(current))}\n", "voltage_now": f"{int(p.voltage_v * 1e6)}\n",
                  "temp": f"{int(round(temp * 10))}\n", "capacity": f"{p.battery_pct}\n", "status": status + "\n"}
         for name, text in files.items():
-            (bat / name).write_text(text)
-        (state / "battery").write_text(
+            _write_atomic(bat / name, text)
+        _write_atomic(state / "battery", 
             "Current Battery Service state:\n"
             "  AC powered: false\n"
             f"  USB powered: {'true' if p.charging else 'false'}\n"
@@ -411,7 +411,8 @@ class PhoneStandIn:
             "  technology: Li-ion\n")
         total_k = 230942304
         free_k = self.free_bytes() // 1024
-        (state / "df").write_text(
+        _write_atomic(
+            state / "df",
             "Filesystem        1K-blocks     Used Available Use% Mounted on\n"
             f"/dev/block/dm-48  {total_k} {total_k - free_k} {free_k} {100 * (total_k - free_k) // total_k}% /data\n")
 
@@ -617,6 +618,13 @@ class PhoneStandIn:
 # a workload runs a program from the sandbox: a simple command (after VAR=value assignments) whose word is
 # ./something or /data/local/tmp/...; housekeeping (mkdir, rm, cat of sysfs, df) draws no extra current
 _WORKLOAD = re.compile(r"(?:^|[;&|(])\s*(?:(?:do|then|else|exec)\s+)?(?:\w+=\S*\s+)*(?:\./|/data/local/tmp/)\S+")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace a state file in one step: shells of other streams may be reading it right now."""
+    tmp = path.with_name(f".{path.name}.{threading.get_ident()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _shell_packet(packet_id: int, data: bytes) -> bytes:

@@ -154,7 +154,8 @@ def test_hot_phone_waits_for_cool_down_then_measures_in_ma(adb_server, runtime_d
     assert rec.power_mw == pytest.approx((knobs.active_ma - knobs.idle_ma) * knobs.voltage_v, rel=0.05)
 
     knobs = Phone(temperature_c=50.0, cooling_c_per_s=1.0)
-    with phone(adb_server, tmp_path / "b", runtime_dir, knobs, max_temp_c=40.0, cooldown_timeout_s=0.3) as (standin, dev):
+    limits = dict(max_temp_c=40.0, cooldown_timeout_s=0.3)
+    with phone(adb_server, tmp_path / "b", runtime_dir, knobs, **limits) as (standin, dev):
         prepared = dev.prepare(compiled)
         standin.heat(50.0)
         with pytest.raises(DeviceError, match=r"still 49\.\d °C after 0 s of cool-down \(limit max_temp_c 40\.0"):
@@ -165,7 +166,8 @@ def test_hot_phone_waits_for_cool_down_then_measures_in_ma(adb_server, runtime_d
 def test_charging_phone_refuses_power_measurement(adb_server, runtime_dir, compiled, tmp_path):
     """Protocol-level stand-in. A phone charging over USB refuses a power measurement (its current_now reads
     the charger) with a message that names the phone and the way out; nothing runs. Without power
-    measurement the same phone runs and the record carries no power."""
+    measurement the same phone runs and the record carries no power. A phone at 12% battery is refused
+    before anything runs."""
     with phone(adb_server, tmp_path, runtime_dir, Phone(charging=True)) as (standin, dev):
         assert dev.health().charging is True
         prepared = dev.prepare(compiled)
@@ -174,6 +176,10 @@ def test_charging_phone_refuses_power_measurement(adb_server, runtime_dir, compi
         assert not [d for d in standin.draws if "num_inferences" in d.command]
         rec = dev.run(prepared, Workload(**{**RUN, "measure_power": False}))
     assert rec.power_mw is None and rec.energy_mj_per_token is None and len(rec.samples_ms) == 5
+
+    with phone(adb_server, tmp_path / "low", runtime_dir, Phone(battery_pct=12)) as (standin, dev):
+        with pytest.raises(DeviceError, match=rf"{dev.name}: battery at 12%, below min_battery_pct 20%"):
+            dev.ready_for_run(Workload(**RUN))
 
 
 def test_storage_too_small_is_a_clear_error_and_pushes_nothing(adb_server, runtime_dir, compiled, tmp_path):
@@ -239,7 +245,8 @@ def test_phone_lost_mid_run_is_retried_on_a_second_phone_through_the_pool(adb_se
     knobs_a = Phone(disconnect_after_s=0.3, disconnect_match=r"seq 0 9\b")
     with phone(adb_server, tmp_path / "a", runtime_dir, knobs_a) as (sa, a), \
             phone(adb_server, tmp_path / "b", runtime_dir, Phone(seed=1)) as (sb, b):
-        entries = [DeviceEntry("phone-a", "adb", {"serial": a.serial}), DeviceEntry("phone-b", "adb", {"serial": b.serial})]
+        entries = [DeviceEntry("phone-a", "adb", {"serial": a.serial}),
+                   DeviceEntry("phone-b", "adb", {"serial": b.serial})]
         a.name, b.name = "phone-a", "phone-b"
         events = []
         pool = Pool(Inventory(entries, None, tmp_path / "locks"), devices={"phone-a": a, "phone-b": b},

@@ -369,17 +369,22 @@ class AdbDevice(Device):
         else:
             per_run, tokens_per_sample, extra = self._qnn_results(prepared, workload, outputs[workload.warmup:])
         extra.update(checks)
-        extra["pulled"] = self._pull(prepared, outputs[-1])
+        try:  # the numbers are in hand: a failed pull is noted, not allowed to throw them away
+            extra["pulled"] = self._pull(prepared, outputs[-1])
+        except DeviceError as e:
+            extra["pulled"] = {"error": str(e)}
         extra["window_s"] = round(window_s, 4)
         rec = Measurement(device=self.info(), workload=workload, model_id=prepared.model_id,
                           samples_ms=per_run, latency_meaningful=True, **stats.summarize(per_run))
         if workload.graph == "decode" or prepared.runtime == "genie-t2t-run":
             rec.tokens_per_s = extra.pop("tokens_per_s", None) or 1000.0 / rec.median_ms
         if workload.measure_power:
+            if sampler.error is not None and len(samples) < 3:
+                raise DeviceError(f"{self.name}: power sampling failed during the run: {sampler.error}")
             power = power_above_baseline(baseline, samples, self.options.current_unit)
             rec.power_mw = power["power_mw"]
             rec.energy_mj_per_token = power["power_mw"] * rec.median_ms / 1000.0 / tokens_per_sample
-            extra["power"] = {**power, "energy_window_mj": power["power_mw"] * window_s,
+            extra["power"] = {**power, "energy_window_mj": power["power_mw"] * window_s, "skipped": sampler.skipped,
                               "while_charging": checks["charging"]}
         extra["tokens_per_sample"] = tokens_per_sample
         rec.extra = extra
@@ -468,9 +473,16 @@ class AdbDevice(Device):
                                       ValueError(f"unreadable output {out!r}")) from None
 
     def _sample_for(self, seconds: float) -> list:
-        out, end = [], time.monotonic() + seconds
+        out, end, failures = [], time.monotonic() + seconds, 0
         while time.monotonic() < end or len(out) < 3:
-            out.append(self._read_power())
+            try:
+                out.append(self._read_power())
+            except DeviceLost:
+                raise
+            except DeviceError:  # one unreadable sample is not fatal; a phone that never answers is
+                failures += 1
+                if failures > 10 + len(out):
+                    raise
             time.sleep(self.options.sample_interval_s)
         return out
 
@@ -484,16 +496,19 @@ class _Sampler(threading.Thread):
 
     def __init__(self, device: AdbDevice):
         super().__init__(daemon=True, name=f"power-{device.name}")
-        self.device, self.samples, self.error = device, [], None
+        self.device, self.samples, self.error, self.skipped = device, [], None, 0
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
             try:
                 self.samples.append(self.device._read_power())
-            except DeviceError as e:  # the run itself reports the loss; keep what was read
+            except DeviceLost as e:  # the run itself reports the loss; keep what was read
                 self.error = e
                 return
+            except DeviceError as e:  # one unreadable sample (a sysfs file mid-update) is not fatal
+                self.error = e
+                self.skipped += 1
             self._stop_event.wait(self.device.options.sample_interval_s)
 
     def stop(self) -> list:
