@@ -97,8 +97,8 @@ def test_normal_run_latency_from_profiles_and_energy_from_drawn_current(adb_serv
     """Protocol-level stand-in. Latency samples are the NetRun averages qnn-profile-viewer printed (checked
     against the runtime's own log, to the µs); power is within 5% of the excess current the stand-in drew
     times its voltage, energy per token within 5% of that power times the runtime's measured median over
-    the prompt's tokens, and the run window's energy within 10% of what the stand-in's battery delivered
-    (the window also holds the adb shell's start-up)."""
+    the prompt's tokens, and the run window's energy between 95% of what the stand-in's battery delivered
+    above idle and that plus 0.3 s of the excess power (the window also holds adb's shell start-up)."""
     knobs = Phone()
     with phone(adb_server, tmp_path, runtime_dir, knobs) as (standin, dev):
         info = dev.info()
@@ -122,7 +122,7 @@ def test_normal_run_latency_from_profiles_and_energy_from_drawn_current(adb_serv
     assert all(len(r["execute_us"]) == 5 for r in logged)
     assert rec.median_ms == stats.median(rec.samples_ms)
     assert rec.ci_low_ms <= rec.median_ms <= rec.ci_high_ms
-    assert MS_PER_INFERENCE * 0.96 <= rec.median_ms < MS_PER_INFERENCE * 2  # a busy loop only overshoots
+    assert MS_PER_INFERENCE * 0.96 <= rec.median_ms < MS_PER_INFERENCE * 3  # a busy loop only overshoots
     assert rec.device.runtime == "qnn-net-run" and rec.device.runtime_version == "2.22.6.240515"
     assert rec.device.soc == "SM8650" and rec.device.extra["android"] == "14"
 
@@ -131,7 +131,8 @@ def test_normal_run_latency_from_profiles_and_energy_from_drawn_current(adb_serv
     true_runtime_median = stats.median([sum(r["execute_us"]) / len(r["execute_us"]) / 1000.0 for r in logged])
     assert rec.energy_mj_per_token == pytest.approx(excess_mw * true_runtime_median / 1000.0 / 128, rel=0.05)
     assert rec.extra["power"]["current_unit"] == "uA"
-    assert rec.extra["power"]["energy_window_mj"] == pytest.approx(_run_draw(standin).energy_mj, rel=0.10)
+    drawn = _run_draw(standin).energy_mj  # the window adds adb's shell start-up and tear-down, under 0.3 s
+    assert 0.95 * drawn <= rec.extra["power"]["energy_window_mj"] <= drawn + 0.3 * excess_mw
 
     pulled = Path(rec.extra["pulled"]["dir"]) / "run_5" / "Result_0" / "logits.raw"
     assert pulled.read_bytes() == struct.pack("<64f", *[0.25 * k for k in range(64)])
@@ -149,7 +150,7 @@ def test_hot_phone_waits_for_cool_down_then_measures_in_ma(adb_server, runtime_d
         rec = dev.run(prepared, Workload(**RUN))
     assert rec.extra["temperature_c_start"] == pytest.approx(43.0, abs=0.3)
     assert rec.extra["temperature_c_run"] <= 40.0
-    assert 0.6 <= rec.extra["cooldown_s"] <= 2.0
+    assert 0.6 <= rec.extra["cooldown_s"] <= 3.0
     assert rec.extra["power"]["current_unit"] == "mA"
     assert rec.power_mw == pytest.approx((knobs.active_ma - knobs.idle_ma) * knobs.voltage_v, rel=0.05)
 
