@@ -376,7 +376,8 @@ class SweepRun:
 
         art = result.get("artifact_dir")
         if not art:
-            self.progress.note(f"device {self.label(tid)}: skipped (no artifact: a float trial or save_artifacts: false)")
+            self.progress.note(f"device {self.label(tid)}: skipped (no artifact: a float trial or "
+                               "save_artifacts: false)")
             return
         n = self.device_jobs.submit(tid, art, quant_key(self.trials[tid].config), only)
         self.progress.note(f"device {self.label(tid)}: {n} device stage(s) queued (export, compile, bench)")
@@ -397,8 +398,8 @@ class SweepRun:
                      if k.endswith(("/prefill_ms", "/decode_tok_s", "/energy_mj_per_tok"))]
             self.progress.note(f"device {self.label(tid)} on {lbl}: {' '.join(shown)}")
         else:
-            self.outcome.device_failed[f"{tid}/{lbl}"] = tags.get(f"device/{lbl}/error", "failed")
-            self.progress.note(f"device {self.label(tid)} on {lbl}: FAILED {self.outcome.device_failed[f'{tid}/{lbl}']}")
+            err = self.outcome.device_failed[f"{tid}/{lbl}"] = tags.get(f"device/{lbl}/error", "failed")
+            self.progress.note(f"device {self.label(tid)} on {lbl}: FAILED {err}")
 
 
 # ---------------------------------------------------------------- tables

@@ -89,8 +89,10 @@ def test_the_slow_variant_is_measurably_slower_interleaved(exports):
 
 def test_interleaved_runs_variants_in_turn_and_drops_warmup():
     calls = []
-    out = stats.interleaved({"A": lambda: calls.append("A") or len(calls), "B": lambda: calls.append("B") or len(calls)},
-                            rounds=3, warmup=1)
+    def variant(name):
+        return lambda: calls.append(name) or len(calls)
+
+    out = stats.interleaved({"A": variant("A"), "B": variant("B")}, rounds=3, warmup=1)
     assert "".join(calls) == "ABABABAB"
     assert out == {"A": [3.0, 5.0, 7.0], "B": [4.0, 6.0, 8.0]}  # the warm-up round's values are dropped
 

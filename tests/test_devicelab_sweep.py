@@ -82,7 +82,8 @@ devices:
         assert m["device/host/prefill_ms_ci_low"] <= m["device/host/prefill_ms"] <= m["device/host/prefill_ms_ci_high"]
         assert m["device/host/prefill_ms_p90"] == pre["p90_ms"]
         assert m["device/host/decode_tok_s"] == pytest.approx(1000.0 / dec["median_ms"])
-        assert m["device/host/decode_tok_s_ci_low"] <= m["device/host/decode_tok_s"] <= m["device/host/decode_tok_s_ci_high"]
+        assert m["device/host/decode_tok_s_ci_low"] <= m["device/host/decode_tok_s"] \
+            <= m["device/host/decode_tok_s_ci_high"]
         assert "device/host/energy_mj_per_tok" not in m  # the host measures no power: no number rather than 0
         assert tags["device/host/runtime"] == "onnxruntime" and tags["device/host/latency_meaningful"] == "true"
         assert tags["device/host/model"] and tags["device/host/soc"] and tags["device/host/os_build"]
@@ -141,7 +142,8 @@ devices: [{device: host, graphs: [prefill], repeats: 40, warmup: 2, resources: {
             assert out.ok and len(out.results) == 3
             stages = [r["devices"]["host"] for r in out.results.values()]
             assert {s["node"]["node_id"] for s in stages} == {phone_node.node_id}
-            spans = sorted((s["records"][0]["extra"]["started_at"], s["records"][0]["extra"]["ended_at"]) for s in stages)
+            spans = sorted((s["records"][0]["extra"]["started_at"], s["records"][0]["extra"]["ended_at"])
+                           for s in stages)
             assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # never two at once on the phone
             assert not ray.is_initialized()
         finally:
