@@ -59,7 +59,8 @@ def ratio_bars(rows: list[dict], path: Path, title: str) -> bool:
             ax.set_yscale("log")
         else:
             ax.set_ylim(0, max(r[RATIO] for r in mine) * 1.15)
-        ax.set_title(f"{model}" + ("" if layers is None else f" ({layers} layers)"), fontsize=10)
+        ax.set_title(f"{model}" + ("" if layers is None else f" ({layers} layer{'' if layers == 1 else 's'})"),
+                     fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(title="scheme", fontsize=8, title_fontsize=8)
     fig.suptitle(title, fontsize=11)
