@@ -301,6 +301,11 @@ class PhoneStandIn:
 
     def _go_offline(self) -> None:
         """Leave the network: stop listening, drop the transport, kill what runs (the phone walked away)."""
+        with self._lock:  # the battery stops delivering the workload's current now, before anyone can look
+            now = time.monotonic()
+            for d in self._active.values():
+                d.end = d.end or now
+            self._active.clear()
         self.disconnected.set()
         if self._listener is not None:
             try:
@@ -311,11 +316,6 @@ class PhoneStandIn:
             conn.drop()
         for proc in list(self._procs):
             _kill(proc)
-        with self._lock:
-            now = time.monotonic()
-            for d in self._active.values():
-                d.end = d.end or now
-            self._active.clear()
 
     # ---- state the shell sees
     def banner(self) -> str:
