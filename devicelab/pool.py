@@ -14,6 +14,7 @@ measurement whose device disappeared on another device of the same kind.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import re
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import backends
+from . import backends, stats
 from .inventory import KINDS, DeviceEntry, Inventory
 from .protocol import Device, DeviceError, DeviceInfo, DeviceLost, Health, Measurement, Workload
 
@@ -191,6 +192,48 @@ class Pool:
             if not pending:
                 break
         return result
+
+
+    def compare(self, exports: dict[str, Path], target: str, workload: Workload, rounds: int = 5) -> dict:
+        """Variants (label -> export folder) measured on ONE device of ``target``, interleaved: ``rounds``
+        rounds of A, B, A, B, ... each running ``ceil(repeats / rounds)`` timed runs (warm-up in the first
+        round only), so the device's drift (heat, clocks, background load) is shared by every variant
+        instead of charged to whichever ran second. Returns label -> Measurement over all its samples.
+        A device lost mid-comparison raises: half a comparison on two devices would compare devices."""
+        if len(exports) < 2:
+            raise ValueError("compare needs at least two exports")
+        if rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {rounds}")
+        entry = self.available(target)[0]
+        dev = self.device(entry)
+        per = -(-workload.repeats // rounds)
+        with device_lock(self.inventory.lock_dir, entry.name, self.lock_timeout,
+                         on_wait=lambda n: self.on_event(f"waiting for {n}: another benchmark holds it")):
+            prepared = {label: dev.prepare(Path(p)) for label, p in exports.items()}
+            parts: dict[str, list[Measurement]] = {label: [] for label in exports}
+            for r in range(rounds):
+                for label in exports:
+                    w = dataclasses.replace(workload, repeats=per, warmup=workload.warmup if r == 0 else 0)
+                    parts[label].append(dev.run(prepared[label], w))
+                self.on_event(f"{entry.name}: round {r + 1}/{rounds} of {', '.join(exports)}")
+        out = {}
+        for label, recs in parts.items():
+            first = recs[0]
+            samples = [s for rec in recs for s in rec.samples_ms]
+            summary = stats.summarize(samples)
+            tps = 1000.0 / summary["median_ms"] if first.tokens_per_s is not None else None
+            wl = dataclasses.replace(first.workload, repeats=len(samples), warmup=workload.warmup)
+            energy = [r.energy_mj_per_token for r in recs if r.energy_mj_per_token is not None]
+            power = [r.power_mw for r in recs if r.power_mw is not None]
+            out[label] = dataclasses.replace(
+                first, workload=wl, samples_ms=samples, tokens_per_s=tps,
+                energy_mj_per_token=stats.median(energy) if energy else None,
+                power_mw=stats.median(power) if power else None,
+                extra={**first.extra, "variant": label, "interleaved": {"rounds": rounds, "variants": list(exports)}},
+                **summary)
+            if "prefill_tok_s" in first.extra:
+                out[label].extra["prefill_tok_s"] = wl.prompt_len / (summary["median_ms"] / 1000.0)
+        return out
 
 
 def _safe_info(dev: Device, entry: DeviceEntry) -> DeviceInfo:

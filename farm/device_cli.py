@@ -3,6 +3,7 @@
     farm devices [--devices FILE] [--json]               # every device of the pool with its health
     farm bench EXPORT --device NAME|KIND [--graph prefill|decode] [--repeats N] [--warmup N] [--tokens N]
                [--json]                                   # the measurement protocol on one device
+    farm bench A B --device NAME|KIND [--rounds 5]       # variants on one device, interleaved A/B/A/B
 
 The devices file is --devices, else $MQFARM_DEVICES, else ./devices.yaml, else the defaults (host, and
 qnn-sim where onnxruntime-qnn is installed); see docs/devices.md. Progress goes to stderr; the record to
@@ -23,7 +24,8 @@ def add_commands(sub) -> dict:
     d.add_argument("--json", action="store_true", help="one JSON object per device")
 
     b = sub.add_parser("bench", help="measure an export folder on a device (latency, tokens/s, energy)")
-    b.add_argument("export", help="export folder (written by `farm export`)")
+    b.add_argument("export", nargs="+", help="export folder (written by `farm export`); two or more are "
+                   "compared on one device, interleaved A/B/A/B")
     b.add_argument("--device", required=True, help="a device name from `farm devices`, or a kind: "
                    "host, qnn-sim, adb, aihub (any available device of it)")
     b.add_argument("--graph", choices=GRAPHS + ("both",), default="both",
@@ -33,6 +35,7 @@ def add_commands(sub) -> dict:
     b.add_argument("--tokens", type=int, default=16, help="decode steps per timed run (default 16)")
     b.add_argument("--threads", type=int, default=None, help="host: intra-op threads (default: the devices file's)")
     b.add_argument("--allow-charging", action="store_true", help="phones: measure power while USB charges")
+    b.add_argument("--rounds", type=int, default=5, help="with several exports: interleaved rounds (default 5)")
     b.add_argument("--devices", default=None, help="devices file (default $MQFARM_DEVICES or ./devices.yaml)")
     b.add_argument("--json", action="store_true", help="print each record as one JSON object")
     return {"devices": cmd_devices, "bench": cmd_bench}
@@ -76,7 +79,7 @@ def cmd_devices(args) -> int:
 def _check_counts(args) -> None:
     from .cli import UsageError
 
-    for flag in ("repeats", "tokens"):
+    for flag in ("repeats", "tokens", "rounds"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.warmup < 0:
@@ -120,7 +123,8 @@ def cmd_bench(args) -> int:
     from .cli import UsageError
 
     _check_counts(args)
-    read_export(args.export)  # a wrong or unknown-version export fails before any device is touched
+    for path in args.export:  # a wrong or unknown-version export fails before any device is touched
+        read_export(path)
     inv = inventory.load(args.devices)
     if args.threads is not None:
         inv.entries = [replace(e, options={**e.options, "threads": args.threads}) if e.kind == "host" else e
@@ -129,8 +133,10 @@ def cmd_bench(args) -> int:
     graphs = GRAPHS if args.graph == "both" else (args.graph,)
     workloads = [Workload(graph=g, tokens=args.tokens, warmup=args.warmup, repeats=args.repeats,
                           threads=args.threads or 1, allow_charging=args.allow_charging) for g in graphs]
+    if len(args.export) > 1:
+        return _compare(pool, args, workloads)
     try:
-        result = pool.bench(args.export, args.device, workloads)
+        result = pool.bench(args.export[0], args.device, workloads)
     except DeviceError as e:  # the device refused (storage, busy, backend missing): one line, exit 2
         raise UsageError(str(e)) from None
     for rec in result.failed + result.records:
@@ -143,4 +149,32 @@ def cmd_bench(args) -> int:
         print(f"farm bench: error: {len(result.records)}/{result.wanted} workloads measured; every "
               f"{args.device} device tried was lost", file=sys.stderr)
         return 1
+    return 0
+
+
+def _compare(pool, args, workloads) -> int:
+    """Several exports on one device, interleaved; the first is the baseline of the ratios."""
+    from devicelab.protocol import DeviceError
+
+    from .cli import UsageError
+
+    exports = {}
+    for path in args.export:
+        label = path.rstrip("/").rsplit("/", 1)[-1]
+        exports[label if label not in exports else path] = path
+    for w in workloads:
+        try:
+            recs = pool.compare(exports, args.device, w, rounds=args.rounds)
+        except DeviceError as e:
+            raise UsageError(str(e)) from None
+        base = next(iter(recs.values()))
+        for label, rec in recs.items():
+            if args.json:
+                print(json.dumps(rec.to_dict(), sort_keys=True))
+                continue
+            print(f"variant  {label}")
+            print_record(rec)
+            if rec is not base:
+                print(f"vs {next(iter(recs))}: median x{rec.median_ms / base.median_ms:.3f}")
+            print()
     return 0

@@ -16,6 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from devicelab import inventory
@@ -228,3 +229,38 @@ def test_one_benchmark_per_device_across_processes(tmp_path):
         with device_lock(locks, "x", timeout=0):
             with device_lock(locks, "x", timeout=0.1):
                 pass
+
+
+class RecordsOrder(HostDevice):
+    """The host backend, noting which export each run measured (to check the interleaving)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.order = []
+
+    def run(self, prepared, workload):
+        self.order.append((prepared.export.index["model"], workload.repeats, workload.warmup))
+        return super().run(prepared, workload)
+
+
+def test_variants_on_one_device_are_interleaved_not_back_to_back(export, tmp_path, capsys):
+    slow = make_tiny_export(tmp_path / "slow", slow=True)
+    dev = RecordsOrder("host")
+    pool = Pool(_inv(tmp_path, [DeviceEntry("host", "host")]), devices={"host": dev})
+    recs = pool.compare({"fast": export, "slow": slow}, "host", Workload(graph="prefill", repeats=12, warmup=2),
+                        rounds=4)
+    # 4 rounds of fast, slow; 3 timed runs each; the warm-up only in the first round
+    first = [("tiny-qdq", 3, 2), ("tiny-qdq-slow", 3, 2)]
+    assert dev.order == first + [("tiny-qdq", 3, 0), ("tiny-qdq-slow", 3, 0)] * 3
+    assert [len(r.samples_ms) for r in recs.values()] == [12, 12]
+    for label, rec in recs.items():
+        assert rec.extra["variant"] == label and rec.workload.repeats == 12
+        assert rec.median_ms == float(np.median(rec.samples_ms)) and rec.ci_low_ms <= rec.median_ms <= rec.ci_high_ms
+        assert rec.extra["prefill_tok_s"] == pytest.approx(16 / (rec.median_ms / 1000))
+    assert recs["slow"].median_ms > 3 * recs["fast"].median_ms
+    # the command line: two exports are a comparison, with the ratio to the first
+    devices = _devices_file(tmp_path)
+    assert farm_main(["bench", str(export), str(slow), "--device", "host", "--graph", "prefill", "--repeats", "4",
+                      "--rounds", "2", "--devices", str(devices)]) == 0
+    text = capsys.readouterr().out
+    assert "variant  exp" in text and "variant  slow" in text and "vs exp: median x" in text
