@@ -24,6 +24,9 @@ the qnn-sim emulator. The format (every key optional)::
         current_unit: auto      # current_now units: auto (from the magnitude), uA or mA
     aihub:                      # Qualcomm AI Hub cloud devices (credentials: qai-hub configure)
       devices: ["Samsung Galaxy S24 (Family)"]
+      compile_options: ""       # extra options of the compile / profile jobs, job timeout (seconds)
+      profile_options: ""
+      job_timeout_s: 3600
     lock_dir: ~/.mqfarm/device-locks   # one benchmark per device at a time, across processes
 
 Every device is a :class:`DeviceEntry` (name, kind, options); backends are built from entries by
@@ -79,6 +82,7 @@ _QNN_KEYS = {"enabled": bool, "soc_model": str, "htp_arch": str}
 _PHONE_KEYS = {"name": str, "serial": str, "soc": str, "runtime_dir": str, "runtime_cmd": str,
                "allow_charging": bool, "min_battery_pct": (int, float), "max_temp_c": (int, float),
                "cooldown_timeout_s": (int, float), "current_unit": str}
+_AIHUB_KEYS = {"devices": list, "compile_options": str, "profile_options": str, "job_timeout_s": (int, float)}
 _TOP_KEYS = ("host", "qnn_sim", "phones", "aihub", "lock_dir")
 
 
@@ -137,11 +141,12 @@ def parse(data: dict | None, path: Path | None = None) -> Inventory:
         entries.append(DeviceEntry(name, "adb", ph))
     hub = data.get("aihub")
     if hub is not None:
-        hub = _check(f"{label}: aihub", hub, {"devices": list})
+        hub = _check(f"{label}: aihub", hub, _AIHUB_KEYS)
+        shared = {k: v for k, v in hub.items() if k != "devices"}
         for j, dev in enumerate(hub.get("devices", [AIHUB_DEFAULT_DEVICE])):
             if not isinstance(dev, str) or not dev:
                 raise InventoryError(f"{label}: aihub.devices[{j}]: must be an AI Hub device name, got {dev!r}")
-            entries.append(DeviceEntry(f"aihub:{dev}", "aihub", {"device": dev}))
+            entries.append(DeviceEntry(f"aihub:{dev}", "aihub", {"device": dev, **shared}))
     seen: dict[str, int] = {}
     for e in entries:
         if e.name in seen:

@@ -169,7 +169,7 @@ def test_devices_file_errors_name_the_file_and_key(tmp_path, monkeypatch):
         phones:
           - {name: s24-a, serial: R5CX1, soc: SM8650, runtime_dir: /opt/qnn, allow_charging: true}
           - {serial: "192.168.1.20:5555"}
-        aihub: {devices: ["Samsung Galaxy S24 (Family)"]}
+        aihub: {devices: ["Samsung Galaxy S24 (Family)"], job_timeout_s: 600}
         """)
     inv = inventory.load(p, discover=False)
     assert [(e.name, e.kind) for e in inv.entries] == [
@@ -177,6 +177,8 @@ def test_devices_file_errors_name_the_file_and_key(tmp_path, monkeypatch):
         ("aihub:Samsung Galaxy S24 (Family)", "aihub")]
     assert inv.get("s24-a").options == {"serial": "R5CX1", "soc": "SM8650", "runtime_dir": "/opt/qnn",
                                         "allow_charging": True}
+    assert inv.get("aihub:Samsung Galaxy S24 (Family)").options == {"device": "Samsung Galaxy S24 (Family)",
+                                                                   "job_timeout_s": 600}
 
 
 def test_discovery_without_an_adb_server_is_empty_not_an_error(monkeypatch):
