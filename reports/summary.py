@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 from . import fmt
-from .device_metrics import DeviceResult
 from .pareto import frontier
 from .render import Link, Table
 from .runs import TrialRun
@@ -199,5 +198,5 @@ def device_identities(trials: list[TrialRun]) -> list[dict]:
     return sorted(seen.values(), key=lambda e: (e["device"], str(e["os build"])))
 
 
-__all__ = ["DeviceResult", "Summary", "summary", "pareto_points", "pareto_table", "device_table",
+__all__ = ["Summary", "summary", "pareto_points", "pareto_table", "device_table",
            "device_identities", "accuracy_keys", "timing_devices"]

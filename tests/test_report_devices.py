@@ -68,7 +68,8 @@ def test_device_metrics_are_found_by_their_names_whatever_the_device_is_called()
     assert sorted(out) == sorted([dev, "host", "qnn-sim"])
     d = out[dev]
     assert (d.prefill_ms, d.prefill_ci_low, d.prefill_ci_high, d.identity) == (12.5, 12.0, 13.0, {"soc": "SM8650"})
-    assert (out["host"].decode_tok_s, out["host"].energy_mj_per_tok, out["host"].latency_meaningful) == (40.0, 2.5, True)
+    host = out["host"]
+    assert (host.decode_tok_s, host.energy_mj_per_tok, host.latency_meaningful) == (40.0, 2.5, True)
     assert out["qnn-sim"].latency_meaningful is False and out["qnn-sim"].prefill_ms is None
 
 
