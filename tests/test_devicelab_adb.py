@@ -233,14 +233,16 @@ def test_phone_lost_mid_run_is_retried_on_a_second_phone_through_the_pool(adb_se
                                                                           tmp_path):
     """Protocol-level stand-ins, two of them. Through the pool (devicelab.pool): the first workload is
     measured on phone-a; phone-a drops 0.3 s into the second one, which becomes a failed record naming
-    phone-a and is measured again on phone-b; the first record is kept as it was."""
+    phone-a and is measured again on phone-b; the first record is kept as it was. Tokens per prefill
+    sample come from the export's compiled prompt length."""
     from devicelab.inventory import DeviceEntry, Inventory
     from devicelab.pool import Pool
 
     export = tmp_path / "export"
     export.mkdir()
     (export / "export.json").write_text(json.dumps({"exporter": "mqfarm-onnx", "exporter_version": 1,
-                                                    "content_hash": "c0ffee", "graphs": {}}))
+                                                    "content_hash": "c0ffee",
+                                                    "graphs": {"prefill": {"prompt_len": 64}}}))
     shutil.copytree(compiled, export / compiled.name)
     first, second = Workload(**RUN), Workload(**{**RUN, "warmup": 2, "repeats": 8})  # the loop runs `seq 0 9`
     knobs_a = Phone(disconnect_after_s=0.3, disconnect_match=r"seq 0 9\b")
@@ -258,6 +260,9 @@ def test_phone_lost_mid_run_is_retried_on_a_second_phone_through_the_pool(adb_se
     assert [(r.device.name, r.workload.repeats, r.status, len(r.samples_ms)) for r in res.records] == [
         ("phone-a", 5, "ok", 5), ("phone-b", 8, "ok", 8)]
     assert all(r.model_id == "c0ffee" and r.power_mw > 0 for r in res.records)
+    # the compiled graph's prompt length (export.json) counts the tokens, not the workload's 128
+    assert all(r.extra["tokens_per_sample"] == 64 for r in res.records)
+    assert all(r.energy_mj_per_token == pytest.approx(r.power_mw * r.median_ms / 1000 / 64) for r in res.records)
     (lost,) = res.failed
     assert (lost.status, lost.device.name, lost.device.soc, lost.workload.repeats) == ("failed", "phone-a", "SM8650", 8)
     assert lost.error.startswith("device lost: phone-a: lost while trying to run qnn-net-run")

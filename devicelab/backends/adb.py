@@ -84,6 +84,7 @@ class AdbPrepared:
     model_id: str = ""
     pushed_bytes: int = 0
     files: list = field(default_factory=list)
+    prompt_len: int | None = None  # the compiled prefill graph's fixed prompt length, when the export says
 
 
 class AdbDevice(Device):
@@ -232,8 +233,9 @@ class AdbDevice(Device):
             raise DeviceError(f"{self.name}: runtime_dir {root} is not a folder")
         return sorted(p for p in root.iterdir() if p.is_file())
 
-    def model_files(self, model: Path) -> tuple[list[Path], dict, str]:
-        """The compiled model's files, the context binary per graph, and the model id (export content hash).
+    def model_files(self, model: Path) -> tuple[list[Path], dict, str, int | None]:
+        """The compiled model's files, the context binary per graph, the model id (export content hash) and
+        the prefill graph's prompt length (from export.json, None without one).
 
         ``model``: a context binary (``.bin``), a compiled folder (``compiled-<target>/``: every file is
         pushed; ``prefill*.bin`` / ``decode*.bin`` serve those graphs, a single ``.bin`` serves both), or an
@@ -242,9 +244,9 @@ class AdbDevice(Device):
         model = Path(model)
         if not model.exists():
             raise DeviceError(f"{self.name}: model {model} does not exist")
-        model_id = ""
+        model_id, export = "", None
         if (model / "export.json").is_file():
-            model_id = read_export(model).content_hash  # ExportError for an unknown exporter or version
+            export = read_export(model)  # ExportError for an unknown exporter or version
             compiled = sorted(p for p in model.glob("compiled-*") if p.is_dir())
             soc = self.info().soc.lower()
             fitting = [p for p in compiled if soc and soc in p.name.lower()] or compiled
@@ -253,26 +255,31 @@ class AdbDevice(Device):
                                   f"first (farm compile)")
             model = fitting[0]
         elif (model.parent / "export.json").is_file():
-            model_id = read_export(model.parent).content_hash
+            export = read_export(model.parent)
+        if export is not None:
+            model_id = export.content_hash
+            prompt_len = export.index.get("graphs", {}).get("prefill", {}).get("prompt_len")
+        else:
+            prompt_len = None
         files = [model] if model.is_file() else sorted(p for p in model.iterdir() if p.is_file())
         bins = [p.name for p in files if p.suffix == ".bin"]
         if self._runtime_kind() == "genie-t2t-run":
             configs = [p.name for p in files if p.suffix == ".json" and "genie" in p.name]
             if not configs:
                 raise DeviceError(f"{self.name}: {model} has no Genie config (*genie*.json) for genie-t2t-run")
-            return files, {"*": configs[0]}, model_id
+            return files, {"*": configs[0]}, model_id, prompt_len
         if not bins:
             raise DeviceError(f"{self.name}: {model} has no QNN context binary (.bin) to run")
         contexts = {g: b for g in ("prefill", "decode") for b in bins if b.startswith(g)}
         if len(bins) == 1:
             contexts["*"] = bins[0]
-        return files, contexts, model_id
+        return files, contexts, model_id, prompt_len
 
     def prepare(self, model: Path) -> AdbPrepared:
         state = self._state()
         if state != "device":
             raise DeviceLost(f"{self.name}: not available to the adb server (state {state!r}, serial {self.serial})")
-        files, contexts, model_id = self.model_files(Path(model))
+        files, contexts, model_id, prompt_len = self.model_files(Path(model))
         files = self.runtime_files() + files
         names = [f.name for f in files]
         dupes = {n for n in names if names.count(n) > 1}
@@ -302,7 +309,7 @@ class AdbDevice(Device):
         kind = self._runtime_kind()
         version = self._probe_version(remote, kind)
         self._runtime_version = version
-        return AdbPrepared(remote, contexts, kind, version, model_id, pushed, names)
+        return AdbPrepared(remote, contexts, kind, version, model_id, pushed, names, prompt_len)
 
     def _remote_sizes(self, remote: str) -> dict:
         try:
@@ -347,6 +354,9 @@ class AdbDevice(Device):
                 "charging": bat["charging"]}
 
     def run(self, prepared: AdbPrepared, workload: Workload) -> Measurement:
+        if workload.repeats < 1 or workload.warmup < 0:
+            raise DeviceError(f"{self.name}: workload needs repeats >= 1 and warmup >= 0, got repeats "
+                              f"{workload.repeats}, warmup {workload.warmup}")
         checks = self.ready_for_run(workload)
         baseline = self._sample_for(self.options.baseline_s) if workload.measure_power else []
         runs = workload.warmup + workload.repeats
@@ -418,7 +428,8 @@ class AdbDevice(Device):
             raise DeviceError(f"{self.name}: expected {len(outputs)} qnn-profile-viewer reports, got {len(reports)}")
         parsed = [parse_profile_viewer(r) for r in reports]
         per_run = [p["execute_avg_us"] / 1000.0 for p in parsed]
-        tokens = workload.prompt_len if workload.graph == "prefill" else 1
+        # the compiled graph's prompt length is fixed: the export's wins over the workload's
+        tokens = (prepared.prompt_len or workload.prompt_len) if workload.graph == "prefill" else 1
         return per_run, tokens, {"runtime": "qnn-net-run", "inferences_per_run": self.options.inferences_per_run,
                                  "init_ms": [p.get("init_us", 0) / 1000.0 for p in parsed],
                                  "context": self._context_for(prepared, workload.graph)}
