@@ -10,6 +10,11 @@ Metrics, per device ``<d>`` (the pool's device name, e.g. ``host``, ``pixel8-1``
 Tags ``device/<d>/model``, ``/soc``, ``/os_build``, ``/runtime`` identify the device, and
 ``device/<d>/latency_meaningful`` is ``"false"`` for a device whose times are not latency (the QNN HTP
 emulator runs the NPU's arithmetic at emulation speed): reports never tabulate or plot those times.
+
+farm's device stage (``farm/device_stage.py``) also logs ``..._p90``, the decode interval, ``power_mw`` and
+the tags ``name``, ``kind``, ``runtime_version``, ``error`` (the target could not be measured); the
+report shows the version beside the runtime and the error in the device table. Other keys under
+``device/`` are ignored.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ PREFILL_MS, PREFILL_CI_LOW, PREFILL_CI_HIGH = "prefill_ms", "prefill_ms_ci_low",
 DECODE_TOK_S = "decode_tok_s"
 ENERGY_MJ_PER_TOK = "energy_mj_per_tok"
 METRICS = (PREFILL_MS, PREFILL_CI_LOW, PREFILL_CI_HIGH, DECODE_TOK_S, ENERGY_MJ_PER_TOK)
-IDENTITY_TAGS = ("model", "soc", "os_build", "runtime")
+IDENTITY_TAGS = ("model", "soc", "os_build", "runtime", "runtime_version", "name", "kind")
 LATENCY_MEANINGFUL = "latency_meaningful"
+ERROR = "error"
 
 # the device name may hold "/" or ":" ("aihub:Galaxy S24"), so the known suffix anchors the split
 _METRIC = re.compile(rf"^{re.escape(PREFIX)}(?P<device>.+)/(?P<name>{'|'.join(METRICS)})$")
-_TAG = re.compile(rf"^{re.escape(PREFIX)}(?P<device>.+)/(?P<name>{'|'.join(IDENTITY_TAGS + (LATENCY_MEANINGFUL,))})$")
+_TAG = re.compile(rf"^{re.escape(PREFIX)}(?P<device>.+)/(?P<name>{'|'.join(IDENTITY_TAGS + (LATENCY_MEANINGFUL, ERROR))})$")
 
 
 def metric_key(device: str, name: str) -> str:
@@ -45,7 +51,8 @@ class DeviceResult:
     decode_tok_s: float | None = None
     energy_mj_per_tok: float | None = None
     latency_meaningful: bool = True
-    identity: dict = field(default_factory=dict)  # model, soc, os_build, runtime (those that were tagged)
+    identity: dict = field(default_factory=dict)  # IDENTITY_TAGS that were tagged
+    error: str = ""  # why the device stage could not measure this target
 
 
 _FIELD = {PREFILL_MS: "prefill_ms", PREFILL_CI_LOW: "prefill_ci_low", PREFILL_CI_HIGH: "prefill_ci_high",
@@ -67,6 +74,8 @@ def device_results(metrics: dict, tags: dict) -> dict[str, DeviceResult]:
         r = out.setdefault(m["device"], DeviceResult(m["device"]))
         if m["name"] == LATENCY_MEANINGFUL:
             r.latency_meaningful = str(v).strip().lower() not in ("false", "0", "no")
+        elif m["name"] == ERROR:
+            r.error = str(v)
         else:
             r.identity[m["name"]] = str(v)
     return out

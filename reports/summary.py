@@ -173,9 +173,9 @@ def device_table(trials: list[TrialRun], link=None) -> Table | None:
                    "method": t.params.get("method"), "device": name}
             if r.latency_meaningful:
                 row.update({"prefill ms": r.prefill_ms, "ci low": r.prefill_ci_low, "ci high": r.prefill_ci_high,
-                            "decode tok/s": r.decode_tok_s, "mJ/tok": r.energy_mj_per_tok, "note": ""})
+                            "decode tok/s": r.decode_tok_s, "mJ/tok": r.energy_mj_per_tok, "note": r.error})
             else:
-                row["note"] = "emulator: outputs only, times are not latency"
+                row["note"] = "; ".join(x for x in ("emulator: outputs only, times are not latency", r.error) if x)
             rows.append(row)
     if not rows:
         return None
@@ -189,11 +189,16 @@ def device_identities(trials: list[TrialRun]) -> list[dict]:
     seen: dict[tuple, dict] = {}
     for t in trials:
         for name, r in t.devices.items():
-            ident = tuple(r.identity.get(k, "") for k in ("model", "soc", "os_build", "runtime"))
+            runtime, version = r.identity.get("runtime", ""), r.identity.get("runtime_version", "")
+            if version and version not in runtime:  # some backends put the version in the runtime already
+                runtime = f"{runtime} {version}".strip()
+            named = r.identity.get("name", "")
+            ident = (named if named and named != name else "", r.identity.get("model", ""), r.identity.get("soc", ""),
+                     r.identity.get("os_build", ""), runtime)
             e = seen.setdefault((name, ident, r.latency_meaningful), {
-                "device": name, "model": ident[0] or None, "soc": ident[1] or None, "os build": ident[2] or None,
-                "runtime": ident[3] or None, "latency": "yes" if r.latency_meaningful else "no (emulator)",
-                "trials": 0})
+                "device": name + (f" ({ident[0]})" if ident[0] else ""), "model": ident[1] or None,
+                "soc": ident[2] or None, "os build": ident[3] or None, "runtime": ident[4] or None,
+                "latency": "yes" if r.latency_meaningful else "no (emulator)", "trials": 0})
             e["trials"] += 1
     return sorted(seen.values(), key=lambda e: (e["device"], str(e["os build"])))
 

@@ -50,12 +50,15 @@ EMULATOR_MS = 31234.5  # the emulator's "prefill time": must appear nowhere as l
 DEVICES = {
     "host": {"model": "Intel Xeon (test host)", "soc": "x86_64", "os_build": "Linux 6.1.0-test",
              "runtime": "onnxruntime 1.32.0", "latency_meaningful": "true"},
-    "galaxy-s24": {"model": "Samsung Galaxy S24", "soc": "SM8650", "os_build": "UP1A.231005.007",
-                   "runtime": "qnn-net-run 2.27", "latency_meaningful": "true"},
+    "galaxy-s24": {"name": "galaxy-s24", "kind": "adb", "model": "Samsung Galaxy S24", "soc": "SM8650",
+                   "os_build": "UP1A.231005.007", "runtime": "qnn-net-run", "runtime_version": "2.27",
+                   "latency_meaningful": "true"},
     "qnn-sim": {"model": "QNN HTP emulator", "soc": "SM8650 (emulated)", "os_build": "Linux 6.1.0-test",
                 "runtime": "onnxruntime-qnn 2.7.0", "latency_meaningful": "false"},
 }
 CI = 0.05  # the confidence interval of the median prefill time: +-5 %
+# a target the device stage could not measure for one trial (as farm/device_stage.py tags it)
+LOST = ("pixel-lab", ("w8a8", "rtn"), "every device of the target was lost")
 
 
 def key_of(trial) -> tuple[str, str]:
@@ -83,6 +86,8 @@ def outcome(trial) -> tuple[dict, dict]:
         if len(values) > 2:
             metrics[metric_key(dev, ENERGY_MJ_PER_TOK)] = values[2]
     tags = {metric_key(dev, k): v for dev, ident in DEVICES.items() for k, v in ident.items()}
+    if key_of(trial) == LOST[1]:
+        tags.update({metric_key(LOST[0], "kind"): "adb", metric_key(LOST[0], "error"): LOST[2]})
     return metrics, tags
 
 

@@ -127,7 +127,9 @@ def test_pareto_frontier_per_device(store):
 def test_device_table_withholds_the_emulators_times(store):
     _, _, _, text = store
     rows = md_table(text, "Device measurements")
-    assert len(rows) == 1 + 7 * 3
+    assert len(rows) == 1 + 7 * 3 + 1
+    lost = [r for r in rows[1:] if r[3] == rs.LOST[0]]
+    assert [r[1:] for r in lost] == [[*rs.LOST[1], rs.LOST[0], "-", "-", "-", "-", "-", rs.LOST[2]]]
     sim = [r for r in rows[1:] if r[3] == "qnn-sim"]
     assert len(sim) == 7 and all(r[4:9] == ["-"] * 5 and "not latency" in r[9] for r in sim)
     fp_phone = next(r for r in rows[1:] if r[1:4] == ["fp", "none", "galaxy-s24"])
@@ -145,10 +147,13 @@ def test_trials_failed_and_provenance(store):
     assert "loss is nan \\| step 3" in text  # escaped, so the row keeps its columns
     calib = md_table(text, "Provenance", 2)
     assert calib[1:] == [["news", rs.CORPUS_ID, "4", "32", "0", "7"]]
-    devices = {r[0]: r for r in md_table(text, "Provenance", 3)[1:]}
-    for name, ident in rs.DEVICES.items():
-        assert devices[name][1:6] == [ident["model"], ident["soc"], ident["os_build"], ident["runtime"],
-                                      "yes" if ident["latency_meaningful"] == "true" else "no (emulator)"]
+    devices = {r[0]: r[1:] for r in md_table(text, "Provenance", 3)[1:]}
+    assert devices == {
+        "host": ["Intel Xeon (test host)", "x86_64", "Linux 6.1.0-test", "onnxruntime 1.32.0", "yes", "7"],
+        "galaxy-s24": ["Samsung Galaxy S24", "SM8650", "UP1A.231005.007", "qnn-net-run 2.27", "yes", "7"],
+        "qnn-sim": ["QNN HTP emulator", "SM8650 (emulated)", "Linux 6.1.0-test", "onnxruntime-qnn 2.7.0",
+                    "no (emulator)", "7"],
+        rs.LOST[0]: ["-", "-", "-", "-", "yes", "1"]}
     versions = {r[0]: r[1] for r in md_table(text, "Provenance", 1)[1:]}
     import mlflow
     import torch
@@ -201,7 +206,7 @@ def test_each_trial_links_to_its_run_on_an_mlflow_server(store, tmp_path):
             assert tags["trial_id"] == by_short[short].id
             assert url.split("/#/experiments/")[1].split("/")[0] == run["info"]["experiment_id"]
         html = (tmp_path / "out" / "report.html").read_text()
-        assert html.count(f'<a href="{base}/#/experiments/') == len(rows) + 7 + 7 * 3 + 2 + 1
+        assert html.count(f'<a href="{base}/#/experiments/') == len(rows) + 7 + 7 * 3 + 1 + 2 + 1
     finally:
         server.terminate()
         try:
