@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import fmt
 from . import plots
+from .numerics import numerics_blocks
 from .provenance import provenance_blocks
 from .render import Heading, Image, Link, Para, Table, to_html, to_markdown
 from .runs import TrialRun, load_trials
@@ -194,8 +195,9 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
         Para(f"{len(trials)} trials ({', '.join(f'{n} {s.lower()}' for s, n in sorted(counts.items()))}); "
              f"MLflow `{tracking_uri}`; code {', '.join(commits) or 'unknown'}; generated "
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}.")]
+    blocks += numerics_blocks(trials)  # results of other arithmetic are flagged before any table
     if metric:
-        refs = "; ".join(f"{m}{'' if ly is None else f' (layers={ly})'}: {v:.4g}" for (m, ly), v in sorted(
+        refs = "; ".join(f"{m}{'' if ly is None else f' (layers={ly})'}: {fmt.number(v)}" for (m, ly), v in sorted(
             fp.items(), key=lambda kv: tuple(sort_key(v) for v in kv[0])))
         blocks.append(Para(f"Metric: `{metric}`, lower is better; `vs fp` divides by the FP trial of the same "
                            f"model ({refs or 'no FP trial finished'})."))
