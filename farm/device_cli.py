@@ -18,6 +18,12 @@ import sys
 GRAPHS = ("prefill", "decode")
 
 
+class BenchError(ValueError):
+    """Bad input or a refusing device: `farm` prints it as one line and exits 2. A ValueError, so that
+    farm.cli's handler catches it also when farm.cli runs as ``python -m farm.cli`` (then __main__'s
+    UsageError is another class than farm.cli's)."""
+
+
 def add_commands(sub) -> dict:
     d = sub.add_parser("devices", help="list the device pool with each device's health")
     d.add_argument("--devices", default=None, help="devices file (default $MQFARM_DEVICES or ./devices.yaml)")
@@ -77,15 +83,13 @@ def cmd_devices(args) -> int:
 
 
 def _check_counts(args) -> None:
-    from .cli import UsageError
-
     for flag in ("repeats", "tokens", "rounds"):
         if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+            raise BenchError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.warmup < 0:
-        raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
+        raise BenchError(f"--warmup must be 0 or more, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+        raise BenchError(f"--threads must be at least 1, got {args.threads}")
 
 
 def print_record(rec, file=None) -> None:
@@ -120,8 +124,6 @@ def cmd_bench(args) -> int:
     from devicelab.pool import Pool
     from devicelab.protocol import DeviceError, Workload
 
-    from .cli import UsageError
-
     _check_counts(args)
     for path in args.export:  # a wrong or unknown-version export fails before any device is touched
         read_export(path)
@@ -138,7 +140,7 @@ def cmd_bench(args) -> int:
     try:
         result = pool.bench(args.export[0], args.device, workloads)
     except DeviceError as e:  # the device refused (storage, busy, backend missing): one line, exit 2
-        raise UsageError(str(e)) from None
+        raise BenchError(str(e)) from None
     for rec in result.failed + result.records:
         if args.json:
             print(json.dumps(rec.to_dict(), sort_keys=True))
@@ -156,8 +158,6 @@ def _compare(pool, args, workloads) -> int:
     """Several exports on one device, interleaved; the first is the baseline of the ratios."""
     from devicelab.protocol import DeviceError
 
-    from .cli import UsageError
-
     exports = {}
     for path in args.export:
         label = path.rstrip("/").rsplit("/", 1)[-1]
@@ -166,7 +166,7 @@ def _compare(pool, args, workloads) -> int:
         try:
             recs = pool.compare(exports, args.device, w, rounds=args.rounds)
         except DeviceError as e:
-            raise UsageError(str(e)) from None
+            raise BenchError(str(e)) from None
         base = next(iter(recs.values()))
         for label, rec in recs.items():
             if args.json:

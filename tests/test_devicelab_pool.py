@@ -27,7 +27,7 @@ from devicelab.pool import DeviceBusy, Pool, PoolError, device_lock
 from devicelab.protocol import DeviceLost, Health, Workload
 from farm.cli import main as farm_main
 from tests.devicelab_fixtures import copy_export, make_tiny_export
-from tests.farm_env import REPO, free_port
+from tests.farm_env import REPO, farm_cmd, free_port
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,18 @@ def test_farm_bench_prints_the_record_and_json(export, tmp_path, capsys):
     assert err == ("farm bench: error: unknown device 'nope' (" + str(devices) + "); devices: host; or a kind: host")
     assert farm_main(["bench", str(export), "--device", "host", "--repeats", "0", "--devices", str(devices)]) == 2
     assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_the_farm_command_answers_bad_input_with_one_line_and_status_2(export, tmp_path):
+    devices = _devices_file(tmp_path)
+    for args, words in ((["--device", "pixel9"], "unknown device 'pixel9'"),
+                        (["--device", "aihub"], "no aihub device is configured"),
+                        (["--device", "host", "--warmup", "-1"], "--warmup must be 0 or more")):
+        proc = subprocess.run(farm_cmd("bench", str(export), "--devices", str(devices), *args), cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("farm bench: error:"), proc.stderr
+        assert words in lines[0] and proc.stdout == ""
 
 
 def test_farm_devices_lists_the_pool_with_health(tmp_path, capsys):

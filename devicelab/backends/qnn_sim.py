@@ -106,7 +106,14 @@ class QnnSimDevice(Device):
             return ort.InferenceSession(str(path), so)
 
     def prepare(self, model: Path) -> PreparedExport:
-        return prepare_export(Path(model), self.session, self.name)
+        try:
+            return prepare_export(Path(model), self.session, self.name)
+        except DeviceError as e:
+            if "fallback to CPU EP has been explicitly disabled" not in str(e):
+                raise
+            # onnxruntime's error says only that some node fell back; its QNN EP logged which ones (stderr)
+            raise DeviceError(f"{e}; the HTP cannot run every node of this graph (the QNN EP's "
+                              "'Unsupported nodes in QNN EP' log line above names them)") from None
 
     def run(self, prepared: PreparedExport, workload: Workload) -> Measurement:
         return measure(self.info(), prepared, workload, latency_meaningful=False,
