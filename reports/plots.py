@@ -77,8 +77,9 @@ def _front(ax, pts: list[ParetoPoint], x, on) -> None:
                 label="Pareto frontier", zorder=1)
         ax.scatter([x(p) for p in front], [p.ratio for p in front], s=160, facecolors="none",
                    edgecolors="#c0392b", linewidths=1.5, zorder=3)
-        for p in front:
-            ax.annotate(p.label, (x(p), p.ratio), textcoords="offset points", xytext=(6, 6), fontsize=7)
+        for i, p in enumerate(front):  # alternate above/below: neighbours on the frontier sit close
+            ax.annotate(p.label, (x(p), p.ratio), textcoords="offset points", xytext=(6, 6 if i % 2 else -11),
+                        fontsize=7)
 
 
 def pareto(points: dict[str, list[ParetoPoint]], path: Path, title: str) -> bool:
@@ -113,7 +114,12 @@ def pareto(points: dict[str, list[ParetoPoint]], path: Path, title: str) -> bool
             _front(ax, shown, x, on)
             xs = [x(p) for p in shown]
             if min(xs) > 0 and max(xs) / min(xs) > 8:  # FP on a phone is 20x slower: keep the rest readable
+                from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
                 ax.set_xscale("log")
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt.measured(v)))
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(xlabel)
             ax.set_ylabel("perplexity / FP perplexity")
             ax.set_title(f"{d}: lower left is better", fontsize=10)
