@@ -64,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval", action="store_true", help="also evaluate perplexity (or --suite) after quantizing")
     _add_eval_args(q)
 
-    e = sub.add_parser("eval", help="evaluate an artifact folder, or a model with --model")
-    e.add_argument("artifact", nargs="?", help="artifact folder written by `farm quantize`")
+    e = sub.add_parser("eval", help="evaluate an artifact folder, an export folder, or a model with --model")
+    e.add_argument("artifact", nargs="?", help="artifact folder written by `farm quantize`, or an export folder "
+                                               "written by `farm export` (then --runtime runs its graph)")
+    e.add_argument("--runtime", default=None, choices=["onnx", "qnn-htp"],
+                   help="for an export folder: onnx = onnxruntime CPU (QDQ semantics), qnn-htp = the QNN HTP "
+                        "emulator of onnxruntime-qnn (slow); default onnx")
     _add_model_args(e, required=False)
     _add_eval_args(e)
 
@@ -85,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import sweep_cli  # sweep, status, report, ui
 
     COMMANDS.update(sweep_cli.add_commands(sub))
-    from . import device_cli  # devices, bench
+    from . import deploy_cli, device_cli  # export, compile; devices, bench
+
+    COMMANDS.update(deploy_cli.add_commands(sub))
 
     COMMANDS.update(device_cli.add_commands(sub))
     return parser
@@ -201,7 +207,13 @@ def _model_for_eval(args, progress: bool):
 def cmd_eval(args) -> int:
     from quant import evaluate_perplexity
 
+    from . import deploy_cli
+
     progress = not args.json
+    if deploy_cli.is_export(args.artifact):
+        return deploy_cli.eval_export(args, progress)
+    if args.runtime:
+        raise UsageError(f"--runtime needs an export folder (written by `farm export`); {args.artifact} has no export.json")
     _check_suite(args)
     lm, label, seqlen = _model_for_eval(args, progress)
     if args.suite:
@@ -273,10 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     from quant.data import CorpusError
     from quant.train import TrainingDiverged
     from quant.zoo import ModelLoadError
+    from devicelab.compile import CompileError
+    from devicelab.protocol import DeviceError
 
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, ValueError, ArtifactError, CorpusError, ModelLoadError, FileNotFoundError) as e:
+    except (UsageError, ValueError, ArtifactError, CorpusError, ModelLoadError, FileNotFoundError, CompileError,
+            DeviceError) as e:
         print(f"farm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

@@ -41,8 +41,13 @@ class PerplexityResult:
 
 @torch.no_grad()
 def window_nll(model, ids: torch.Tensor) -> torch.Tensor:
-    """Summed NLL of tokens 1..T-1 of each window given its prefix: (B,) float64."""
-    logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+    """Summed NLL of tokens 1..T-1 of each window given its prefix: (B,) float64.
+
+    ``model``: a causal LM, or any callable ``ids (B, T) -> logits (B, T, V)`` (an exported graph run by
+    onnxruntime: the deployed model goes through the same arithmetic as the simulated one).
+    """
+    is_module = isinstance(model, torch.nn.Module)
+    logits = model(input_ids=ids, use_cache=False).logits if is_module else model(ids)  # (B, T, V)
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     tgt = ids[:, 1:].unsqueeze(-1)
     return -logp.gather(-1, tgt).squeeze(-1).double().sum(dim=1)
@@ -55,9 +60,11 @@ def perplexity(model, windows: torch.Tensor, corpus: str = "wiki", batch_size: i
         raise ValueError(f"windows must be (N, T>=2) token ids, got shape {tuple(windows.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
+    is_module = isinstance(model, torch.nn.Module)
+    was_training = model.training if is_module else False
+    if is_module:
+        model.eval()
+    device = model_device(model) if is_module else torch.device("cpu")
     total = 0.0
     t0 = time.perf_counter()
     bar = tqdm(total=windows.shape[0], desc="perplexity", unit="win", disable=not progress)
@@ -69,7 +76,8 @@ def perplexity(model, windows: torch.Tensor, corpus: str = "wiki", batch_size: i
             bar.set_postfix(ppl=f"{math.exp(total / ((start + batch.shape[0]) * (windows.shape[1] - 1))):.3f}")
     finally:
         bar.close()
-        model.train(was_training)
+        if is_module:
+            model.train(was_training)
     seconds = time.perf_counter() - t0
     n, t = windows.shape
     predicted = n * (t - 1)

@@ -71,17 +71,10 @@ def _save_onnx(model_proto, path: Path) -> list[str]:
     return [path.name]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_model(model, tokenizer, out_dir: str | Path, recipe: dict, *, prefill: int = 128, ctx: int = 1024,
                  overwrite: bool = False, progress: bool = True) -> Path:
     """Write the export folder for a simulated (or float) model in memory; see the module docstring."""
+    from ..files import apply_umask, sha256_file
     from . import aimet
 
     out = Path(out_dir)
@@ -117,13 +110,14 @@ def export_model(model, tokenizer, out_dir: str | Path, recipe: dict, *, prefill
             entry["prompt_len" if name == "prefill" else "ctx"] = prefill if name == "prefill" else ctx
             index["graphs"][name] = entry
             for f in files + [f"{name}.encodings"]:
-                index["files"][f] = {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                index["files"][f] = {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
         index["content_hash"] = hashlib.sha256(json.dumps(
             {k: v for k, v in index.items() if k != "files"} | {"files": {k: v["sha256"] for k, v in index["files"].items()}},
             sort_keys=True, default=str).encode()).hexdigest()[:16]
         (tmp / "export.json").write_text(json.dumps(index, indent=2, sort_keys=True, default=str))
+        apply_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

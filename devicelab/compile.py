@@ -1,0 +1,276 @@
+"""Compiling an export for a Snapdragon NPU: a QNN context binary per graph, written beside the export.
+
+Two routes, one result (``compiled-<target>/``):
+
+* ``ort`` (default, needs only PyPI): onnxruntime with the QNN execution provider of ``onnxruntime-qnn``
+  (HTP backend, ``soc_model``/``htp_arch`` of the target). Creating a session with ``ep.context_enable=1``
+  writes an EPContext ONNX model (``<graph>.onnx``) and the context binary it points to
+  (``<graph>_qnn.bin``) for that SoC. CPU fallback is off: a graph the HTP cannot take whole is refused,
+  naming the nodes QNN rejected (``--allow-cpu-fallback`` compiles the rest and lists them).
+* ``qnn-sdk`` (where the user's QAIRT/QNN SDK is on PATH): the reference's own chain (``MOBILEQUANT.md`` §7):
+  the float graph (QDQ folded away, :mod:`devicelab.qdq`) and its AIMET encodings as
+  ``--quantization_overrides`` -> ``qnn-onnx-converter`` -> ``qnn-model-lib-generator`` ->
+  ``qnn-context-binary-generator`` with an HTP config for the target -> ``<graph>.bin``.
+
+``compile.json`` records the target, the route, package and tool versions, each binary's size and sha256,
+the seconds taken and the nodes left on the CPU; ``compile.log`` keeps everything the compiler printed.
+The folder is written into a temporary sibling and renamed at the end: a failed compile leaves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+from .exported import Export, read_export
+
+
+class CompileError(RuntimeError):
+    """The export cannot be compiled for the target; the message names the target, graph or tool."""
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    soc_model: str  # QNN's SoC id
+    htp_arch: str  # HTP (Hexagon) architecture version
+    description: str = ""
+
+
+TARGETS = {  # QNN soc_model / dsp_arch ids, as in the QNN SDK's HTP backend docs and the reference's configs
+    "sm8650": Target("sm8650", "57", "75", "Snapdragon 8 Gen 3 (HTP v75)"),
+    "sm8550": Target("sm8550", "43", "73", "Snapdragon 8 Gen 2 (HTP v73)"),
+    "sm8450": Target("sm8450", "36", "69", "Snapdragon 8 Gen 1 (HTP v69)"),
+}
+ROUTES = ("ort", "qnn-sdk")
+SDK_TOOLS = ("qnn-onnx-converter", "qnn-model-lib-generator", "qnn-context-binary-generator")
+
+
+def parse_target(spec: str) -> Target:
+    """``sm8650`` (a known target) or ``soc_model=57,htp_arch=75`` (any pair, named ``soc57-v75``)."""
+    spec = str(spec).strip()
+    if spec.lower() in TARGETS:
+        return TARGETS[spec.lower()]
+    m = re.fullmatch(r"soc_model=(\d+),\s*htp_arch=v?(\d+)", spec)
+    if m:
+        return Target(f"soc{m.group(1)}-v{m.group(2)}", m.group(1), m.group(2), "user-given soc_model/htp_arch")
+    raise CompileError(f"unknown target {spec!r}; known: {', '.join(TARGETS)}, or soc_model=N,htp_arch=V "
+                       f"(for example soc_model=57,htp_arch=75)")
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextmanager
+def _native_output_to(log: Path):
+    """QNN's libraries write to fds 1 and 2 directly; collect all of it in the compile log."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "ab") as f:
+        try:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+_UNSUPPORTED = re.compile(r"Unsupported nodes in QNN EP: (.*)")
+_NODE = re.compile(r"\{ name: ([^,]+), type: (\w+) \}")
+
+
+def unsupported_nodes(log_text: str) -> list[tuple[str, str]]:
+    """``(node name, op type)`` pairs that the QNN EP refused, from its log."""
+    out = []
+    for line in log_text.splitlines():
+        m = _UNSUPPORTED.search(line)
+        if m:
+            out += [(a, b) for a, b in _NODE.findall(m.group(1)) if (a, b) not in out]
+    return out
+
+
+def _ort_compile(graph_path: Path, out_onnx: Path, target: Target, log: Path, allow_cpu_fallback: bool) -> dict:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise CompileError("compiling needs onnxruntime and onnxruntime-qnn: pip install 'mobilequant-farm[device]'") from None
+    from .backends.qnn_sim import qnn_ep_devices
+    from .protocol import DeviceError
+
+    try:
+        devices = qnn_ep_devices()
+    except DeviceError as e:
+        raise CompileError(f"{e}. onnxruntime-qnn ships QNN's HTP compiler for x86_64 Linux and Windows: "
+                           f"pip install onnxruntime-qnn") from None
+    so = ort.SessionOptions()
+    so.log_severity_level = 2  # warnings: where QNN says which nodes it refused
+    so.add_session_config_entry("ep.context_enable", "1")
+    so.add_session_config_entry("ep.context_file_path", str(out_onnx))
+    so.add_session_config_entry("ep.context_embed_mode", "0")
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "0" if allow_cpu_fallback else "1")
+    so.add_provider_for_devices(devices, {"backend_type": "htp", "soc_model": target.soc_model,
+                                          "htp_arch": target.htp_arch})
+    start = log.stat().st_size if log.exists() else 0
+    t0 = time.perf_counter()
+    try:
+        with _native_output_to(log):
+            ort.InferenceSession(str(graph_path), so)
+        error = None
+    except Exception as e:  # onnxruntime's own exception types
+        error = e
+    seconds = time.perf_counter() - t0
+    with open(log, "rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    cpu_nodes = unsupported_nodes(text)
+    if error is not None or not out_onnx.exists():
+        nodes = "; ".join(f"{n} ({op})" for n, op in cpu_nodes[:8])
+        why = f"the HTP refused {len(cpu_nodes)} node(s): {nodes}" if cpu_nodes else str(error).splitlines()[0] if error else "no context written"
+        hint = (" Per-channel weights must be symmetric on the HTP (use a -sym scheme or the device "
+                "overrides, w8a8:device); --allow-cpu-fallback compiles the rest.") if cpu_nodes else ""
+        raise CompileError(f"{graph_path.name} for {target.name}: {why}.{hint}")
+    return {"seconds": round(seconds, 3), "cpu_nodes": [{"name": n, "op": op} for n, op in cpu_nodes]}
+
+
+def _sdk_compile(graph: str, export: Export, work: Path, target: Target, log: Path) -> dict:
+    """The QNN SDK chain on the float graph with the AIMET encodings as overrides (``MOBILEQUANT.md`` §7)."""
+    from .qdq import strip_qdq
+
+    spec = export.graph(graph)
+    enc = export.root / export.index["graphs"][graph]["encodings"]
+    float_model = work / f"{graph}.float.onnx"
+    strip_qdq(spec.path, float_model)
+    cpp = work / f"{graph}_qnn.cpp"
+    lib_dir = work / f"{graph}_libs"
+    cfg = work / f"{graph}_htp_config.json"
+    cfg.write_text(json.dumps({"graphs": [{"graph_names": [f"{graph}_qnn"], "vtcm_mb": 8, "O": 3}],
+                               "devices": [{"soc_id": int(target.soc_model), "dsp_arch": f"v{target.htp_arch}",
+                                            "cores": [{"core_id": 0, "perf_profile": "burst", "rpc_control_latency": 100}]}]}))
+    backend_cfg = work / f"{graph}_backend_extensions.json"
+    backend_cfg.write_text(json.dumps({"backend_extensions": {"shared_library_path": "libQnnHtpNetRunExtensions.so",
+                                                              "config_file_path": str(cfg)}}))
+    steps = [
+        ["qnn-onnx-converter", "--input_network", str(float_model), "--output_path", str(cpp),
+         "--quantization_overrides", str(enc), "--act_bitwidth", "8", "--bias_bitwidth", "32", "--float_bitwidth", "32"],
+        ["qnn-model-lib-generator", "-c", str(cpp), "-b", str(cpp.with_suffix(".bin")), "-o", str(lib_dir),
+         "-t", "x86_64-linux-clang"],
+        ["qnn-context-binary-generator", "--model", str(lib_dir / "x86_64-linux-clang" / f"lib{graph}_qnn.so"),
+         "--backend", "libQnnHtp.so", "--binary_file", f"{graph}", "--output_dir", str(work),
+         "--config_file", str(backend_cfg)],
+    ]
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        for cmd in steps:
+            f.write("$ " + " ".join(cmd) + "\n")
+            f.flush()
+            r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+            if r.returncode != 0:
+                raise CompileError(f"{graph} for {target.name}: {cmd[0]} exited with status {r.returncode}; see the "
+                                   f"log above ({log.name})")
+    if not (work / f"{graph}.bin").exists():
+        raise CompileError(f"{graph} for {target.name}: qnn-context-binary-generator wrote no {graph}.bin")
+    return {"seconds": round(time.perf_counter() - t0, 3), "cpu_nodes": []}
+
+
+def sdk_available() -> bool:
+    return all(shutil.which(t) for t in SDK_TOOLS)
+
+
+def default_out(export_dir: Path, target: Target) -> Path:
+    return Path(export_dir) / f"compiled-{target.name}"
+
+
+def compile_export(export_dir: str | Path, target: str | Target = "sm8650", out: str | Path | None = None, *,
+                   graphs: tuple[str, ...] | None = None, route: str = "ort", allow_cpu_fallback: bool = False,
+                   overwrite: bool = False, progress: bool = True) -> Path:
+    """Compile the export's graphs for ``target``; returns the compiled folder (see the module docstring)."""
+    target = target if isinstance(target, Target) else parse_target(target)
+    if route not in ROUTES:
+        raise CompileError(f"unknown route {route!r}; known: {', '.join(ROUTES)}")
+    if route == "qnn-sdk" and not sdk_available():
+        missing = [t for t in SDK_TOOLS if not shutil.which(t)]
+        raise CompileError(f"route qnn-sdk needs the QAIRT/QNN SDK's {', '.join(missing)} on PATH "
+                           f"(source the SDK's bin/envsetup.sh); the default route 'ort' needs only onnxruntime-qnn")
+    export = read_export(export_dir)
+    names = list(graphs or export.index["graphs"])
+    for g in names:
+        export.graph(g)  # ExportError naming a missing graph
+    dest = Path(out) if out else default_out(export.root, target)
+    if dest.exists() and not overwrite:
+        raise CompileError(f"compiled folder {dest} already exists; pass --overwrite to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    log = tmp / "compile.log"
+    try:
+        record = {"target": asdict(target), "route": route, "export": str(export.root.resolve()),
+                  "export_hash": export.content_hash, "allow_cpu_fallback": allow_cpu_fallback,
+                  "versions": {"onnxruntime": _version("onnxruntime"), "onnxruntime-qnn": _version("onnxruntime-qnn"),
+                               "python": platform.python_version()},
+                  "graphs": {}}
+        for g in names:
+            if progress:
+                print(f"compiling {g} for {target.name} ({target.description}) via {route}", file=sys.stderr, flush=True)
+            if route == "ort":
+                ctx = tmp / f"{g}.onnx"
+                info = _ort_compile(export.graph(g).path, ctx, target, log, allow_cpu_fallback)
+                bins = sorted(p.name for p in tmp.glob(f"{g}*.bin"))
+                files = [ctx.name] + bins
+            else:
+                build = tmp / "build"
+                build.mkdir(exist_ok=True)
+                info = _sdk_compile(g, export, build, target, log)
+                (build / f"{g}.bin").rename(tmp / f"{g}.bin")
+                shutil.rmtree(build)  # the float graph, generated C++ and libraries: rebuilt on demand
+                bins = [f"{g}.bin"]
+                files = bins
+            if not bins:
+                raise CompileError(f"{g} for {target.name}: the compiler wrote no context binary")
+            info["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}
+            info["context_binary"] = bins[0]
+            info["context_binary_bytes"] = (tmp / bins[0]).stat().st_size
+            if route == "ort":
+                info["epcontext_model"] = f"{g}.onnx"
+            record["graphs"][g] = info
+            if progress:
+                print(f"  {bins[0]}: {info['context_binary_bytes'] / 1e6:.1f} MB in {info['seconds']:.1f}s", file=sys.stderr)
+        (tmp / "compile.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+        mask = os.umask(0o022)  # mkdtemp's folder is 0700: give it the mode a plain mkdir would have
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
