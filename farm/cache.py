@@ -20,6 +20,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from quant.files import apply_umask, read_json
+
 
 class Entry:
     def __init__(self, cache: "StageCache", stage: str, key: str):
@@ -33,7 +35,7 @@ class Entry:
         return (self.path / "meta.json").exists()
 
     def meta(self) -> dict:
-        return json.loads((self.path / "meta.json").read_text())
+        return read_json(self.path / "meta.json", "stage cache entry")
 
     def workdir(self) -> Path:
         """A fresh folder to write the result into; :meth:`commit` moves it into place."""
@@ -47,6 +49,7 @@ class Entry:
         meta = {"stage": self.stage, "key": self.key, "inputs": inputs, "created_at": time.time(),
                 "host": socket.gethostname(), "pid": os.getpid(), **info}
         (work / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        apply_umask(work)  # mkdtemp's 0700 would keep the other users of a shared machine out
         if self.path.exists():  # an incomplete leftover (no meta.json): replace it
             shutil.rmtree(self.path)
         work.rename(self.path)

@@ -6,6 +6,7 @@
     farm eval DIR --suite local                     # zero-shot tasks through lm-eval (quant.eval.harness)
     farm sensitivity DIR --by role                  # which tensors (or layers) cost the most perplexity
     farm models [list|convert NAME|verify NAME]
+    farm verify DIR                                 # an artifact's files against its manifest (sha256)
 
 Errors in user input exit with status 2 and one line naming what is wrong; nothing is half-written.
 """
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("action", nargs="?", default="list", choices=["list", "convert", "verify"])
     m.add_argument("name", nargs="?")
     m.add_argument("--force", action="store_true")
+
+    v = sub.add_parser("verify", help="check an artifact folder against its manifest (every file's size and sha256)")
+    v.add_argument("artifact", help="artifact folder written by `farm quantize` or a sweep")
+    v.add_argument("--sizes-only", action="store_true",
+                   help="check sizes only, as every load does (the default hashes every file)")
 
     from . import sweep_cli  # sweep, status, report, ui
 
@@ -275,7 +281,23 @@ def cmd_models(args) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "sensitivity": cmd_sensitivity, "models": cmd_models}
+def cmd_verify(args) -> int:
+    import time
+
+    from quant import artifact
+
+    t0 = time.perf_counter()
+    summary = artifact.verify(args.artifact, full=not args.sizes_only)
+    what = "sizes" if args.sizes_only else "sizes and sha256"
+    print(f"{args.artifact}: ok, {summary['files']} files, {summary['bytes'] / 1e6:.1f} MB, {what} match the "
+          f"manifest ({time.perf_counter() - t0:.2f}s)")
+    for rel in summary["unlisted"]:
+        print(f"  not in the manifest (added later, not checked): {rel}")
+    return 0
+
+
+COMMANDS = {"verify": cmd_verify, "quantize": cmd_quantize, "eval": cmd_eval, "sensitivity": cmd_sensitivity,
+            "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

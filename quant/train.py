@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import files
 from .graphs import GraphedLoss
 from .layers import LayerRunner
 from .learn import Learnables, attach, fold
@@ -325,7 +326,7 @@ class Checkpoint:
     def load(self) -> dict | None:
         if not self.folder or not self.state_path.exists():
             return None
-        meta = json.loads((self.folder / "meta.json").read_text())
+        meta = files.read_json(self.folder / "meta.json", "checkpoint meta")
         diffs = _diff(meta.get("identity", {}), self.identity)
         if diffs:
             raise CheckpointMismatch(

@@ -13,7 +13,6 @@ Q4_1 blocks of 32). W8 and per-channel W4 results are meaningful; group-32 W4 wo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from . import files
 
 MANIFEST = "mq_manifest.json"
 
@@ -61,14 +62,6 @@ def cache_root() -> Path:
 
 def model_dir(name: str) -> Path:
     return cache_root() / "models" / name
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -141,11 +134,12 @@ def convert(name: str, force: bool = False) -> Path:
             weights = out / "model.safetensors"
             manifest = {
                 "name": name, "source_package": entry.package, "source_file": gguf.name,
-                "model_sha256": _sha256(weights), "model_bytes": weights.stat().st_size,
+                "model_sha256": files.sha256_file(weights), "model_bytes": weights.stat().st_size,
                 "params": sum(p.numel() for p in fresh.parameters()),
                 "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "convert_seconds": round(time.time() - t0, 1),
             }
             (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            files.apply_umask(out)
             if target.exists():
                 shutil.rmtree(target)
             out.rename(target)
@@ -163,7 +157,7 @@ def verify(path: Path, full: bool = False) -> dict:
     weights = path / "model.safetensors"
     if not weights.exists() or weights.stat().st_size != manifest["model_bytes"]:
         raise ModelLoadError(f"model cache {weights} is missing or truncated; {fix}")
-    if full and _sha256(weights) != manifest["model_sha256"]:
+    if full and files.sha256_file(weights) != manifest["model_sha256"]:
         raise ModelLoadError(f"model cache {weights} does not match its sha256; {fix}")
     return manifest
 
@@ -189,13 +183,16 @@ def resolve(name_or_path: str) -> tuple[Path | str, bool]:
         target = model_dir(name_or_path)
         if not (target / MANIFEST).exists():
             convert(name_or_path)
-        verify(target, full=os.environ.get("MQFARM_VERIFY") == "full")
+        verify(target, full=files.full_check_requested())
         return target, ZOO[name_or_path].add_bos
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ModelLoadError(f"{p} is a folder but has no config.json: not a transformers checkpoint")
-        cfg = json.loads((p / "config.json").read_text())
+        try:
+            cfg = files.read_json(p / "config.json", "model config")
+        except files.FileCheckError as e:
+            raise ModelLoadError(str(e)) from None
         return p, str(cfg.get("model_type", "")).startswith("gemma")
     if "/" in name_or_path and not name_or_path.startswith((".", "/")):
         return name_or_path, "gemma" in name_or_path.lower()
