@@ -318,15 +318,16 @@ def config_dict(cfg) -> dict:
 def check_model(name: str) -> dict | None:
     """Raise ValueError for a model that cannot be found; return its config.json when it is at hand."""
     from quant import zoo
+    from quant.files import read_json
 
     if name in zoo.ZOO:
         cfg = zoo.model_dir(name) / "config.json"
-        return json.loads(cfg.read_text()) if cfg.exists() else None
+        return read_json(cfg, "model config") if cfg.exists() else None
     p = Path(name).expanduser()
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ValueError(f"{name} is a folder without config.json: not a transformers checkpoint")
-        return json.loads((p / "config.json").read_text())
+        return read_json(p / "config.json", "model config")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/")):
         return None  # a hub id: checked when a worker loads it
     raise ValueError(f"unknown model {name!r}: not an embedded model ({', '.join(zoo.ZOO)}), "
@@ -361,7 +362,7 @@ def _scheme_from_bitwidth(v) -> str:
 
 
 def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int | None) -> Sweep:
-    from quant import methods
+    from quant import methods, numerics
     from quant.scheme import get_scheme
 
     try:
@@ -485,7 +486,9 @@ def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int
         eval_cfg = {"perplexity": None if ppl is None else {
             "corpus": ppl.corpus, "seqlen": ppl.seqlen or f["seqlen"], "limit": ppl.limit,
             "batch_size": ppl.batch_size}, "suite": list(spec.eval.suite), "suite_limit": spec.eval.suite_limit}
-        config = {"model": f["model"], "layers": f["layers"], "scheme": scheme.name, "eval": eval_cfg}
+        # the numerics version is part of the id: a result of older arithmetic is never a cache hit
+        config = {"model": f["model"], "layers": f["layers"], "scheme": scheme.name, "eval": eval_cfg,
+                  "numerics": numerics.NUMERICS_VERSION}
         if scheme.is_float:
             config.update(method=FLOAT_METHOD, method_config={}, calib=None, plugin=None)
         else:

@@ -472,10 +472,14 @@ def sweep_status(sweep: Sweep, opts: Options) -> tuple[list[dict], list[str], di
 
     results = {t.id: r for t in sweep.trials if (r := load_result(opts.data_dir, t.id)) is not None}
     states = {}
+    other_numerics: dict = {}  # numerics version -> trial runs in MLflow made with it (not this code's)
     db = Path(opts.data_dir) / "mlflow.db"
     if opts.tracking_uri or db.exists():
         tracker = Tracker(opts.uri, sweep.name)
         for run in reversed(tracker.trial_runs()):  # oldest first, so the newest wins
+            found = run.data.params.get("numerics")
+            if numerics_mismatch(found):
+                other_numerics[found or "none"] = other_numerics.get(found or "none", 0) + 1
             tid = run.data.tags.get("trial_id")
             if tid and tid not in results:
                 states[tid] = run.info.status
@@ -490,4 +494,24 @@ def sweep_status(sweep: Sweep, opts: Options) -> tuple[list[dict], list[str], di
         s = s.split()[0].lower()
         counts[s] = counts.get(s, 0) + 1
     counts["pending"] = len(sweep.trials) - len(results) - len(states)
+    if other_numerics:  # {version: runs}; `farm status` prints it as a note
+        counts["other_numerics"] = other_numerics
     return rows, cols, counts
+
+
+def numerics_mismatch(found) -> str | None:
+    """Why a result's numerics version (an MLflow param, a string) is not this code's; None when it is."""
+    from quant.numerics import mismatch
+
+    return mismatch(found)
+
+
+def numerics_note(other: dict) -> str | None:
+    """One line for `farm status`: the trial runs of the sweep that another numerics version made."""
+    if not other:
+        return None
+    from quant import numerics
+
+    parts = ", ".join(f"{n} with {'no version' if v == 'none' else f'version {v}'}" for v, n in sorted(other.items()))
+    return (f"not comparable: {sum(other.values())} trial run(s) in MLflow were made by other arithmetic ({parts}); "
+            f"this code is numerics version {numerics.NUMERICS_VERSION} and counts only its own results")

@@ -26,7 +26,11 @@ def add_commands(sub) -> dict:
     s = sub.add_parser("sweep", help="run a sweep file: a grid of trials on Ray, tracked in MLflow")
     s.add_argument("file", help="sweep YAML file (see sweeps/)")
     s.add_argument("--dry-run", action="store_true", help="print the expanded grid and what is done; run nothing")
-    s.add_argument("--yes", action="store_true", help="accept a grid larger than the safety limit")
+    s.add_argument("--yes", action="store_true", help="accept a grid larger than the safety limit (a --dry-run "
+                   "never needs it)")
+    s.add_argument("--resources", default=None, metavar="cpu=1,gpu=0",
+                   help="override the sweep's per-trial resources: cpu, gpu, memory_gb, custom.<name> (e.g. to try "
+                        "a GPU grid on a CPU machine); trial ids and cached results stay the same")
     s.add_argument("--address", default=None,
                    help="join this Ray cluster (e.g. auto, 10.0.0.1:6379, ray://head:10001); default: local Ray")
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
@@ -70,7 +74,9 @@ def cmd_sweep(args) -> int:
     from .spec import GRID_LIMIT, load_sweep
     from .sweep import load_result, print_summary, run_sweep, summary_rows
 
-    sweep = load_sweep(args.file, max_trials=None if args.yes else GRID_LIMIT)
+    sweep = load_sweep(args.file, max_trials=None if args.yes or args.dry_run else GRID_LIMIT)
+    if args.resources:
+        sweep.spec.resources = override_resources(sweep.spec.resources, args.resources)
     opts = _options(args)
     if args.dry_run:
         from .stages import plan
@@ -92,6 +98,8 @@ def cmd_sweep(args) -> int:
         if shared:
             print("shared stages to run once per key: " + ", ".join(f"{n} x{len(k)}" for n, k in shared.items()))
         print(f"data: {opts.data_dir}   MLflow: {opts.uri}")
+        if len(sweep.trials) > GRID_LIMIT and not args.yes:
+            print(f"running it needs --yes: {len(sweep.trials)} trials is more than {GRID_LIMIT}")
         return 0
     opts.address, opts.num_cpus, opts.worker_logs = args.address, args.num_cpus, args.worker_logs
     outcome = run_sweep(sweep, opts)
@@ -101,6 +109,37 @@ def cmd_sweep(args) -> int:
     if outcome.interrupted:
         return 130
     return 0 if outcome.ok else 1
+
+
+def override_resources(current, text: str):
+    """``cpu=1,gpu=0,custom.phone:sm8650=1`` over a sweep's ``resources:``; errors name the flag and key."""
+    from pydantic import ValidationError
+
+    from .spec import Resources
+
+    merged = current.model_dump()
+    merged["custom"] = dict(merged.get("custom") or {})
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--resources: {item!r} is not KEY=VALUE (e.g. --resources cpu=1,gpu=0)")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"--resources: {key}={value!r} is not a number") from None
+        if key.startswith("custom.") and key[len("custom."):]:
+            merged["custom"][key[len("custom."):]] = number
+        elif key in ("cpu", "gpu", "memory_gb"):
+            merged[key] = number
+        else:
+            raise ValueError(f"--resources: unknown key {key!r}; known: cpu, gpu, memory_gb, custom.<name>")
+    try:
+        return Resources.model_validate(merged)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ValueError(f"--resources: {where}: {err['msg']}, got {err.get('input')!r}") from None
 
 
 def _report(sweep, opts) -> None:
@@ -148,31 +187,41 @@ def cmd_gc(args) -> int:
 def cmd_status(args) -> int:
     from .progress import table
     from .spec import load_sweep
-    from .sweep import sweep_status
+    from .sweep import numerics_mismatch, numerics_note, sweep_status
 
     opts = _options(args)
     if Path(args.sweep).exists() or args.sweep.endswith((".yaml", ".yml")):
         sweep = load_sweep(args.sweep, max_trials=None)
         rows, cols, counts = sweep_status(sweep, opts)
+        other = counts.pop("other_numerics", {})
         extra = "  ".join(f"{k} {v}" for k, v in counts.items() if k not in ("total", "done") and v)
         print(f"sweep {sweep.name}: {counts['total']} trials, {counts['done']} done  {extra}".rstrip())
         print(table(rows, cols))
+        if numerics_note(other):
+            print(numerics_note(other))
         return 0
     from .tracking import Tracker
 
     tracker = Tracker(opts.uri, args.sweep)
     if tracker.experiment(create=False) is None:
         raise ValueError(f"no sweep named {args.sweep!r} in {opts.uri} (and no such file)")
-    rows = []
+    rows, other = [], {}
     for run in reversed(tracker.trial_runs()):
         tags, metrics = run.data.tags, run.data.metrics
         ppl = [k for k in metrics if k.startswith("ppl/")]
+        found = run.data.params.get("numerics")
         rows.append({"trial": tags.get("trial_id", "")[:8], "scheme": tags.get("scheme"),
                      "method": tags.get("method"), "status": run.info.status,
+                     "numerics": f"{found or '-'}{' (other)' if numerics_mismatch(found) else ''}",
                      **({ppl[0]: metrics[ppl[0]]} if ppl else {})})
-    cols = ["trial", "scheme", "method", "status"] + sorted({k for r in rows for k in r if k.startswith("ppl/")})
+        if numerics_mismatch(found):
+            other[found or "none"] = other.get(found or "none", 0) + 1
+    cols = ["trial", "scheme", "method", "status", "numerics"] + sorted(
+        {k for r in rows for k in r if k.startswith("ppl/")})
     print(f"sweep {args.sweep}: {len(rows)} trial runs in MLflow")
     print(table(rows, cols))
+    if numerics_note(other):
+        print(numerics_note(other))
     return 0
 
 

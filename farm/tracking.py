@@ -164,6 +164,7 @@ class Tracker:
         name = f"{cfg['scheme']}-{cfg['method']}-{trial.short}"
         all_tags = {ROLE: "trial", TRIAL_ID: trial.id, PARENT: self.parent_id, **self.common_tags,
                     "scheme": cfg["scheme"], "method": cfg["method"], "model": cfg["model"],
+                    "numerics_version": str(cfg.get("numerics", "")),
                     **{k: str(v) for k, v in (tags or {}).items()}}
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags,
                                      start_time=int((start_time or time.time()) * 1000))

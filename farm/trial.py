@@ -26,6 +26,18 @@ def quant_key(config: dict) -> str:
     return config_hash({k: v for k, v in config.items() if k != "eval"})
 
 
+def check_numerics(config: dict) -> None:
+    """Refuse a trial whose id was made for other arithmetic than this worker's quant (a cluster node that
+    runs another version of the code): its numbers would be recorded under the wrong identity."""
+    from quant import numerics
+
+    want = config.get("numerics")
+    if want != numerics.NUMERICS_VERSION:
+        raise RuntimeError(f"this trial was expanded for numerics version {want} but the quant package on "
+                           f"{socket.gethostname()} is version {numerics.NUMERICS_VERSION}: run the same code "
+                           "on the driver and every node")
+
+
 def node_info() -> dict:
     info = {"host": socket.gethostname(), "pid": os.getpid()}
     try:
@@ -123,6 +135,7 @@ def execute_trial(trial_id: str, config: dict, data_dir: str | Path, save_artifa
         f.write(attempt + "\n")
     attempt_count = len(log.read_text().splitlines())
     emit("started", {**info, "time": t0, "attempt": attempt})
+    check_numerics(config)
     if config.get("plugin"):
         register_plugins({config["method"]: config["plugin"]})
     import torch

@@ -11,9 +11,11 @@ No Ray, MLflow or device code here (``tests/test_boundaries.py``). Typical use::
 
 __version__ = "0.1.0"
 
+from .numerics import NUMERICS_VERSION  # noqa: E402  (bump it when a change moves any number)
 from . import artifact  # noqa: E402
 from .api import CalibConfig, evaluate_perplexity, quantize  # noqa: E402
 from .scheme import SCHEMES, get_scheme  # noqa: E402
 from .zoo import ZOO, load_model  # noqa: E402
 
-__all__ = ["artifact", "CalibConfig", "evaluate_perplexity", "quantize", "SCHEMES", "get_scheme", "ZOO", "load_model"]
+__all__ = ["NUMERICS_VERSION", "artifact", "CalibConfig", "evaluate_perplexity", "quantize", "SCHEMES", "get_scheme",
+           "ZOO", "load_model"]

@@ -12,6 +12,7 @@ from . import data
 from .eval.perplexity import PerplexityResult, perplexity
 from .methods import MethodContext, get_method
 from .methods import method_config as method_config_for
+from . import numerics
 from .scheme import get_scheme
 from .sim import check_calibrated, model_device, simulate
 from .zoo import LoadedModel
@@ -67,7 +68,7 @@ def quantize(lm: LoadedModel, scheme: str = "w8a8", method: str = "rtn", calib: 
     recipe = {
         "model": lm.name, "num_layers": lm.num_layers, "total_layers": lm.total_layers, "add_bos": lm.add_bos,
         "scheme": scheme_obj.name, "method": method, "method_config": _config_dict(method_config),
-        "calibration": asdict(calib), "versions": versions(),
+        "calibration": asdict(calib), "versions": versions(), "numerics_version": numerics.NUMERICS_VERSION,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     t0 = time.perf_counter()
