@@ -29,8 +29,12 @@ step() {  # step "what it does" command...: one line, and the command's full out
   fi
 }
 
-echo "[setup] creating $VENV (one time, about two minutes)" >&2
-[ -x "$VENV/bin/python" ] || step "virtual environment ($PY)" "$PY" -m venv "$VENV"
+if [ -x "$VENV/bin/python" ]; then
+  echo "[setup] updating $VENV (pyproject.toml, constraints.txt or this script changed)" >&2
+else
+  echo "[setup] creating $VENV (one time, about two minutes)" >&2
+  step "virtual environment ($PY)" "$PY" -m venv "$VENV"
+fi
 PIP="$VENV/bin/python -m pip"
 step "pip" $PIP install --upgrade pip
 step "this project and its dependencies (torch CPU, transformers, Ray, MLflow, lm-eval, onnxruntime)" \

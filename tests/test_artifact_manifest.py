@@ -1,5 +1,5 @@
 """An artifact protects its own content: a manifest with every file's size and sha256, checked by
-`farm verify` (in a subprocess, as a user runs it) and by loading; modes from the umask; malformed JSON
+`farm verify` (once in a subprocess, as a user runs it, otherwise in this process) and by loading; modes from the umask; malformed JSON
 named by file. One real quantized decoder layer of SmolLM2 (W8A8 RTN) saved once for the module."""
 
 from __future__ import annotations
@@ -38,8 +38,22 @@ def art(saved, tmp_path):
     return shutil.copytree(saved, tmp_path / "art")
 
 
-def farm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "farm.cli", *args], capture_output=True, text=True, timeout=120)
+class Ran:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def farm(capsys):
+    """`farm ARGS` in this process (a subprocess per call would re-import torch each time)."""
+    from farm.cli import main
+
+    def run(*args: str) -> Ran:
+        capsys.readouterr()
+        rc = main(list(args))
+        out = capsys.readouterr()
+        return Ran(rc, out.out, out.err)
+    return run
 
 
 def test_the_manifest_lists_every_file_with_its_size_and_hash(saved):
@@ -61,7 +75,8 @@ def test_modes_follow_the_umask_not_the_temporary_folder(saved):
 
 
 def test_an_untouched_artifact_passes(art):
-    r = farm("verify", str(art))
+    r = subprocess.run([sys.executable, "-m", "farm.cli", "verify", str(art)], capture_output=True, text=True,
+                       timeout=120)  # once through a real process, as a user runs it
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"{art}: ok, {len(FILES)} files,") and "sizes and sha256 match" in r.stdout
     assert artifact.verify(art, full=True)["files"] == len(FILES)
@@ -74,7 +89,7 @@ def _flip_a_byte(path, offset=-1000):
     path.write_bytes(bytes(data))
 
 
-def test_a_flipped_byte_in_the_weights_is_refused_by_verify_and_a_verifying_load(art, monkeypatch):
+def test_a_flipped_byte_in_the_weights_is_refused_by_verify_and_a_verifying_load(art, monkeypatch, farm):
     _flip_a_byte(art / "model.safetensors")
     r = farm("verify", str(art))
     assert r.returncode == 2 and r.stdout == ""
@@ -91,7 +106,7 @@ def test_a_flipped_byte_in_the_weights_is_refused_by_verify_and_a_verifying_load
     assert r.returncode == 0  # a plain load checks sizes only (by design: no full read per load)
 
 
-def test_a_changed_size_is_refused_by_every_load(art):
+def test_a_changed_size_is_refused_by_every_load(art, farm):
     with open(art / "encodings.json", "a") as f:
         f.write(" ")
     with pytest.raises(artifact.ArtifactError, match=r"encodings.json has \d+ bytes, its manifest says \d+"):
@@ -100,7 +115,7 @@ def test_a_changed_size_is_refused_by_every_load(art):
     assert r.returncode == 2 and "encodings.json has" in r.stderr and "changed or truncated" in r.stderr
 
 
-def test_a_missing_file_is_refused(art):
+def test_a_missing_file_is_refused(art, farm):
     (art / "tokenizer.json").unlink()
     r = farm("verify", str(art))
     assert r.returncode == 2
@@ -110,7 +125,7 @@ def test_a_missing_file_is_refused(art):
         artifact.load(art)
 
 
-def test_a_missing_manifest_or_a_file_added_later(art):
+def test_a_missing_manifest_or_a_file_added_later(art, farm):
     (art / "NOTES.txt").write_text("mine")
     r = farm("verify", str(art), "--sizes-only")
     assert r.returncode == 0 and "not in the manifest (added later, not checked): NOTES.txt" in r.stdout
@@ -121,7 +136,7 @@ def test_a_missing_manifest_or_a_file_added_later(art):
     assert missing == f"farm verify: error: artifact folder {art / 'nope'} does not exist"
 
 
-def test_malformed_json_names_its_file(art, tmp_path):
+def test_malformed_json_names_its_file(art, tmp_path, farm):
     (art / "recipe.json").write_text("{\n 'scheme': 'w8a8'}")
     r = farm("eval", str(art), "--limit", "1")
     assert r.returncode == 2

@@ -77,6 +77,10 @@ def test_a_fresh_setup_prints_one_line_per_step_and_no_warning_box(tmp_path):
     assert (root / ".venv" / ".mq-installed").exists()
     again = _run(root, env)  # the stamp matches: nothing to do, nothing printed
     assert again.returncode == 0 and again.stderr == ""
+    (root / "constraints.txt").write_text((root / "constraints.txt").read_text() + "\n# changed\n")
+    update = _run(root, env).stderr.splitlines()
+    assert update[0] == "[setup] updating .venv (pyproject.toml, constraints.txt or this script changed)"
+    assert len(update) == 5 and update[-1] == "[setup] done: .venv"  # no venv step: it exists
 
 
 def test_a_failing_step_prints_its_whole_output_and_its_exit_status(tmp_path):
