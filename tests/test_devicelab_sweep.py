@@ -1,8 +1,7 @@
 """Device stages in sweeps: `devices: [host]` in a sweep file puts latency metrics into each trial's MLflow
 run (real local Ray, real sqlite MLflow, the real host and qnn-sim backends), cached by content so a re-run
-measures nothing twice, and added to trials that finished before the section existed; and on a
-ray.cluster_utils cluster where only one node advertises `phone:sm8650`, every device stage runs on that
-node and never two at once.
+measures nothing twice, and added to trials that finished before the section existed (placement on a
+cluster: tests/test_devicelab_placement.py).
 
 The export step is the tiny QDQ export (tests.devicelab_fixtures.tiny_exporter) in place of
 quant.export.export_artifact, so a trial takes seconds; the trials themselves are real (one decoder
@@ -117,34 +116,3 @@ def test_devices_added_later_measure_finished_trials_without_rerunning_them(env)
     assert list(runs) == [tid] and runs[tid].info.run_id == rid  # the same FINISHED run got the metrics
     res = json.loads((data / "trials" / tid / "result.json").read_text())
     assert runs[tid].data.metrics["device/host/prefill_ms"] == res["devices"]["host"]["records"][0]["median_ms"]
-
-
-@pytest.mark.slow
-def test_device_stages_run_on_the_node_with_the_phone_one_at_a_time():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    with contained_env() as root:
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 2, "include_dashboard": False, "object_store_memory": 100 * 1024 ** 2})
-        try:
-            phone_node = cluster.add_node(num_cpus=2, resources={"phone:sm8650": 1},
-                                          object_store_memory=100 * 1024 ** 2)
-            cluster.wait_for_nodes()
-            # the host backend stands in for the phone; what is under test is where Ray places the stage
-            p = write_sweep(root, "placement", HEAD + """\
-grid: {scheme: [w8a8, w4a8, w8a16]}
-devices: [{device: host, graphs: [prefill], repeats: 40, warmup: 2, resources: {"phone:sm8650": 1}}]
-""")
-            data = root / "data"
-            out = run_sweep(load_sweep(p), Options(data_dir=data, address=cluster.address, live=False,
-                                                   exporter=tiny_exporter))
-            assert out.ok and len(out.results) == 3
-            stages = [r["devices"]["host"] for r in out.results.values()]
-            assert {s["node"]["node_id"] for s in stages} == {phone_node.node_id}
-            spans = sorted((s["records"][0]["extra"]["started_at"], s["records"][0]["extra"]["ended_at"])
-                           for s in stages)
-            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # never two at once on the phone
-            assert not ray.is_initialized()
-        finally:
-            cluster.shutdown()

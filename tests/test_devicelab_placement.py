@@ -1,0 +1,48 @@
+"""Placement of a sweep's device stages on a ray.cluster_utils cluster (two nodes on loopback) where only one
+node advertises `phone:sm8650`: every device stage runs on that node, and never two at once.
+
+The host backend stands in for the phone (what is under test is where Ray places the stage and that the
+phone is never double-booked); the export step is the tiny QDQ export (tests.devicelab_fixtures). A module
+of its own: the sweep tests keep a local Ray instance up, and this one must join the cluster instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from farm.spec import load_sweep
+from farm.sweep import Options, run_sweep
+from tests.devicelab_fixtures import tiny_exporter
+from tests.farm_env import contained_env, write_sweep
+from tests.test_devicelab_sweep import HEAD
+
+
+@pytest.mark.slow
+def test_device_stages_run_on_the_node_with_the_phone_one_at_a_time():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    with contained_env() as root:
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 2, "include_dashboard": False, "object_store_memory": 100 * 1024 ** 2})
+        try:
+            phone_node = cluster.add_node(num_cpus=2, resources={"phone:sm8650": 1},
+                                          object_store_memory=100 * 1024 ** 2)
+            cluster.wait_for_nodes()
+            # the host backend stands in for the phone; what is under test is where Ray places the stage
+            p = write_sweep(root, "placement", HEAD + """\
+grid: {scheme: [w8a8, w4a8, w8a16]}
+devices: [{device: host, graphs: [prefill], repeats: 40, warmup: 2, resources: {"phone:sm8650": 1}}]
+""")
+            data = root / "data"
+            out = run_sweep(load_sweep(p), Options(data_dir=data, address=cluster.address, live=False,
+                                                   exporter=tiny_exporter))
+            assert out.ok and len(out.results) == 3
+            stages = [r["devices"]["host"] for r in out.results.values()]
+            assert {s["node"]["node_id"] for s in stages} == {phone_node.node_id}
+            spans = sorted((s["records"][0]["extra"]["started_at"], s["records"][0]["extra"]["ended_at"])
+                           for s in stages)
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # never two at once on the phone
+            assert not ray.is_initialized()
+        finally:
+            cluster.shutdown()
