@@ -201,10 +201,13 @@ def test_discovery_without_an_adb_server_is_empty_not_an_error(monkeypatch):
 
 
 HOLDER = """
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 from devicelab.pool import device_lock
-lock_dir, name, out, hold = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+lock_dir, name, out, hold, sync = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), Path(sys.argv[5])
+(sync / f"ready-{os.getpid()}").touch()
+while not (sync / "go").exists():  # start together, so that one of two really meets the other's lock
+    time.sleep(0.005)
 with device_lock(Path(lock_dir), name) as waited:
     t0 = time.time()
     time.sleep(hold)
@@ -219,11 +222,18 @@ def test_one_benchmark_per_device_across_processes(tmp_path):
     script = tmp_path / "holder.py"
     script.write_text(HOLDER)
 
+    sync = tmp_path / "sync"
+    sync.mkdir()
+
     def spawn(name):
-        return subprocess.Popen([sys.executable, str(script), str(locks), name, str(out), "0.6"], cwd=REPO)
+        return subprocess.Popen([sys.executable, str(script), str(locks), name, str(out), "0.6", str(sync)], cwd=REPO)
 
     procs = [spawn("aihub:Samsung Galaxy S24 (Family)"), spawn("aihub:Samsung Galaxy S24 (Family)"),
              spawn("s24-b")]
+    t0 = time.monotonic()
+    while len(list(sync.glob("ready-*"))) < 3 and time.monotonic() - t0 < 60:
+        time.sleep(0.01)
+    (sync / "go").touch()
     assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
     holds = [json.loads(line) for line in out.read_text().splitlines()]
     same = sorted((h for h in holds if h["name"].startswith("aihub")), key=lambda h: h["start"])
