@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     COMMANDS.update(deploy_cli.add_commands(sub))
 
     COMMANDS.update(device_cli.add_commands(sub))
+    from . import nightly  # nightly
+
+    COMMANDS.update(nightly.add_commands(sub))
     return parser
 
 

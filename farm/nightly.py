@@ -1,0 +1,506 @@
+"""`farm nightly`: the nightly device-lab regression run (wired into farm/cli.py).
+
+    farm nightly [sweeps/nightly.yaml] [--accept] [--baseline ALIAS] [--device NAME|KIND] [--pairs N]
+                 [--threshold 0.05] [--ppl-tolerance 0.01] [--devices FILE] [--data DIR] [--tracking-uri URI]
+
+A night is: run the suite (a sweep file with a ``devices:`` section) through the sweep machinery, so an
+unchanged night is all cache hits; then compare every trial of the suite with the same trial of the
+baseline night:
+
+* latency: the baseline's and the candidate's export measured on ONE device in one session, interleaved
+  A/B/A/B (``Pool.compare``, one timed run per variant per round), decided by ``farm.regression``;
+* accuracy: each perplexity against a relative tolerance.
+
+Trials are matched by their *slot*, ``<model>.L<layers>.<scheme>.<method>`` (the scheme without role
+overrides): what a nightly watches is "SmolLM2 W8A8 RTN", whatever hyper-parameters, calibration or code
+produced it tonight.
+
+Where it lives in MLflow (the tracking store of ``--data`` or ``--tracking-uri``):
+
+* the suite's trials: the sweep's experiment, as for ``farm sweep``;
+* each night: one run of the experiment ``<suite>.nightly`` (tag ``farm_role=night``) with the candidate's
+  metrics as ``<slot>/<metric>``, the A/B ratios as ``<slot>/ab/<device>/<graph>_ratio`` (+ ``_ci_low``,
+  ``_ci_high``), tags ``nightly.verdict`` (baseline | pass | regression | error) and ``nightly.baseline_run``,
+  and the artifact ``night.json`` (every trial's run id, metrics, export folders and every verdict);
+* the baseline: registered model ``nightly.<suite>``; each accepted night is a version of it whose run is
+  the night run, and the alias (``--baseline``, default ``baseline``) points at the last accepted night.
+  ``--accept`` moves the alias to tonight; the first night, with no alias yet, takes it and says so.
+
+An accepted night's exports are pinned under ``<data>/nightly/<suite>/baselines/<night run>/`` (hard links
+where the file system allows), so ``farm gc`` of the stage cache never takes the baseline away.
+
+Exit status: 0 pass (or a baseline was set), 1 regression, 2 could not run (bad input, no available
+device, a failed trial or device stage, a baseline export gone). Reports: ``night.md``/``night.html`` for
+the night and ``history.md``/``history.html`` across nights (reports.nightly), under
+``<data>/reports/<suite>.nightly/`` unless ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from . import regression
+
+ROLE = "farm_role"
+DEFAULT_SUITE = "sweeps/nightly.yaml"
+DEFAULT_ALIAS = "baseline"
+DEFAULT_PAIRS = 24  # A/B pairs per workload; docs/nightly.md has the measured power behind it
+EXIT_PASS, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
+
+
+class NightlyError(ValueError):
+    """The night could not run (exit 2); the message names the suite, trial, device or file at fault."""
+
+
+def add_commands(sub) -> dict:
+    n = sub.add_parser("nightly", help="the nightly regression run: suite, then A/B latency and perplexity "
+                       "against the last accepted night (exit 0 pass, 1 regression, 2 could not run)")
+    n.add_argument("suite", nargs="?", default=DEFAULT_SUITE, help=f"suite sweep file (default {DEFAULT_SUITE})")
+    n.add_argument("--accept", action="store_true", help="make tonight the baseline (also after a regression)")
+    n.add_argument("--baseline", default=DEFAULT_ALIAS, metavar="ALIAS",
+                   help=f"alias of the registered model nightly.<suite> to compare with (default {DEFAULT_ALIAS})")
+    n.add_argument("--device", default=None, metavar="NAME|KIND",
+                   help="measure on this device (name or kind) instead of the suite's devices: entries")
+    n.add_argument("--pairs", type=int, default=DEFAULT_PAIRS,
+                   help=f"interleaved A/B pairs per workload (default {DEFAULT_PAIRS})")
+    n.add_argument("--threshold", type=float, default=regression.DEFAULT_THRESHOLD,
+                   help="latency: flag a median slowdown above this fraction (default 0.05)")
+    n.add_argument("--ppl-tolerance", type=float, default=regression.DEFAULT_PPL_TOLERANCE,
+                   help="accuracy: flag a perplexity rise above this fraction (default 0.01)")
+    n.add_argument("--devices", default=None, help="devices file (default $MQFARM_DEVICES or ./devices.yaml)")
+    n.add_argument("--out", default=None, help="report folder (default DATA/reports/<suite>.nightly)")
+    n.add_argument("--data", default=None,
+                   help="farm data folder: MLflow store, stage cache, results (default runs/farm or $MQFARM_FARM_DIR)")
+    n.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite file in --data)")
+    return {"nightly": cmd_nightly}
+
+
+def cmd_nightly(args) -> int:
+    from .sweep import Options, data_dir_default
+
+    opts = Options(data_dir=Path(args.data) if args.data else data_dir_default(), tracking_uri=args.tracking_uri)
+    return run_nightly(args.suite, opts, accept=args.accept, alias=args.baseline, device=args.device,
+                       pairs=args.pairs, threshold=args.threshold, ppl_tolerance=args.ppl_tolerance,
+                       devices_file=args.devices, out_dir=args.out)
+
+
+# ---------------------------------------------------------------- names
+
+def slot_of(config: dict) -> str:
+    """``smollm2-135m.L1.w8a8.rtn``: the suite's row a trial stands for, stable across nights."""
+    layers = config.get("layers")
+    scheme = str(config["scheme"]).split(":", 1)[0]
+    return f"{Path(str(config['model'])).name}.L{layers if layers else 'all'}.{scheme}.{config['method']}"
+
+
+def registered_name(suite: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"nightly.{suite}")
+
+
+def night_experiment(suite: str) -> str:
+    return f"{suite}.nightly"
+
+
+# ---------------------------------------------------------------- the night
+
+def run_nightly(suite_file: str, opts, *, accept: bool = False, alias: str = DEFAULT_ALIAS,
+                device: str | None = None, pairs: int = DEFAULT_PAIRS,
+                threshold: float = regression.DEFAULT_THRESHOLD,
+                ppl_tolerance: float = regression.DEFAULT_PPL_TOLERANCE, devices_file: str | None = None,
+                out_dir: str | None = None, pool_factory=None, out=None) -> int:
+    """One night; returns the exit status. ``pool_factory(inventory)`` builds the pool of the A/B runs
+    (tests; default ``devicelab.pool.Pool``). Progress and the verdicts go to ``out`` (stderr)."""
+    out = out or sys.stderr
+    try:
+        _check_args(pairs, threshold, ppl_tolerance, alias)
+        if devices_file:
+            if not Path(devices_file).exists():
+                raise NightlyError(f"--devices: {devices_file} does not exist")
+            os.environ["MQFARM_DEVICES"] = str(Path(devices_file).resolve())
+        sweep = _load_suite(suite_file, device)
+        pool = _pool(pool_factory)
+        _check_available(pool, sweep)
+    except NightlyError as e:
+        print(f"farm nightly: could not run: {e}", file=out)
+        return EXIT_ERROR
+    night = Night(sweep, opts, out)
+    try:
+        night.run_suite()
+        night.open_run()
+        baseline = night.baseline(alias)
+        if baseline is None:
+            night.verdict = "baseline"
+            night.accept(alias)
+            print(f"farm nightly: no baseline yet (alias {alias!r} of registered model {night.model_name}): "
+                  f"tonight's night run {night.run_id} is now the baseline", file=out)
+        else:
+            night.compare(baseline, pool, pairs, threshold, ppl_tolerance)
+            if accept:
+                night.accept(alias)
+                print(f"farm nightly: --accept: alias {alias!r} now points at night run {night.run_id} "
+                      f"(was {baseline['run_id']})", file=out)
+        status = EXIT_REGRESSION if night.verdict == "regression" else EXIT_PASS
+    except NightlyError as e:
+        night.verdict = "error"
+        night.error = str(e)
+        print(f"farm nightly: could not run: {e}", file=out)
+        status = EXIT_ERROR
+    night.close()
+    night.write_reports(out_dir)
+    night.print_summary()
+    return status
+
+
+def _check_args(pairs: int, threshold: float, ppl_tolerance: float, alias: str) -> None:
+    if pairs < 2:
+        raise NightlyError(f"--pairs must be at least 2 (a confidence interval needs pairs), got {pairs}")
+    if not 0 <= threshold < 1:
+        raise NightlyError(f"--threshold is a fraction in [0, 1) (0.05 = 5%), got {threshold}")
+    if not 0 <= ppl_tolerance < 1:
+        raise NightlyError(f"--ppl-tolerance is a fraction in [0, 1) (0.01 = 1%), got {ppl_tolerance}")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", alias) or re.fullmatch(r"[vV]\d+", alias):
+        raise NightlyError(f"--baseline {alias!r} is not an MLflow alias (letters, digits, _ and -, not v<N>)")
+
+
+def _load_suite(suite_file: str, device: str | None):
+    from devicelab.inventory import InventoryError
+    from devicelab.pool import PoolError
+
+    from .spec import SpecError, load_sweep
+
+    if not Path(suite_file).exists():
+        raise NightlyError(f"suite file {suite_file} does not exist")
+    try:
+        sweep = load_sweep(suite_file)
+    except (SpecError, InventoryError, PoolError) as e:
+        raise NightlyError(str(e)) from None
+    if device:
+        if not sweep.spec.devices:
+            from .spec import DeviceSpec
+
+            sweep.spec.devices = [DeviceSpec(device=device)]
+        else:
+            sweep.spec.devices = [d.model_copy(update={"device": device}) for d in sweep.spec.devices]
+    if not sweep.spec.devices:
+        raise NightlyError(f"{suite_file} has no devices: section and no --device was given: a nightly measures "
+                           "latency on a device (docs/nightly.md)")
+    labels = [d.device for d in sweep.spec.devices]
+    if len(set(labels)) != len(labels):
+        raise NightlyError(f"{suite_file}: devices: names {', '.join(labels)}; each device once")
+    seen: dict = {}
+    for t in sweep.trials:
+        s = slot_of(t.config)
+        if s in seen:
+            raise NightlyError(f"{suite_file}: trials {seen[s][:8]} and {t.id[:8]} are both slot {s}; a nightly "
+                               "compares one trial per model, layers, scheme and method")
+        seen[s] = t.id
+    return sweep
+
+
+def _pool(pool_factory):
+    from devicelab import inventory
+    from devicelab.inventory import InventoryError
+    from devicelab.pool import Pool
+
+    try:
+        inv = inventory.load(None)
+    except InventoryError as e:
+        raise NightlyError(str(e)) from None
+    return (pool_factory or Pool)(inv)
+
+
+def _check_available(pool, sweep) -> None:
+    """Every device target has an online device now: before an hour of quantizing, not after."""
+    from devicelab.pool import PoolError
+
+    for d in sweep.spec.devices:
+        try:
+            pool.available(d.device)
+        except PoolError as e:
+            raise NightlyError(f"{e}") from None
+
+
+class Night:
+    """Tonight: the suite's outcome, its night run in MLflow, the verdicts."""
+
+    def __init__(self, sweep, opts, out):
+        from mlflow import MlflowClient
+
+        self.sweep, self.opts, self.out = sweep, opts, out
+        self.data = Path(opts.data_dir)
+        self.uri = opts.uri
+        self.client = MlflowClient(self.uri)
+        self.model_name = registered_name(sweep.name)
+        self.run_id = ""
+        self.slots: dict = {}  # slot -> {"trial_id", "run_id", "config", "metrics", "devices": {label: ...}}
+        self.verdicts: list[regression.Verdict] = []
+        self.verdict = "pass"
+        self.error = ""
+        self.baseline_info: dict | None = None
+        self.accepted = False
+        self.started = time.time()
+        self.reports: dict = {}
+
+    def note(self, msg: str) -> None:
+        print(f"nightly {self.sweep.name}: {msg}", file=self.out, flush=True)
+
+    # ------------------------------------------------------------ the suite
+    def run_suite(self) -> None:
+        from .sweep import run_sweep
+        from .tracking import Tracker
+
+        self.note(f"running the suite {self.sweep.file} ({len(self.sweep.trials)} trials; cached stages are reused)")
+        outcome = run_sweep(self.sweep, replace(self.opts, out=self.out))
+        if outcome.interrupted:
+            raise KeyboardInterrupt
+        problems = [f"trial {tid[:8]} failed: {err}" for tid, err in outcome.failed.items()]
+        problems += [f"trial {key[:8]} on device {key.split('/', 1)[1]}: {err}"
+                     for key, err in outcome.device_failed.items()]
+        finished = Tracker(self.uri, self.sweep.name).finished_trials()
+        for t in self.sweep.trials:
+            res = outcome.results.get(t.id)
+            if res is None:
+                continue
+            self.slots[slot_of(t.config)] = {"trial_id": t.id, "run_id": finished.get(t.id, ""), "config": t.config,
+                                             "metrics": _accuracy_metrics(res),
+                                             "devices": self._devices_of(res)}
+        if problems:
+            self.open_run()
+            raise NightlyError("the suite did not finish: " + "; ".join(problems))
+
+    def _devices_of(self, result: dict) -> dict:
+        out = {}
+        for d in self.sweep.spec.devices:
+            from .device_stage import label
+
+            summary = (result.get("devices") or {}).get(label(d.device))
+            if not summary or not summary.get("ok") or not result.get("artifact_dir"):
+                continue
+            medians = {}
+            for rec in summary.get("records", []):
+                g = rec["workload"]["graph"]
+                medians[f"{g}_ms" if g == "prefill" else "decode_ms_per_tok"] = rec["median_ms"]
+            out[label(d.device)] = {"target": d.device, "device": summary.get("device", ""),
+                                    "export": str(self._model_folder(summary)),
+                                    "content_hash": (summary.get("records") or [{}])[0].get("model_id", ""),
+                                    **medians}
+        return out
+
+    def _model_folder(self, summary: dict) -> Path:
+        """The folder the bench measured: the compiled one for phones, else the export (stage cache)."""
+        stages = summary.get("stages", {})
+        if "compile" in stages:
+            return self.data / "stages" / "compile" / stages["compile"]["key"] / "export"
+        entry = self.data / "stages" / "export" / stages["export"]["key"]
+        meta = json.loads((entry / "meta.json").read_text())
+        return entry / meta["summary"]["folder"]
+
+    # ------------------------------------------------------------ MLflow
+    def open_run(self) -> None:
+        from .tracking import git_commit, is_local_store
+
+        if self.run_id:
+            return
+        name = night_experiment(self.sweep.name)
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            location = None
+            if is_local_store(self.uri):
+                location = (self.data / "mlartifacts" / name).resolve().as_uri()
+            exp_id = self.client.create_experiment(name, artifact_location=location, tags={ROLE: "nightly"})
+        else:
+            exp_id = exp.experiment_id
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime(self.started))
+        run = self.client.create_run(exp_id, run_name=f"night {stamp}",
+                                     tags={ROLE: "night", "sweep": self.sweep.name, "git_commit": git_commit(),
+                                           "suite_file": str(self.sweep.file), "suite_hash": self.sweep.hash})
+        self.run_id = run.info.run_id
+        self.note(f"night run {self.run_id} in MLflow experiment {name!r} ({self.uri})")
+
+    def baseline(self, alias: str) -> dict | None:
+        """The night record (night.json) the alias points at, or None when there is no such alias yet."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version_by_alias(self.model_name, alias)
+        except MlflowException:
+            return None
+        tmp = Path(tempfile.mkdtemp(prefix="farm-nightly-"))
+        try:
+            path = self.client.download_artifacts(mv.run_id, "night.json", str(tmp))
+            record = json.loads(Path(path).read_text())
+        except (MlflowException, OSError, ValueError) as e:
+            raise NightlyError(f"baseline night run {mv.run_id} (alias {alias!r}, version {mv.version} of "
+                               f"{self.model_name}) has no readable night.json: {e}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.baseline_info = {"run_id": mv.run_id, "version": mv.version, "alias": alias}
+        self.client.set_tag(self.run_id, "nightly.baseline_run", mv.run_id)
+        self.client.set_tag(self.run_id, "nightly.baseline_version", str(mv.version))
+        return record
+
+    def accept(self, alias: str) -> None:
+        """Pin tonight's exports, register tonight as a version of the nightly model, point the alias at it."""
+        from mlflow.exceptions import MlflowException
+
+        pin_root = self.data / "nightly" / self.sweep.name / "baselines" / self.run_id
+        for slot, entry in self.slots.items():
+            for lbl, dev in entry["devices"].items():
+                dst = pin_root / slot / lbl
+                _pin(Path(dev["export"]), dst)
+                dev["pinned"] = str(dst)
+        try:
+            self.client.get_registered_model(self.model_name)
+        except MlflowException:
+            self.client.create_registered_model(self.model_name, tags={"sweep": self.sweep.name},
+                                                description=f"accepted nights of the nightly suite {self.sweep.name}")
+        mv = self.client.create_model_version(self.model_name, source=f"runs:/{self.run_id}/night.json",
+                                              run_id=self.run_id, tags={"pinned": str(pin_root)})
+        self.client.set_registered_model_alias(self.model_name, alias, mv.version)
+        self.client.set_tag(self.run_id, "nightly.accepted", "true")
+        self.client.set_tag(self.run_id, "nightly.accepted_version", str(mv.version))
+        self.accepted = True
+
+    # ------------------------------------------------------------ comparing
+    def compare(self, baseline: dict, pool, pairs: int, threshold: float, ppl_tolerance: float) -> None:
+        base_slots = baseline.get("slots", {})
+        missing = sorted(set(self.slots) - set(base_slots))
+        if missing:
+            self.note(f"new in the suite, no baseline to compare with (accept a night to start): {', '.join(missing)}")
+        for slot, cand in self.slots.items():
+            base = base_slots.get(slot)
+            if base is None:
+                continue
+            for metric, value in sorted(cand["metrics"].items()):
+                if metric not in base["metrics"]:
+                    continue
+                d = regression.accuracy_decision(base["metrics"][metric], value, ppl_tolerance)
+                self._add(regression.Verdict(slot, metric, "accuracy", base["metrics"][metric], value, d["change"],
+                                             ppl_tolerance, d["regression"], baseline_run=base["run_id"],
+                                             candidate_run=cand["run_id"]))
+            for lbl, dev in cand["devices"].items():
+                bdev = base["devices"].get(lbl)
+                if bdev is None:
+                    continue
+                self._ab(slot, lbl, dev, bdev, base["run_id"], cand["run_id"], pool, pairs, threshold)
+        self.verdict = "regression" if any(v.regression for v in self.verdicts) else "pass"
+
+    def _ab(self, slot, lbl, dev, bdev, base_run, cand_run, pool, pairs, threshold) -> None:
+        from devicelab.protocol import DeviceError, Workload
+
+        base_folder = Path(bdev.get("pinned") or bdev["export"])
+        if not base_folder.exists():
+            raise NightlyError(f"the baseline export of {slot} on {lbl} is gone ({base_folder}); accept a new "
+                               "baseline with --accept")
+        spec = next(d for d in self.sweep.spec.devices if d.device == dev["target"])
+        for graph in spec.graphs:
+            w = Workload(graph=graph, warmup=spec.warmup, repeats=pairs, tokens=spec.tokens,
+                         allow_charging=spec.allow_charging)
+            self.note(f"A/B {slot} on {dev['target']}: {graph}, {pairs} interleaved pairs")
+            try:
+                recs = pool.compare({"baseline": base_folder, "candidate": Path(dev["export"])}, dev["target"], w,
+                                    rounds=pairs)
+            except DeviceError as e:
+                raise NightlyError(f"A/B of {slot} on {dev['target']}: {e}") from None
+            b, c = recs["baseline"], recs["candidate"]
+            d = regression.latency_decision(b.samples_ms, c.samples_ms, threshold)
+            metric = f"device/{lbl}/{'prefill_ms' if graph == 'prefill' else 'decode_ms_per_tok'}"
+            self._add(regression.Verdict(slot, metric, "latency", b.median_ms, c.median_ms, d["ratio"] - 1.0,
+                                         threshold, d["regression"], ci_low=d["ci_low"] - 1.0,
+                                         ci_high=d["ci_high"] - 1.0, level=regression.DEFAULT_LEVEL,
+                                         pairs=d["pairs"], device=b.device.name, baseline_run=base_run,
+                                         candidate_run=cand_run))
+
+    def _add(self, v: regression.Verdict) -> None:
+        self.verdicts.append(v)
+        if v.regression or v.kind == "latency":
+            self.note(v.sentence())
+
+    # ------------------------------------------------------------ closing
+    def close(self) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        self.open_run()
+        now = int(time.time() * 1000)
+        metrics = []
+        for slot, entry in self.slots.items():
+            for k, v in entry["metrics"].items():
+                metrics.append(Metric(f"{slot}/{k}", float(v), now, 0))
+            for lbl, dev in entry["devices"].items():
+                for k in ("prefill_ms", "decode_ms_per_tok"):
+                    if dev.get(k) is not None:
+                        metrics.append(Metric(f"{slot}/device/{lbl}/{k}", float(dev[k]), now, 0))
+        for v in self.verdicts:
+            if v.kind == "latency":
+                key = f"{v.slot}/ab/{v.metric.split('/', 1)[1].replace('_ms', '_ratio')}"
+                metrics += [Metric(key, v.change + 1.0, now, 0), Metric(f"{key}_ci_low", v.ci_low + 1.0, now, 0),
+                            Metric(f"{key}_ci_high", v.ci_high + 1.0, now, 0)]
+        metrics.append(Metric("regressions", float(sum(v.regression for v in self.verdicts)), now, 0))
+        metrics.append(Metric("wall_s", time.time() - self.started, now, 0))
+        for i in range(0, len(metrics), 900):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
+        tags = [RunTag("nightly.verdict", self.verdict)]
+        if self.error:
+            tags.append(RunTag("nightly.error", self.error[:4900]))
+        self.client.log_batch(self.run_id, tags=tags)
+        record = {"suite": self.sweep.name, "suite_file": str(self.sweep.file), "run_id": self.run_id,
+                  "started_at": self.started, "verdict": self.verdict, "error": self.error,
+                  "baseline": self.baseline_info, "accepted": self.accepted, "slots": self.slots,
+                  "verdicts": [v.to_dict() for v in self.verdicts]}
+        self.client.log_text(self.run_id, json.dumps(record, indent=1, sort_keys=True, default=str), "night.json")
+        self.client.set_terminated(self.run_id, status="FAILED" if self.verdict == "error" else "FINISHED")
+
+    def write_reports(self, out_dir: str | None) -> None:
+        from reports.nightly import history_report, night_report
+
+        root = Path(out_dir) if out_dir else self.data / "reports" / night_experiment(self.sweep.name)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(self.started))
+        try:
+            self.reports["night"] = night_report(self.run_id, self.uri, root / f"night-{stamp}-{self.run_id[:8]}")
+            self.reports["history"] = history_report(self.sweep.name, self.uri, root)
+        except Exception as e:  # a report is a view: the verdict and the MLflow record stand without it
+            self.note(f"report not written ({type(e).__name__}: {e})")
+
+    def print_summary(self) -> None:
+        bad = [v for v in self.verdicts if v.regression]
+        word = {"baseline": "BASELINE SET", "pass": "PASS", "regression": "REGRESSION",
+                "error": "COULD NOT RUN"}[self.verdict]
+        print(f"nightly {self.sweep.name}: {word}: {len(self.verdicts)} metric(s) compared, {len(bad)} regression(s)"
+              f"; night run {self.run_id}")
+        for v in bad:
+            print("  " + v.sentence())
+        if self.error:
+            print(f"  {self.error}")
+        for what, paths in self.reports.items():
+            print(f"  {what} report: {paths[1]}")
+
+
+def _accuracy_metrics(result: dict) -> dict:
+    return {k: float(v) for k, v in (result.get("metrics") or {}).items()
+            if k.startswith("ppl/") and isinstance(v, (int, float))}
+
+
+def _pin(src: Path, dst: Path) -> None:
+    """A copy of folder ``src`` at ``dst`` made of hard links (a plain copy across file systems); symlinks
+    inside (a compiled folder links its export's files) are followed."""
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    if dst.exists():
+        return
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, tmp, symlinks=False, copy_function=link)
+    tmp.rename(dst)

@@ -1,0 +1,199 @@
+"""`farm nightly` night after night, with real parts: a real local Ray runs the suite through the sweep
+machinery, a real sqlite MLflow store holds the trials, the nights and the baseline alias (registered
+model ``nightly.<suite>``), and the real host backend (onnxruntime CPU, pinned) measures the interleaved
+A/B latency comparisons.
+
+The suite is one SmolLM2 decoder layer, RTN W8A8 through tests.nightly_helpers (plus the FP trial), two
+calibration windows of 32 tokens; its export step is the tiny QDQ export, narrow or wide. A slower
+candidate is slower through its model (the wide export: several times the work per token); a less
+accurate one has noise added to its weights. Both change a hyper-parameter only, so the trial id changes
+and the slot stays, as after a code change. The tests run in order: each night builds on the store the
+previous ones left.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from farm.nightly import registered_name, run_nightly
+from farm.sweep import Options
+from tests.farm_env import REPO, contained_env, farm_cmd
+from tests.nightly_helpers import nightly_exporter
+
+SUITE = "nightsuite"
+SLOT = "smollm2-135m.L1.w8a8.nightly"
+PPL = "ppl/wiki/seq32"
+
+
+def _suite(root: Path, noise: float = 0.0, wide: bool = False) -> Path:
+    p = root / f"{SUITE}.yaml"
+    p.write_text(textwrap.dedent(f"""\
+        name: {SUITE}
+        base: {{model: smollm2-135m, layers: 1, samples: 2, seqlen: 32, method: nightly}}
+        plugins: {{methods: {{nightly: "tests.nightly_helpers:nightly_method"}}}}
+        methods: {{nightly: {{noise: {noise}, wide: {str(wide).lower()}}}}}
+        grid: {{scheme: [w8a8]}}
+        include: [{{scheme: fp}}]
+        eval: {{perplexity: {{limit: 2}}}}
+        resources: {{cpu: 1}}
+        register_best: false
+        devices:
+          - {{device: host, repeats: 5, warmup: 1, tokens: 4}}
+        """))
+    return p
+
+
+@pytest.fixture(scope="module")
+def env():
+    import ray
+
+    from farm import scheduler
+
+    with contained_env() as root:
+        devices = root / "devices.yaml"
+        devices.write_text(f"host: {{threads: 1}}\nlock_dir: {root / 'locks'}\n")
+        assert scheduler.connect(num_cpus=2)
+        try:
+            yield root, root / "data", devices
+        finally:
+            ray.shutdown()
+
+
+def _night(env, capsys, **kw) -> tuple[int, str, dict]:
+    """One night in this process: (exit status, everything it printed, the night record from MLflow)."""
+    root, data, devices = env
+    suite = _suite(root, kw.pop("noise", 0.0), kw.pop("wide", False))
+    err = io.StringIO()
+    status = run_nightly(str(suite), Options(data_dir=data, live=False, exporter=nightly_exporter),
+                         devices_file=str(devices), out=err, **kw)
+    text = err.getvalue() + capsys.readouterr().out
+    c = _client(data)
+    exp = c.get_experiment_by_name(f"{SUITE}.nightly")
+    run = c.search_runs([exp.experiment_id], "tags.farm_role = 'night'", order_by=["attributes.start_time DESC"],
+                        max_results=1)[0]
+    record = json.loads(Path(c.download_artifacts(run.info.run_id, "night.json", str(root))).read_text())
+    return status, text, record
+
+
+def _client(data: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{data / 'mlflow.db'}")
+
+
+def _alias(data: Path):
+    return _client(data).get_model_version_by_alias(registered_name(SUITE), "baseline")
+
+
+def _by_metric(record: dict) -> dict:
+    return {(v["slot"], v["metric"]): v for v in record["verdicts"]}
+
+
+def test_first_night_sets_the_baseline_and_says_so(env, capsys):
+    root, data, _ = env
+    status, text, rec = _night(env, capsys)
+    assert status == 0, text
+    assert "no baseline yet (alias 'baseline' of registered model nightly.nightsuite)" in text
+    assert f"night run {rec['run_id']} is now the baseline" in text and "BASELINE SET" in text
+    mv = _alias(data)
+    assert mv.run_id == rec["run_id"] and int(mv.version) == 1
+    assert rec["verdict"] == "baseline" and rec["verdicts"] == [] and rec["accepted"]
+    # both slots, the quantized one with its export pinned outside the stage cache (hard links)
+    assert set(rec["slots"]) == {SLOT, "smollm2-135m.L1.fp.none"}
+    host = rec["slots"][SLOT]["devices"]["host"]
+    pinned, export = Path(host["pinned"]), Path(host["export"])
+    assert pinned.is_relative_to(data / "nightly" / SUITE / "baselines" / rec["run_id"])
+    assert (pinned / "prefill.onnx").read_bytes() == (export / "prefill.onnx").read_bytes()
+    assert (pinned / "prefill.onnx").stat().st_ino == (export / "prefill.onnx").stat().st_ino
+    # the suite's numbers in the night run, under <slot>/<metric>, equal to the trial run's
+    trial = _client(data).get_run(rec["slots"][SLOT]["run_id"]).data.metrics
+    night = _client(data).get_run(rec["run_id"]).data.metrics
+    assert night[f"{SLOT}/{PPL}"] == trial[PPL] > 1
+    assert night[f"{SLOT}/device/host/prefill_ms"] == trial["device/host/prefill_ms"]
+    reports = data / "reports" / f"{SUITE}.nightly"
+    assert (reports / "history.html").exists() and len(list(reports.glob("night-*/night.html"))) == 1
+
+
+def test_unchanged_candidate_passes(env, capsys):
+    root, data, _ = env
+    first = _alias(data).run_id
+    status, text, rec = _night(env, capsys)
+    assert status == 0, text
+    assert rec["verdict"] == "pass" and rec["baseline"]["run_id"] == first and not rec["accepted"]
+    v = _by_metric(rec)
+    # nothing re-ran: the same trial runs as the baseline night's, the same perplexities exactly
+    base = json.loads(Path(_client(data).download_artifacts(first, "night.json", str(root))).read_text())
+    assert {s: e["run_id"] for s, e in rec["slots"].items()} == {s: e["run_id"] for s, e in base["slots"].items()}
+    assert v[(SLOT, PPL)]["change"] == 0.0 and v[("smollm2-135m.L1.fp.none", PPL)]["change"] == 0.0
+    for metric in ("device/host/prefill_ms", "device/host/decode_ms_per_tok"):
+        lat = v[(SLOT, metric)]
+        assert not lat["regression"] and lat["pairs"] == 24 and lat["device"] == "host"
+        assert lat["ci_low"] <= lat["change"] <= lat["ci_high"]
+        assert abs(lat["change"]) < 0.25  # the same graph: the median pair ratio stays near 1
+    assert _alias(data).run_id == first  # a passing night does not move the baseline
+
+
+def test_slower_candidate_is_flagged_naming_the_latency_metric_and_device(env, capsys):
+    _, data, _ = env
+    status, text, rec = _night(env, capsys, wide=True)
+    assert status == 1, text
+    v = _by_metric(rec)
+    lat = v[(SLOT, "device/host/prefill_ms")]
+    assert lat["regression"] and lat["change"] > 0.5 and lat["ci_low"] > 0.05  # several times the work
+    assert lat["candidate"] > lat["baseline"]
+    assert not v[(SLOT, PPL)]["regression"] and v[(SLOT, PPL)]["change"] == 0.0  # same weights, same ppl
+    line = next(ln for ln in text.splitlines() if ln.startswith("  REGRESSION: device/host/prefill_ms"))
+    assert f"of {SLOT} on host" in line and "CI of the median ratio" in line
+    assert f"baseline run {lat['baseline_run']}" in line and f"candidate run {lat['candidate_run']}" in line
+    assert lat["candidate_run"] != lat["baseline_run"] and "REGRESSION" in text
+    html = next((data / "reports" / f"{SUITE}.nightly").glob(f"night-*-{rec['run_id'][:8]}/night.md")).read_text()
+    assert "# Nightly nightsuite: REGRESSION" in html and "`device/host/prefill_ms` of `" + SLOT in html
+
+
+def test_less_accurate_candidate_is_flagged_naming_the_perplexity_metric(env, capsys):
+    _, data, _ = env
+    status, text, rec = _night(env, capsys, noise=0.5)
+    assert status == 1, text
+    v = _by_metric(rec)
+    acc = v[(SLOT, PPL)]
+    assert acc["regression"] and acc["change"] > 0.01
+    assert acc["candidate"] == pytest.approx(acc["baseline"] * (1 + acc["change"]))
+    assert f"REGRESSION: {PPL} of {SLOT}" in text
+    assert not v[("smollm2-135m.L1.fp.none", PPL)]["regression"]  # the FP trial did not change
+
+
+def test_accept_moves_the_alias(env, capsys):
+    _, data, _ = env
+    before = _alias(data)
+    status, text, rec = _night(env, capsys, noise=0.5, accept=True)
+    assert status == 1, text  # still a regression against the old baseline; accepted anyway
+    after = _alias(data)
+    assert after.run_id == rec["run_id"] != before.run_id and int(after.version) == int(before.version) + 1
+    assert f"alias 'baseline' now points at night run {rec['run_id']} (was {before.run_id})" in text
+    status, text, rec2 = _night(env, capsys, noise=0.5)
+    assert status == 0, text  # the noisy model is the baseline now
+    assert rec2["baseline"]["run_id"] == rec["run_id"]
+    history = (data / "reports" / f"{SUITE}.nightly" / "history.md").read_text()
+    assert history.count("| v1 |") == 1 and history.count("| v2 (now) |") == 1
+    assert "history.png" in history
+
+
+def test_a_pool_with_nothing_available_exits_2(env):
+    """Through the real CLI: the only device of the asked kind is an AI Hub device without credentials."""
+    root, data, _ = env
+    devices = root / "aihub-only.yaml"
+    devices.write_text(f"aihub: {{devices: ['Samsung Galaxy S24 (Family)']}}\nlock_dir: {root / 'locks'}\n")
+    c = _client(data)
+    nights = len(c.search_runs([c.get_experiment_by_name(f"{SUITE}.nightly").experiment_id]))
+    proc = subprocess.run(farm_cmd("nightly", str(_suite(root)), "--device", "aihub", "--devices", str(devices),
+                                   "--data", str(data)), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("farm nightly: could not run: no available device for 'aihub'")
+    assert "aihub:Samsung Galaxy S24 (Family)" in line
+    assert len(c.search_runs([c.get_experiment_by_name(f"{SUITE}.nightly").experiment_id])) == nights  # no night
