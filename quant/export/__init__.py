@@ -74,6 +74,7 @@ def _save_onnx(model_proto, path: Path) -> list[str]:
 def export_model(model, tokenizer, out_dir: str | Path, recipe: dict, *, prefill: int = 128, ctx: int = 1024,
                  overwrite: bool = False, progress: bool = True) -> Path:
     """Write the export folder for a simulated (or float) model in memory; see the module docstring."""
+    from ..artifact import recipe_hash
     from ..files import apply_umask, sha256_file
     from . import aimet
 
@@ -87,7 +88,7 @@ def export_model(model, tokenizer, out_dir: str | Path, recipe: dict, *, prefill
     try:
         index = {
             "exporter": EXPORTER, "exporter_version": EXPORTER_VERSION, "opset": 21,
-            "artifact_hash": recipe.get("content_hash", ""), "model": recipe.get("model", ""),
+            "artifact_hash": recipe.get("content_hash") or recipe_hash(recipe), "model": recipe.get("model", ""),
             "scheme": scheme.name if scheme is not None else "fp", "method": recipe.get("method", "none"),
             "layers": recipe.get("layers"), "vocab_size": exporter.vocab, "num_layers": len(exporter.layers),
             "kv_heads": exporter.n_kv, "head_dim": exporter.head_dim, "hidden_size": exporter.hidden,
@@ -104,7 +105,7 @@ def export_model(model, tokenizer, out_dir: str | Path, recipe: dict, *, prefill
             for i in io["inputs"]:
                 if i["name"] in ("k_cache", "v_cache"):
                     extra[i["name"]] = aimet.kv_entry(exporter.kv[0] if i["name"] == "k_cache" else exporter.kv[1])
-            (tmp / f"{name}.encodings").write_text(json.dumps(aimet.encodings(sites, extra), indent=1))
+            (tmp / f"{name}.encodings").write_text(json.dumps(aimet.encodings(sites, extra, proto.graph), indent=1))
             entry = {"file": f"{name}.onnx", "encodings": f"{name}.encodings", **io,
                      "quantized_tensors": len(sites), "nodes": len(proto.graph.node)}
             entry["prompt_len" if name == "prefill" else "ctx"] = prefill if name == "prefill" else ctx
