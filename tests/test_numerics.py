@@ -9,6 +9,8 @@ Ray's ``worker_process_setup_hook``, as a redeployed cluster would have it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import quant
@@ -163,3 +165,18 @@ resources: {{cpu: 1}}
         assert main(["status", "bump", "--data", str(data)]) == 0
         out = capsys.readouterr().out
         assert out.count("1 (other)") == 3 and out.count("2 (other)") == 3
+
+
+def test_bench_rows_of_another_version_are_computed_again(tmp_path, capsys, monkeypatch):
+    """The bench scripts' resumable row files (bench/rowfile.py) are a cache too."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    import rowfile
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"scheme": "w8a8", "ppl": 48.02}\n')  # written before numerics versions
+    rowfile.append(str(rows), {"scheme": "w8a8", "ppl": 48.18})
+    assert rowfile.read(str(rows), lambda r: True) == [
+        {"scheme": "w8a8", "ppl": 48.18, "numerics_version": quant.NUMERICS_VERSION}]
+    assert "1 row(s) made by another numerics version are not reused" in capsys.readouterr().err
+    monkeypatch.setattr(quant.numerics, "NUMERICS_VERSION", quant.NUMERICS_VERSION + 1)
+    assert rowfile.read(str(rows), lambda r: True) == []
