@@ -96,7 +96,7 @@ def default_compiler(export_dir: Path, target: str) -> Path:
     except ImportError as e:
         raise RuntimeError(f"phones need a compiled model, but devicelab.compile.compile_export is not "
                            f"available here ({e})") from None
-    return compile_export(export_dir, target=target)
+    return compile_export(export_dir, target=target, progress=False)
 
 
 def _cached(data_dir: str, stage: str, inputs: dict, make: Callable[[Path], dict]) -> tuple[Path, dict]:

@@ -97,6 +97,9 @@ def cmd_sweep(args) -> int:
               f"max in flight: {sweep.spec.concurrency.max_trials or 'as resources allow'}")
         if shared:
             print("shared stages to run once per key: " + ", ".join(f"{n} x{len(k)}" for n, k in shared.items()))
+        if sweep.spec.devices:
+            print("device stages per quantized trial (export, compile for phones, bench): "
+                  + ", ".join(d.device for d in sweep.spec.devices))
         print(f"data: {opts.data_dir}   MLflow: {opts.uri}")
         if len(sweep.trials) > GRID_LIMIT and not args.yes:
             print(f"running it needs --yes: {len(sweep.trials)} trials is more than {GRID_LIMIT}")

@@ -102,17 +102,49 @@ devices:
 
 
 def test_devices_added_later_measure_finished_trials_without_rerunning_them(env):
+    """With the real export step (quant.export.export_artifact) on the trial's own one-layer artifact."""
     root, data = env
     plain = HEAD + "grid: {scheme: [w8a8], seed: [5]}\n"
     p = write_sweep(root, "latedev", plain)
-    first = run_sweep(load_sweep(p), Options(data_dir=data, live=False, exporter=tiny_exporter))
+    first = run_sweep(load_sweep(p), Options(data_dir=data, live=False))
     assert first.ok and len(first.executed) == 1
     tid = first.executed[0]
     rid = _runs(data, "latedev")[tid].info.run_id
-    p = write_sweep(root, "latedev", plain + "devices: [{device: host, graphs: [prefill], repeats: 3}]\n")
-    out = run_sweep(load_sweep(p), Options(data_dir=data, live=False, exporter=tiny_exporter))
-    assert out.ok and out.executed == []  # the trial itself is not run again
+    p = write_sweep(root, "latedev", plain + "devices: [{device: host, repeats: 3, warmup: 1, tokens: 4, "
+                                             "prefill: 16, ctx: 32}]\n")
+    out = run_sweep(load_sweep(p), Options(data_dir=data, live=False))
+    assert out.ok and out.executed == [], out.device_failed  # the trial itself is not run again
     runs = _runs(data, "latedev")
     assert list(runs) == [tid] and runs[tid].info.run_id == rid  # the same FINISHED run got the metrics
     res = json.loads((data / "trials" / tid / "result.json").read_text())
-    assert runs[tid].data.metrics["device/host/prefill_ms"] == res["devices"]["host"]["records"][0]["median_ms"]
+    pre, dec = res["devices"]["host"]["records"]
+    m = runs[tid].data.metrics
+    assert m["device/host/prefill_ms"] == pre["median_ms"] and m["device/host/decode_tok_s"] == dec["tokens_per_s"]
+    assert runs[tid].data.tags["device/host/prompt_len"] == "16"
+    # the export is the trial's: its index names the artifact the trial saved
+    export_dir = data / "stages" / "export" / res["devices"]["host"]["stages"]["export"]["key"] / "export"
+    index = json.loads((export_dir / "export.json").read_text())
+    recipe = json.loads((Path(res["artifact_dir"]) / "recipe.json").read_text())
+    assert index["graphs"]["prefill"]["prompt_len"] == 16 and index["num_layers"] == 1
+    assert pre["model_id"] == index["content_hash"] and index["artifact_hash"] == recipe["content_hash"]
+
+
+def test_phone_stage_compiles_once_beside_the_export_and_benches_the_compiled_folder(tmp_path):
+    """The compile step of a phone's device stage, without a phone: farm.device_stage.run_device_job with a
+    compile target (the real devicelab.compile.compile_export through onnxruntime-qnn, SM8650) and the host
+    as the measuring device. The compiled folder sits in an export folder (links to the export's files plus
+    compiled-sm8650/), the layout the adb backend reads, and each step is a cache entry of its own."""
+    from farm.device_stage import DeviceJob, run_device_job
+
+    job = DeviceJob(target="host", label="host", workloads=({"graph": "prefill", "warmup": 0, "repeats": 2},),
+                    prefill=16, ctx=64, resources={}, compile_target="sm8650", devices_file="")
+    out = run_device_job("t1", str(tmp_path / "artifact"), "artifact-key", job, str(tmp_path), tiny_exporter)
+    assert out["ok"] and out["stages"]["compile"]["hit"] is False and len(out["records"]) == 1
+    folder = tmp_path / "stages" / "compile" / out["stages"]["compile"]["key"] / "export"
+    compiled = json.loads((folder / "compiled-sm8650" / "compile.json").read_text())
+    assert compiled["target"]["soc_model"] == "57" and (folder / "export.json").is_symlink()
+    assert sorted(p.name for p in (folder / "compiled-sm8650").glob("*.bin")) == ["decode_qnn.bin", "prefill_qnn.bin"]
+    assert out["records"][0]["model_id"] == json.loads((folder / "export.json").read_text())["content_hash"]
+    again = run_device_job("t1", str(tmp_path / "artifact"), "artifact-key", job, str(tmp_path), tiny_exporter)
+    assert {k: v["hit"] for k, v in again["stages"].items()} == {"export": True, "compile": True, "bench": True}
+    assert again["records"] == out["records"]  # the cached measurement, not a new one
