@@ -173,11 +173,22 @@ def load(path: str | Path | None = None, discover: bool = True) -> Inventory:
         except yaml.YAMLError as e:
             raise InventoryError(f"{p}: not valid YAML: {e}") from None
     inv = parse(data, p)
-    if discover:
-        known = {e.options.get("serial") for e in inv.entries if e.kind == "adb"}
-        for entry in discover_adb():
-            if entry.options.get("serial") not in known and inv.get(entry.name) is None:
-                inv.entries.append(entry)
+    return add_discovered(inv) if discover else inv
+
+
+def defaults(discover: bool = True) -> Inventory:
+    """The pool without a devices file (whatever $MQFARM_DEVICES or ./devices.yaml say): host, qnn-sim
+    where installed, and the phones adb sees."""
+    inv = parse(None)
+    return add_discovered(inv) if discover else inv
+
+
+def add_discovered(inv: Inventory) -> Inventory:
+    """Add the phones adb sees that the inventory does not name (by serial)."""
+    known = {e.options.get("serial") for e in inv.entries if e.kind == "adb"}
+    for entry in discover_adb():
+        if entry.options.get("serial") not in known and inv.get(entry.name) is None:
+            inv.entries.append(entry)
     return inv
 
 

@@ -154,7 +154,8 @@ def run_device_job(trial_id: str, artifact_dir: str, artifact_key: str, job: Dev
         stages["compile"] = {"key": cmp_meta["key"], "hit": cmp_meta["hit"]}
 
     def do_bench(work: Path) -> dict:
-        inv = inventory.load(job.devices_file) if job.devices_file else inventory.parse(None)
+        # the file the driver read, so that every worker sees the pool the sweep was checked against
+        inv = inventory.load(job.devices_file) if job.devices_file else inventory.defaults()
         res = Pool(inv).bench(model, job.target, [Workload.from_dict(w) for w in job.workloads])
         out = {"records": [r.to_dict() for r in res.records], "failed": [r.to_dict() for r in res.failed],
                "ok": res.ok, "device": res.device}
