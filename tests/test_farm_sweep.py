@@ -272,7 +272,7 @@ def test_a_late_started_event_opens_no_second_run(tmp_path):
     import io
 
     from farm.progress import Progress
-    from farm.sweep import Outcome, _handle
+    from farm.sweep import Outcome, SweepRun
     from farm.tracking import Tracker
 
     p = write_sweep(tmp_path, "late", "name: late\nbase: {model: smollm2-135m, layers: 1, method: rtn}\n"
@@ -281,17 +281,16 @@ def test_a_late_started_event_opens_no_second_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "late", tmp_path / "art")
     outcome = Outcome(sweep, {}, {}, [], [], parent_run_id=tracker.start_parent(sweep))
-    trials = {t.id: t for t in sweep.trials}
     done, failed = sweep.trials
-    runs, attempts = {}, {}
-    progress = Progress(2, 0, 1, io.StringIO(), live=False)
-    args = (trials, tracker, {"cpu": 1}, runs, attempts, outcome, progress, tmp_path, sweep)
-    _handle(done.id, "finished", {"trial_id": done.id, "metrics": {"ppl/wiki/seq32": 3.0}, "steps": [],
-                                  "timing": {"total_s": 1.0}, "attempt": "a1", "attempt_count": 1}, *args)
-    _handle(failed.id, "failed", {"error": "RuntimeError: boom"}, *args)
+    runs = {}
+    state = SweepRun(sweep, tracker, outcome, runs, tmp_path, {"cpu": 1})
+    state.progress = Progress(2, 0, 1, io.StringIO(), live=False)
+    state.handle(done.id, "finished", {"trial_id": done.id, "metrics": {"ppl/wiki/seq32": 3.0}, "steps": [],
+                                       "timing": {"total_s": 1.0}, "attempt": "a1", "attempt_count": 1})
+    state.handle(failed.id, "failed", {"error": "RuntimeError: boom"})
     for tid in (done.id, failed.id):  # late events of both
-        _handle(tid, "started", {"attempt": "a1", "time": time.time()}, *args)
-        _handle(tid, "step", {"attempt": "a1", "step": 1, "loss": 1.0}, *args)
+        state.handle(tid, "started", {"attempt": "a1", "time": time.time()})
+        state.handle(tid, "step", {"attempt": "a1", "step": 1, "loss": 1.0})
     statuses = sorted(r.info.status for r in MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name("late").experiment_id], "tags.farm_role = 'trial'"))
     assert statuses == ["FAILED", "FINISHED"] and runs == {}
