@@ -159,7 +159,12 @@ def _ort_compile(graph_path: Path, out_onnx: Path, target: Target, log: Path, al
         hint = (" Per-channel weights must be symmetric on the HTP (use a -sym scheme or the device "
                 "overrides, w8a8:device); --allow-cpu-fallback compiles the rest.") if cpu_nodes else ""
         raise CompileError(f"{graph_path.name} for {target.name}: {why}.{hint}")
-    return {"seconds": round(seconds, 3), "cpu_nodes": [{"name": n, "op": op} for n, op in cpu_nodes]}
+    # what stayed outside the context binary, from the EPContext model itself (the log is not always explicit)
+    import onnx
+
+    left = [(n.name or n.output[0], n.op_type) for n in onnx.load(str(out_onnx), load_external_data=False).graph.node
+            if n.op_type != "EPContext"]
+    return {"seconds": round(seconds, 3), "cpu_nodes": [{"name": n, "op": op} for n, op in left]}
 
 
 def _sdk_compile(graph: str, export: Export, work: Path, target: Target, log: Path) -> dict:
@@ -195,8 +200,10 @@ def _sdk_compile(graph: str, export: Export, work: Path, target: Target, log: Pa
             f.flush()
             r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
             if r.returncode != 0:
-                raise CompileError(f"{graph} for {target.name}: {cmd[0]} exited with status {r.returncode}; see the "
-                                   f"log above ({log.name})")
+                f.flush()
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                raise CompileError(f"{graph} for {target.name}: {cmd[0]} exited with status {r.returncode}; "
+                                   f"the end of its output:\n{tail}")
     if not (work / f"{graph}.bin").exists():
         raise CompileError(f"{graph} for {target.name}: qnn-context-binary-generator wrote no {graph}.bin")
     return {"seconds": round(time.perf_counter() - t0, 3), "cpu_nodes": []}

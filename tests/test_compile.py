@@ -1,0 +1,172 @@
+"""`farm compile` (devicelab.compile): QNN context binaries for the Snapdragon 8 Gen 3 HTP, made on x86 by
+onnxruntime-qnn's real HTP compiler, and run back on its HTP emulator.
+
+Bound for the emulator against onnxruntime's CPU on the same W8A16 export (one SmolLM2 layer): top-1 on at
+least 95% of positions, mean |HTP - CPU| logit difference at most half the simulation's own quantization
+error (mean |sim - float|), max at most 0.5% of the logit range. Measured: 97-100% top-1, a fifth of the
+quantization error, 0.09% of the range. The HTP runs the float parts of the graph (embedding, residual
+stream, final norm, lm_head: float in the reference scheme) in fp16, and requantizes with its own integer
+arithmetic, so it is not expected to be bit-exact; the difference is the point of `--runtime qnn-htp`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from devicelab.compile import CompileError, compile_export, parse_target
+from devicelab.runtime import cpu_eval_session, htp_session
+from quant import CalibConfig, data, load_model, quantize
+from quant.export import export_model
+from quant.sim import float_mode
+
+T = 32
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compile")
+    out = {}
+    for scheme in ("w8a16", "w8a8"):
+        lm = load_model("smollm2-135m", num_layers=1)
+        res = quantize(lm, scheme=scheme, method="rtn", calib=CalibConfig(4, T, 0), progress=False)
+        out[scheme] = (export_model(lm.model, lm.tokenizer, root / scheme, res.recipe, prefill=T, ctx=2 * T), lm)
+    return out
+
+
+def test_compile_for_sm8650_and_run_on_the_htp(exported):
+    path, lm = exported["w8a16"]
+    compiled = compile_export(path, "sm8650", graphs=("prefill",), progress=False)
+    assert compiled == path / "compiled-sm8650"
+    rec = json.loads((compiled / "compile.json").read_text())
+    assert rec["target"] == {"name": "sm8650", "soc_model": "57", "htp_arch": "75",
+                             "description": "Snapdragon 8 Gen 3 (HTP v75)"}
+    g = rec["graphs"]["prefill"]
+    binary = compiled / g["context_binary"]
+    assert binary.stat().st_size == g["context_binary_bytes"] > 1_000_000 and g["cpu_nodes"] == []
+    assert rec["versions"]["onnxruntime-qnn"] and rec["export_hash"] == json.loads((path / "export.json").read_text())["content_hash"]
+    # the EPContext model points at the binary and records the SoC it was made for
+    import onnx
+
+    ctx = onnx.load(str(compiled / "prefill.onnx"))
+    node = [n for n in ctx.graph.node if n.op_type == "EPContext"]
+    assert len(node) == 1
+    attrs = {a.name: a for a in node[0].attribute}
+    assert attrs["ep_cache_context"].s.decode() == binary.name
+    assert "57" in (compiled / "compile.log").read_text() or rec["target"]["soc_model"] == "57"
+    assert stat.S_IMODE(os.stat(compiled).st_mode) & 0o055  # not a private 0700 folder (umask applied)
+
+    cpu = cpu_eval_session(path / "prefill.onnx")
+    htp = htp_session(compiled / "prefill.onnx")  # CPU fallback is off: every op ran on the emulated HTP
+    ids = data.eval_windows(lm.tokenizer, T, limit=2, add_bos=lm.add_bos)
+    agree, d_htp, d_quant, worst = 0, 0.0, 0.0, 0.0
+    with torch.no_grad():
+        for w in ids:
+            a = cpu.run(["logits"], {"input_ids": w[None].numpy()})[0][0]
+            b = htp.run(["logits"], {"input_ids": w[None].numpy()})[0][0]
+            sim = lm.model(input_ids=w[None], use_cache=False).logits[0].numpy()
+            with float_mode(lm.model):
+                fl = lm.model(input_ids=w[None], use_cache=False).logits[0].numpy()
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            d_htp += np.abs(a - b).mean()
+            d_quant += np.abs(sim - fl).mean()
+            worst = max(worst, np.abs(a - b).max() / (a.max() - a.min()))
+    assert agree / ids.numel() >= 0.95
+    assert d_htp <= 0.5 * d_quant, (d_htp, d_quant)
+    assert worst <= 5e-3
+
+
+def test_htp_refusal_names_the_nodes_and_fallback_lists_them(exported, tmp_path):
+    """W8A8 keeps down_proj per-channel *asymmetric* (the reference's simulation); the HTP takes only
+    symmetric per-channel weights, so the compile is refused with that node named, or with
+    --allow-cpu-fallback compiled with the node listed as left on the CPU."""
+    path, _ = exported["w8a8"]
+    with pytest.raises(CompileError, match=r"HTP refused 1 node\(s\): model\.layers\.0\.mlp\.down_proj\.weight "
+                                           r"\(DequantizeLinear\).*symmetric"):
+        compile_export(path, "sm8650", out=tmp_path / "c", graphs=("prefill",), progress=False)
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c.tmp-*"))
+    out = compile_export(path, "sm8550", out=tmp_path / "c", graphs=("prefill",), allow_cpu_fallback=True,
+                         progress=False)
+    rec = json.loads((out / "compile.json").read_text())
+    assert rec["target"]["htp_arch"] == "73"
+    assert rec["graphs"]["prefill"]["cpu_nodes"] == [{"name": "model.layers.0.mlp.down_proj.weight",
+                                                      "op": "DequantizeLinear"}]
+
+
+def test_targets_are_data():
+    assert parse_target("SM8650").soc_model == "57"
+    t = parse_target("soc_model=60,htp_arch=79")
+    assert (t.name, t.soc_model, t.htp_arch) == ("soc60-v79", "60", "79")
+    with pytest.raises(CompileError, match=r"unknown target 'sm9999'; known: sm8650, sm8550, sm8450"):
+        parse_target("sm9999")
+
+
+def test_bad_input(exported, tmp_path, monkeypatch):
+    path, _ = exported["w8a16"]
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(CompileError, match="already exists"):
+        compile_export(path, out=tmp_path / "exists", progress=False)
+    from devicelab.exported import ExportError
+
+    with pytest.raises(ExportError, match="no export.json"):
+        compile_export(tmp_path, progress=False)
+    with pytest.raises(CompileError, match="route qnn-sdk needs the QAIRT/QNN SDK's qnn-onnx-converter"):
+        monkeypatch.setenv("PATH", str(tmp_path))
+        compile_export(path, route="qnn-sdk", out=tmp_path / "sdk", progress=False)
+    # onnxruntime-qnn missing: the error says how to install it
+    import devicelab.backends.qnn_sim as qs
+
+    monkeypatch.setattr(qs, "_registered", False)
+    monkeypatch.setitem(sys.modules, "onnxruntime_qnn", None)
+    with pytest.raises(CompileError, match="pip install onnxruntime-qnn"):
+        compile_export(path, out=tmp_path / "noqnn", graphs=("prefill",), progress=False)
+    assert not (tmp_path / "noqnn").exists()
+
+
+def test_qnn_sdk_route_against_stand_in_tools(exported, tmp_path, monkeypatch):
+    """The QNN SDK itself cannot be installed here (it downloads from Qualcomm). The three tools are
+    stand-ins on PATH that record their arguments and write the files the real ones write; this checks the
+    chain we drive: the float graph (QDQ folded) with our AIMET encodings as overrides, the model library,
+    and a context binary with an HTP config naming the target's soc_id and dsp_arch."""
+    path, _ = exported["w8a16"]
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls.jsonl"
+    tool = f"""#!{sys.executable}
+import json, os, sys
+from pathlib import Path
+a = sys.argv[1:]
+open({str(calls)!r}, "a").write(json.dumps([Path(sys.argv[0]).name] + a) + "\\n")
+def arg(k): return a[a.index(k) + 1]
+name = Path(sys.argv[0]).name
+if name == "qnn-onnx-converter":
+    Path(arg("--output_path")).write_text("// generated")
+elif name == "qnn-model-lib-generator":
+    d = Path(arg("-o")) / "x86_64-linux-clang"; d.mkdir(parents=True)
+    (d / ("lib" + Path(arg("-c")).stem + ".so")).write_bytes(b"ELF")
+elif name == "qnn-context-binary-generator":
+    ext = json.loads(Path(arg("--config_file")).read_text())["backend_extensions"]
+    htp = json.loads(Path(ext["config_file_path"]).read_text())
+    open({str(calls)!r}, "a").write(json.dumps(["htp-config", htp["devices"][0]]) + "\\n")
+    (Path(arg("--output_dir")) / (arg("--binary_file") + ".bin")).write_bytes(b"QNNCTX" * 1000)
+"""
+    for name in ("qnn-onnx-converter", "qnn-model-lib-generator", "qnn-context-binary-generator"):
+        (bindir / name).write_text(tool)
+        (bindir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    out = compile_export(path, "sm8650", out=tmp_path / "sdk", graphs=("prefill",), route="qnn-sdk", progress=False)
+    recorded = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert [c[0] for c in recorded] == ["qnn-onnx-converter", "qnn-model-lib-generator", "qnn-context-binary-generator",
+                                        "htp-config"]
+    assert recorded[3][1]["soc_id"] == 57 and recorded[3][1]["dsp_arch"] == "v75"
+    conv = recorded[0]
+    assert conv[conv.index("--quantization_overrides") + 1] == str(path / "prefill.encodings")
+    rec = json.loads((out / "compile.json").read_text())
+    assert rec["route"] == "qnn-sdk" and rec["graphs"]["prefill"]["context_binary_bytes"] == 6000
+    assert sorted(p.name for p in out.iterdir()) == ["compile.json", "compile.log", "prefill.bin"]
