@@ -416,7 +416,8 @@ def summary_rows(sweep: Sweep, results: dict, states: dict | None = None) -> tup
     varying = [k for k in sweep.varying]
     cols = ["trial"] + varying + ["status"]
     metric_names = sorted({primary_metric(r)[0] for r in results.values() if primary_metric(r)[0]})
-    cols += metric_names + (["vs fp"] if fp else []) + ["time"]
+    devices = _latency_columns(results)
+    cols += metric_names + (["vs fp"] if fp else []) + [c for c, _, _ in devices] + ["time"]
     rows = []
     for t in sweep.trials:
         flat = flatten({k: v for k, v in t.config.items() if k != "eval"})
@@ -431,10 +432,30 @@ def summary_rows(sweep: Sweep, results: dict, states: dict | None = None) -> tup
                 if base:
                     row["vs fp"] = f"{value / base:.3f}"
             row["time"] = fmt_duration(res.get("timing", {}).get("total_s"))
+            for col, lbl, graph in devices:
+                rec = next((r for r in (res.get("devices") or {}).get(lbl, {}).get("records", [])
+                            if r["workload"]["graph"] == graph), None)
+                if rec is not None:
+                    row[col] = f"{rec['median_ms']:.4g}" if graph == "prefill" else f"{rec['tokens_per_s']:.4g}"
         else:
             row["status"] = states.get(t.id, "pending")
         rows.append(row)
     return rows, cols
+
+
+def _latency_columns(results: dict) -> list[tuple[str, str, str]]:
+    """(column, device label, graph) for the device stages that measured latency (an emulator's times
+    are not latency: left out)."""
+    seen: dict = {}
+    for res in results.values():
+        for lbl, summary in (res.get("devices") or {}).items():
+            for rec in summary.get("records", []):
+                if rec.get("latency_meaningful") and rec["status"] == "ok":
+                    seen[(lbl, rec["workload"]["graph"])] = True
+    cols = []
+    for lbl, graph in sorted(seen, key=lambda k: (k[0], k[1] != "prefill")):
+        cols.append((f"{lbl} prefill ms" if graph == "prefill" else f"{lbl} tok/s", lbl, graph))
+    return cols
 
 
 def sweep_trial(sweep: Sweep, tid: str) -> dict | None:

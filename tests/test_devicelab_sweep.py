@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from farm.spec import load_sweep
-from farm.sweep import Options, run_sweep
+from farm.sweep import Options, run_sweep, summary_rows
 from tests.devicelab_fixtures import tiny_exporter
 from tests.farm_env import contained_env, write_sweep
 
@@ -93,6 +93,12 @@ devices:
     assert not any(k.startswith("device/") for k in runs[fp.id].data.metrics)  # no artifact: nothing to export
     assert len(_entries(data, "export")) == 2 and len(_entries(data, "bench")) == 4  # 2 trials x 2 devices
     before = {tid: dict(r.data.metrics) for tid, r in runs.items()}
+    # the end-of-sweep table: latency columns for the host, none for the emulator
+    rows, cols = summary_rows(sweep, out.results)
+    assert cols[-3:] == ["host prefill ms", "host tok/s", "time"] and not any("qnn-sim" in c for c in cols)
+    t = quantized[0]
+    row = next(r for r in rows if r["trial"] == t.short)
+    assert row["host prefill ms"] == f"{runs[t.id].data.metrics['device/host/prefill_ms']:.4g}"
 
     # run again: nothing is trained, exported or measured, and MLflow keeps the same numbers
     again = run_sweep(load_sweep(p), Options(data_dir=data, live=False, exporter=tiny_exporter))
