@@ -53,8 +53,6 @@ def build_graphs(model, prefill: int = 128, ctx: int = 1024, graphs=("prefill", 
     exporter = DecoderExporter(model, prefill=prefill, ctx=ctx)
     out = {}
     for name in graphs:
-        if name == "decode" and exporter.kv is None:
-            continue  # a float model has no cache encodings: prefill only
         b, io = exporter.build(name)
         out[name] = (b.model(doc=f"mqfarm {name} graph"), io, b.qdq_sites)
     return out, exporter

@@ -31,8 +31,38 @@ def _entry(spec, scale: float, offset: float) -> dict:
             "min": float(mn), "max": float(mx), "scale": float(scale), "offset": int(round(aimet_offset))}
 
 
-def encodings(sites: dict, extra_activations: dict | None = None) -> dict:
-    """``sites``: the builder's ``qdq_sites`` (name -> spec, scale, offset[, param, per_channel])."""
+def _unrecorded_activations(graph, known: set) -> dict:
+    """Entries for the QuantizeLinear nodes of ``graph`` whose float input has none yet.
+
+    The builder records a site only for a Q -> DQ pair; the decode graph's cache re-quantizations (this
+    step's K/V, the Gather of the past cache, the Concat of both) are bare QuantizeLinear nodes, so without
+    this their tensors had no entry and AIMET's strict loader refused the decode file. A Q that produces a
+    graph output is skipped (the cache outputs are keyed by the output's name), and so is a tensor that
+    already has an entry (the prefill's cache Q shares its input with the attention's QDQ; ``k_out`` and
+    ``v_out`` carry the cache encoding).
+    """
+    from onnx import numpy_helper
+
+    from ..quantizer import QSpec
+
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    signed_bits = {2: (False, 8), 3: (True, 8), 4: (False, 16), 5: (True, 16), 21: (False, 4), 22: (True, 4)}
+    out = {}
+    for n in graph.node:
+        x = n.input[0] if n.op_type == "QuantizeLinear" else None
+        if x is None or x in known or x in out or n.output[0] in outputs:
+            continue
+        zp = inits[n.input[2]]
+        signed, bits = signed_bits[zp.data_type]
+        scale, offset = numpy_helper.to_array(inits[n.input[1]]), numpy_helper.to_array(zp)
+        out[x] = [_entry(QSpec(bits, symmetric=signed), float(scale), float(offset))]
+    return out
+
+
+def encodings(sites: dict, extra_activations: dict | None = None, graph=None) -> dict:
+    """``sites``: the builder's ``qdq_sites`` (name -> spec, scale, offset[, param, per_channel]);
+    ``graph``: the ONNX graph, whose QuantizeLinear nodes outside ``sites`` also get entries."""
     acts, params = {}, {}
     for name, site in sites.items():
         spec, scale, offset = site["spec"], np.atleast_1d(site["scale"]), np.atleast_1d(site["offset"])
@@ -41,6 +71,8 @@ def encodings(sites: dict, extra_activations: dict | None = None) -> dict:
         (params if "param" in site else acts)[name] = entries
     for name, entry in (extra_activations or {}).items():
         acts[name] = [entry]
+    if graph is not None:
+        acts.update(_unrecorded_activations(graph, set(acts) | set(params)))
     return {"version": AIMET_VERSION, "activation_encodings": acts, "param_encodings": params,
             "excluded_layers": [],
             "quantizer_args": {"activation_bitwidth": 8, "dtype": "int", "is_symmetric": False,
