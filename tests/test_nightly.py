@@ -197,3 +197,35 @@ def test_a_pool_with_nothing_available_exits_2(env):
     assert line.startswith("farm nightly: could not run: no available device for 'aihub'")
     assert "aihub:Samsung Galaxy S24 (Family)" in line
     assert len(c.search_runs([c.get_experiment_by_name(f"{SUITE}.nightly").experiment_id])) == nights  # no night
+
+
+def test_latency_decision_is_material_and_significant():
+    """farm.regression on constructed pairs: exact ratios, the bootstrap CI around them, the two conditions."""
+    from farm.regression import accuracy_decision, latency_decision
+
+    base = [10.0, 12.0, 11.0, 10.5, 13.0, 10.2, 11.5, 12.5]
+    same = latency_decision(base, base)
+    assert same == {"ratio": 1.0, "ci_low": 1.0, "ci_high": 1.0, "pairs": 8, "regression": False}
+    slow = latency_decision(base, [b * 1.10 for b in base])
+    assert slow["ratio"] == pytest.approx(1.10) and slow["ci_low"] == pytest.approx(1.10) and slow["regression"]
+    small = latency_decision(base, [b * 1.03 for b in base])  # significant, but under the 5% threshold
+    assert small["ci_low"] > 1.0 and not small["regression"]
+    noisy = latency_decision(base, [b * f for b, f in zip(base, [1.3, 0.8, 1.25, 0.85, 1.2, 0.95, 1.3, 0.8])])
+    assert noisy["ratio"] > 1.05 and noisy["ci_low"] < 1.0 and not noisy["regression"]  # material, not significant
+    assert accuracy_decision(20.0, 20.1) == {"change": pytest.approx(0.005), "regression": False}
+    assert accuracy_decision(20.0, 20.4)["regression"] and accuracy_decision(20.0, float("nan"))["regression"]
+    with pytest.raises(ValueError, match="as many baseline as candidate"):
+        latency_decision(base, base[:3])
+
+
+def test_bad_arguments_exit_2_naming_the_flag(env, capsys):
+    root, data, devices = env
+    for kw, words in (({"pairs": 1}, "--pairs must be at least 2"), ({"threshold": 5.0}, "--threshold is a fraction"),
+                      ({"alias": "v3"}, "--baseline 'v3' is not an MLflow alias")):
+        err = io.StringIO()
+        assert run_nightly(str(_suite(root)), Options(data_dir=data, live=False), devices_file=str(devices),
+                           out=err, **kw) == 2
+        assert err.getvalue().startswith(f"farm nightly: could not run: {words}")
+    err = io.StringIO()
+    assert run_nightly(str(root / "nope.yaml"), Options(data_dir=data), out=err) == 2
+    assert "suite file " + str(root / "nope.yaml") + " does not exist" in err.getvalue()
