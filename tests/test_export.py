@@ -78,8 +78,8 @@ def test_prefill_graph_agrees_with_simulation(name, scheme):
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_fp_export_equals_float_model(name):
     lm = load_model(name, num_layers=2)
-    graphs, exporter = build_graphs(lm.model, prefill=T, ctx=2 * T)
-    assert list(graphs) == ["prefill"] and exporter.kv is None  # nothing quantized: no uint8 cache, no decode
+    graphs, ex = build_graphs(lm.model, prefill=T, ctx=2 * T)
+    assert ex.kv is None  # nothing quantized: the cache is float32
     sess = _session(graphs["prefill"][0])
     ids = data.eval_windows(lm.tokenizer, T, limit=2, add_bos=lm.add_bos)
     with torch.no_grad():
@@ -87,6 +87,13 @@ def test_fp_export_equals_float_model(name):
             ref = lm.model(input_ids=w[None], use_cache=False).logits[0].numpy()
             out = sess.run(["logits"], {"input_ids": w[None].numpy()})[0][0]
             assert np.abs(out - ref).max() <= 1e-4 * (ref.max() - ref.min())
+    # the float decode graph, token by token through its float cache, gives the same logits
+    shape = (len(ex.layers), ex.n_kv, 2 * T, ex.head_dim)
+    first = ids[0][:12]
+    dec = _decode(_session(graphs["decode"][0]), ex, first, 0, np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+    with torch.no_grad():
+        ref = lm.model(input_ids=first[None], use_cache=False).logits[0].numpy()
+    assert np.abs(dec - ref).max() <= 1e-4 * (ref.max() - ref.min())
 
 
 def _with_shared_kv(model, kv, fn):

@@ -111,6 +111,7 @@ class DecoderExporter:
         for q in (m for m in model.modules() if hasattr(m, "spec") and hasattr(m, "observing")):
             _check_quantizer(q)
         self.kv = shared_kv_encodings(model)
+        self._cache_dq: dict[str, str] = {}  # cache input -> its DequantizeLinear output, per graph
 
     # -- pieces --
     def _act(self, b: GraphBuilder, x: str, q) -> str:
@@ -193,6 +194,7 @@ class DecoderExporter:
         if mode not in ("prefill", "decode"):
             raise ValueError(f"mode must be prefill or decode, got {mode!r}")
         b = GraphBuilder(f"{self.mt}_{mode}")
+        self._cache_dq = {}
         t = self.prefill if mode == "prefill" else 1
         ctx, L, hkv, d = self.ctx, len(self.layers), self.n_kv, self.head_dim
         io = {"inputs": [], "outputs": []}
@@ -204,13 +206,12 @@ class DecoderExporter:
         inp("input_ids", TensorProto.INT64, [1, t])
         if mode == "decode":
             inp("position_ids", TensorProto.INT64, [1, 1])
-            inp("k_cache", TensorProto.UINT8, [L, hkv, ctx, d])
-            inp("v_cache", TensorProto.UINT8, [L, hkv, ctx, d])
+            cache_type = TensorProto.UINT8 if self.kv is not None else TensorProto.FLOAT  # float model: float cache
+            inp("k_cache", cache_type, [L, hkv, ctx, d])
+            inp("v_cache", cache_type, [L, hkv, ctx, d])
             inp("attention_bias", TensorProto.FLOAT, [1, ctx + 1])
             if "sliding_attention" in self.layer_types:
                 inp("sliding_attention_bias", TensorProto.FLOAT, [1, ctx + 1])
-        if mode == "decode" and self.kv is None:
-            raise ExportError("the decode graph needs quantized K and V (roles attn.k, attn.v) for its uint8 cache")
 
         emb = self.model.model.embed_tokens
         table = b.initializer("model.embed_tokens.weight", _np(emb.weight))
@@ -261,12 +262,15 @@ class DecoderExporter:
                 if self.kv is not None:
                     k_outs.append(b.quantize(k, QSpec(8), self.kv[0].scale, self.kv[0].offset, f"{p}.k_cache_out"))
                     v_outs.append(b.quantize(v, QSpec(8), self.kv[1].scale, self.kv[1].offset, f"{p}.v_cache_out"))
+                else:
+                    k_outs.append(k)
+                    v_outs.append(v)
                 k = self._act(b, k, aq.k if aq else None)
                 v = self._act(b, v, aq.v if aq else None)
                 s = t
             else:
-                k, kq = self._cache(b, k, "k_cache", i, self.kv[0], p)
-                v, vq = self._cache(b, v, "v_cache", i, self.kv[1], p)
+                k, kq = self._cache(b, k, "k_cache", i, self.kv[0] if self.kv else None, p)
+                v, vq = self._cache(b, v, "v_cache", i, self.kv[1] if self.kv else None, p)
                 k_outs.append(kq)
                 v_outs.append(vq)
                 s = ctx + 1
@@ -304,24 +308,43 @@ class DecoderExporter:
         logits = b.node("Gemm", [h2, w], "lm_head.output", transB=1)
         b.node("Reshape", [logits, b.const([1, t, self.vocab], np.int64)], "logits")
         outputs = [("logits", TensorProto.FLOAT, [1, t, self.vocab], None)]
-        if k_outs:
-            kv_shape = [L, hkv, t, d]
-            for name, parts, enc in (("k_out", k_outs, self.kv[0]), ("v_out", v_outs, self.kv[1])):
+        kv_shape = [L, hkv, t, d]
+        if self.kv is None:
+            for name, parts in (("k_out", k_outs), ("v_out", v_outs)):
                 b.node("Concat", parts, name, axis=0)
+                outputs.append((name, TensorProto.FLOAT, kv_shape, None))
+        else:
+            for name, parts, enc in (("k_out", k_outs, self.kv[0]), ("v_out", v_outs, self.kv[1])):
+                enc_ = self.kv[0] if name == "k_out" else self.kv[1]
+                # QNN takes a quantized Concat only as a DQ -> Concat -> Q unit; one encoding, so lossless
+                deq = [b.dequantize(q_, enc_.spec, enc_.scale, enc_.offset, f"{q_}.to_{name}") for q_ in parts]
+                cat = b.node("Concat", deq, f"{name}.float", axis=0)
+                b.quantize(cat, enc_.spec, enc_.scale, enc_.offset, name)
                 outputs.append((name, TensorProto.UINT8, kv_shape, enc.to_dict()))
         for name, etype, shape, enc in outputs:
             b.output(name, etype, shape)
             io["outputs"].append({"name": name, "shape": shape, "dtype": _dtype(etype), **({"encoding": enc} if enc else {})})
         return b, io
 
-    def _cache(self, b: GraphBuilder, x: str, cache: str, i: int, enc: KVEncoding, p: str) -> tuple[str, str]:
+    def _cache(self, b: GraphBuilder, x: str, cache: str, i: int, enc: KVEncoding | None, p: str) -> tuple[str, str]:
         """Append this step's K or V (quantized to the shared encoding) to layer ``i``'s cache slice."""
         kind = cache[0]
-        new_q = b.quantize(x, enc.spec, enc.scale, enc.offset, f"{p}.{kind}_cache_out")  # (1, Hkv, 1, D) uint8
-        past = b.node("Gather", [cache, b.const(i, np.int64)], f"{p}.{kind}_cache_past", axis=0)  # (Hkv, ctx, D)
-        past = b.node("Unsqueeze", [past, b.const([0], np.int64)], f"{p}.{kind}_cache_past4")
-        full = b.node("Concat", [past, new_q], f"{p}.{kind}_cache_full", axis=2)
-        deq = b.dequantize(full, enc.spec, enc.scale, enc.offset, f"{p}.self_attn.{kind}_from_cache")
+        if enc is None:  # a float model's float cache
+            past = b.node("Gather", [cache, b.const([i], np.int64)], f"{p}.{kind}_cache_past", axis=0)
+            full = b.node("Concat", [past, x], f"{p}.{kind}_cache_full", axis=2)
+            return full, x
+        sp, sc, of = enc.spec, enc.scale, enc.offset
+        # Every op on the uint8 cache is a DQ -> op -> Q unit (the form QNN maps to quantized ops); all
+        # carry the one shared encoding, so the repeated QDQ is lossless.
+        new_q = b.quantize(x, sp, sc, of, f"{p}.{kind}_cache_out")  # (1, Hkv, 1, D) uint8
+        if cache not in self._cache_dq:
+            self._cache_dq[cache] = b.dequantize(cache, sp, sc, of, f"{cache}.dq")
+        past = b.node("Gather", [self._cache_dq[cache], b.const([i], np.int64)], f"{p}.{kind}_cache_past", axis=0)
+        past = b.dequantize(b.quantize(past, sp, sc, of, f"{p}.{kind}_cache_past.q"), sp, sc, of, f"{p}.{kind}_cache_past.dq")
+        new = b.dequantize(new_q, sp, sc, of, f"{p}.{kind}_cache_out.dq")
+        full = b.node("Concat", [past, new], f"{p}.{kind}_cache_full", axis=2)  # (1, Hkv, ctx + 1, D)
+        deq = b.dequantize(b.quantize(full, sp, sc, of, f"{p}.{kind}_cache_full.q"), sp, sc, of,
+                           f"{p}.self_attn.{kind}_from_cache")
         return deq, new_q
 
     def _mlp(self, b: GraphBuilder, x: str, mlp, name: str) -> str:
