@@ -97,10 +97,10 @@ def export_model(model, tokenizer, out_dir: str | Path, recipe: dict, *, prefill
         for name, (proto, io, sites) in graphs.items():
             files = _save_onnx(proto, tmp / f"{name}.onnx")
             extra = {}
-            for o in io["outputs"]:  # the cache outputs carry the shared KV encodings
+            for o in io["outputs"] if exporter.kv else ():  # the cache outputs carry the shared KV encodings
                 if "encoding" in o:
                     extra[o["name"]] = aimet.kv_entry(exporter.kv[0] if o["name"].startswith("k") else exporter.kv[1])
-            for i in io["inputs"]:
+            for i in io["inputs"] if exporter.kv else ():
                 if i["name"] in ("k_cache", "v_cache"):
                     extra[i["name"]] = aimet.kv_entry(exporter.kv[0] if i["name"] == "k_cache" else exporter.kv[1])
             (tmp / f"{name}.encodings").write_text(json.dumps(aimet.encodings(sites, extra, proto.graph), indent=1))
