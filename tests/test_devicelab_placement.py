@@ -31,18 +31,19 @@ def test_device_stages_run_on_the_node_with_the_phone_one_at_a_time():
             cluster.wait_for_nodes()
             # the host backend stands in for the phone; what is under test is where Ray places the stage
             p = write_sweep(root, "placement", HEAD + """\
-grid: {scheme: [w8a8, w4a8, w8a16]}
+grid: {scheme: [w8a8, w4a8]}
 devices: [{device: host, graphs: [prefill], repeats: 40, warmup: 2, resources: {"phone:sm8650": 1}}]
 """)
             data = root / "data"
             out = run_sweep(load_sweep(p), Options(data_dir=data, address=cluster.address, live=False,
                                                    exporter=tiny_exporter))
-            assert out.ok and len(out.results) == 3
+            assert out.ok and len(out.results) == 2
             stages = [r["devices"]["host"] for r in out.results.values()]
             assert {s["node"]["node_id"] for s in stages} == {phone_node.node_id}
-            spans = sorted((s["records"][0]["extra"]["started_at"], s["records"][0]["extra"]["ended_at"])
-                           for s in stages)
-            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # never two at once on the phone
+            # whole Ray tasks (export included), not only the benchmark inside the device lock: Ray itself
+            # never runs two stages at once on the phone's node, though it has two free CPUs
+            spans = sorted((s["started_at"], s["ended_at"]) for s in stages)
+            assert len(spans) == 2 and spans[0][1] <= spans[1][0], spans
             assert not ray.is_initialized()
         finally:
             cluster.shutdown()
