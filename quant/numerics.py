@@ -10,9 +10,14 @@ meant to move numbers (fix it) or it was (bump the version here, add the new pin
 
 History:
 
-1. The first numbered version (2026-11-30). Results made before it carry no version. Between the README's
-   first demo table (commit 9feeed8, 2026-11-22: W8A8 RTN 48.02, SmoothQuant 31.07 on 40 windows) and
-   this version, RTN moved to 48.18 and SmoothQuant to 31.09 (``docs/numerics.md`` says what moved them).
+1. The first numbered version (2026-11-30): the arithmetic after commit f3705c9 (evaluation-path fake
+   quantization divides by the scale instead of multiplying by its reciprocal, as ONNX QuantizeLinear
+   does), which moved the demo's W8A8 RTN from 48.18 to 48.24. Results made before carry no version. The
+   README's older 48.02 (commit 9feeed8) is not a code change: that code gives 48.18 here too; the machine
+   it ran on differed (``docs/numerics.md``).
+
+The version names the code's arithmetic, not the machine's: other CPUs sum in other orders, so pins are
+kept per machine class.
 """
 
 NUMERICS_VERSION = 1
