@@ -49,7 +49,9 @@ class LayerRunner:
             raise RuntimeError(f"captured {len(seen)} of {len(self.layers)} decoder layers")
         self._kwargs[tuple(ids.shape)] = [seen[i][1] for i in range(len(self.layers))]
         first = seen[0][0]
-        if not torch.equal(first, self.embed(ids)):
+        with float_mode(self.model):  # (an embedding output quantizer, the device table's, is off here too)
+            same = torch.equal(first, self.embed(ids))
+        if not same:
             raise RuntimeError("the first decoder layer's input is not the embedding output; unsupported model")
         return first
 

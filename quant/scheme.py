@@ -25,10 +25,19 @@ act.out             activation output (SiLU product or GELU)
 down.in             down_proj input = act(gate) * up
 down.weight         down_proj weight
 down.out            down_proj output
+------------------  ----------------- model-level roles (float in the reference simulation) --------
+embed.out           the embedding output, where the residual stream starts
+residual            both residual adds of every layer (the residual stream)
+final_norm.in/.weight/.out   the final norm
+lm_head.weight / lm_head.out the output projection and the logits
 ==================  =======================================================================
 
-Residual stream, embedding, final norm and lm_head stay float, as in the reference simulation.
-A stricter device-exact scheme is another table here, not another code path.
+Residual stream, embedding, final norm and lm_head stay float in the reference schemes, as in the
+reference simulation. The phone runs them quantized (``MOBILEQUANT.md`` §1.5): the ``device`` override,
+``w8a8:device`` (any scheme can take it, alone or with other overrides), sets the model-level roles to the
+device table, 16-bit activations and an 8-bit per-channel symmetric lm_head, and makes per-channel weights
+symmetric, the only per-channel form the HTP takes (the reference realizes W8A8's down_proj as "SLinear",
+per-row abs-max scaling, for the same reason). Same simulator, more quantizers: not another code path.
 """
 
 from __future__ import annotations
@@ -45,7 +54,11 @@ ROLES = (
     "o.weight", "o.out",
     "gate_up.weight", "gate_up.out", "act.sigmoid", "act.out",
     "down.in", "down.weight", "down.out",
+    "embed.out", "residual", "final_norm.in", "final_norm.weight", "final_norm.out", "lm_head.weight", "lm_head.out",
 )
+MODEL_ROLES = ("embed.out", "residual", "final_norm.in", "final_norm.weight", "final_norm.out",
+               "lm_head.weight", "lm_head.out")
+LAYER_ROLES = tuple(r for r in ROLES if r not in MODEL_ROLES)
 WEIGHT_ROLES = tuple(r for r in ROLES if r.endswith(".weight"))
 ACT_ROLES = tuple(r for r in ROLES if not r.endswith(".weight"))
 
@@ -96,13 +109,14 @@ def _reference_table(weight: QSpec, down_weight: QSpec, act_bits: int) -> dict:
 
 
 def uniform_scheme(name: str, bits: int | None, symmetric: bool = False) -> Scheme:
-    """Every role at the same precision (``bits=None``: the float model); used by equivalence tests."""
+    """Every decoder-layer role at the same precision (``bits=None``: the float model); used by equivalence
+    tests. The model-level roles stay float, as in the reference schemes."""
     spec = QSpec(bits, symmetric=symmetric) if bits else None
-    return Scheme(name, {r: spec for r in ROLES}, f"every site at {bits or 'float'} bits")
+    return Scheme(name, {r: spec for r in LAYER_ROLES}, f"every site at {bits or 'float'} bits")
 
 
 SCHEMES: dict[str, Scheme] = {
-    "fp": Scheme("fp", {r: None for r in ROLES}, "float reference: no quantizer"),
+    "fp": Scheme("fp", {r: None for r in LAYER_ROLES}, "float reference: no quantizer"),
     # Today's on-device default: 8-bit per-channel symmetric weights (what QNN's per-channel/per-row
     # path takes), 16-bit activations everywhere the reference would use 8.
     "w8a16": Scheme("w8a16", _reference_table(QSpec(8, True, True), QSpec(8, True, True), 16),
@@ -119,15 +133,35 @@ SCHEMES: dict[str, Scheme] = {
 _PATTERN = re.compile(r"^w(\d+)a(\d+)(-sym)?$")
 
 
+DEVICE_OVERRIDE = "device"
+
+
+def device_table(table: dict) -> dict:
+    """``table`` as the phone runs it (``MOBILEQUANT.md`` §1.5): 16-bit embedding output, residual stream,
+    final norm and logits, an 8-bit per-channel symmetric lm_head, per-channel weights made symmetric."""
+    out = dict(table)
+    a16 = QSpec(16)
+    out.update({"embed.out": a16, "residual": a16, "final_norm.in": a16, "final_norm.weight": QSpec(16),
+                "final_norm.out": a16, "lm_head.weight": QSpec(8, True, True), "lm_head.out": a16})
+    for role, spec in table.items():
+        if spec is not None and role.endswith(".weight") and spec.per_channel and not spec.symmetric:
+            out[role] = QSpec(spec.bits, True, True)
+    return out
+
+
 def _with_overrides(base: Scheme, name: str, overrides: str) -> Scheme:
     """``role=bits`` pairs (bits 4, 8, 16 or ``fp``) on top of ``base``; a role keeps its symmetry and
-    granularity, a role that was float gets the default (asymmetric, per-tensor) spec."""
+    granularity, a role that was float gets the default (asymmetric, per-tensor) spec. The item ``device``
+    applies :func:`device_table` at its place in the list."""
     table = dict(base.table)
     for item in overrides.split(","):
+        if item.strip() == DEVICE_OVERRIDE:
+            table = device_table(table)
+            continue
         role, eq, value = item.strip().partition("=")
         if not eq or role not in ROLES:
-            raise ValueError(f"scheme {name!r}: {item.strip()!r} is not ROLE=BITS with a known role; roles: "
-                             f"{', '.join(ROLES)}")
+            raise ValueError(f"scheme {name!r}: {item.strip()!r} is not ROLE=BITS with a known role, or "
+                             f"'{DEVICE_OVERRIDE}'; roles: {', '.join(ROLES)}")
         if value == "fp":
             table[role] = None
             continue

@@ -28,6 +28,7 @@ ARCHS = {
     "llama": {
         "norms": {"input_layernorm": "norm", "post_attention_layernorm": "norm"},
         "ffn_norm": "post_attention_layernorm",  # the norm that feeds gate/up
+        "attn_branch_end": "self_attn",  # the module whose output the first residual add takes
         "unit_offset_norm": False,
     },
     "gemma3_text": {
@@ -40,6 +41,7 @@ ARCHS = {
             "self_attn.k_norm": "qk_norm",
         },
         "ffn_norm": "pre_feedforward_layernorm",
+        "attn_branch_end": "post_attention_layernorm",
         "unit_offset_norm": True,  # Gemma norms multiply by (1 + w)
     },
 }
@@ -298,9 +300,69 @@ def simulate(model: nn.Module, scheme: str | Scheme) -> nn.Module:
             _q(scheme, "act.out", f"{prefix}.mlp.act_fn.output"),
         )
         layer.self_attn.attn_quant = AttnQuantizers(scheme, f"{prefix}.self_attn.attn")
+    _attach_model_level(model, scheme, arch)
     model.config._attn_implementation = ATTN_IMPL
     model.mq_scheme = scheme
     return model
+
+
+# -- model-level roles (the device table): embedding output, residual stream, final norm, lm_head --------
+# Only attached when the scheme quantizes them, so the reference schemes run exactly the code they always
+# ran. The residual adds happen inside transformers' decoder-layer forward, so they are reached by hooks:
+# the attention branch returns ``q(r + a) - r`` (the add then yields ``q(r + a)`` to within one float32
+# rounding of the sum), and the layer's output, the second add, is quantized as it leaves the layer.
+
+def _quantize_output(module, args, out):
+    return module.output_quantizer(out)
+
+
+def _stash_residual(layer, args, kwargs):
+    layer._mq_residual_in = args[0] if args else kwargs["hidden_states"]
+
+
+def _attn_residual_hook(layer):
+    def hook(_module, _args, out):
+        q = layer.residual_quantizers["attn"]
+        if q.spec is None or not q.enabled:
+            return None  # off: the float model's own add, bit for bit
+        r, a = layer._mq_residual_in, out[0] if isinstance(out, tuple) else out
+        y = q(r + a)
+        if q.observing:  # calibration sees the sum; the add itself stays the float one
+            return None
+        return (y - r,) + tuple(out[1:]) if isinstance(out, tuple) else y - r
+    return hook
+
+
+def _quantize_layer_output(layer, _args, out):
+    q = layer.residual_quantizers["out"]
+    return (q(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else q(out)
+
+
+def _attach_model_level(model: nn.Module, scheme: Scheme, arch: dict) -> None:
+    if scheme.spec("embed.out") is not None:
+        emb = model.model.embed_tokens
+        emb.output_quantizer = _q(scheme, "embed.out", "model.embed_tokens.output")
+        emb.register_forward_hook(_quantize_output)
+    if scheme.spec("residual") is not None:
+        for i, layer in enumerate(decoder_layers(model)):
+            p = f"model.layers.{i}"
+            layer.residual_quantizers = nn.ModuleDict({"attn": _q(scheme, "residual", f"{p}.attn_residual"),
+                                                       "out": _q(scheme, "residual", f"{p}.output")})
+            layer.register_forward_pre_hook(_stash_residual, with_kwargs=True)
+            _get(layer, arch["attn_branch_end"]).register_forward_hook(_attn_residual_hook(layer))
+            layer.register_forward_hook(_quantize_layer_output)
+    if any(scheme.spec(r) is not None for r in ("final_norm.in", "final_norm.weight", "final_norm.out")):
+        norm = model.model.norm
+        _swap_class(norm, QNormMixin, unit_offset=arch["unit_offset_norm"])
+        for kind in ("in", "weight", "out"):
+            name = {"in": "input", "weight": "weight", "out": "output"}[kind]
+            setattr(norm, f"{name}_quantizer", _q(scheme, f"final_norm.{kind}", f"model.norm.{name}"))
+    if scheme.spec("lm_head.weight") is not None or scheme.spec("lm_head.out") is not None:
+        head = model.lm_head
+        head.__class__ = QLinear
+        head.input_quantizer = _q(scheme, None, "lm_head.input")
+        head.weight_quantizer = _q(scheme, "lm_head.weight", "lm_head.weight")
+        head.output_quantizer = _q(scheme, "lm_head.out", "lm_head.output")
 
 
 def quantizers(model: nn.Module, kind: str = "all") -> dict[str, Quantizer]:

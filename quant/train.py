@@ -218,8 +218,9 @@ def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, c
     bs = cfg.batch_size
     t0 = time.perf_counter()
     with torch.no_grad():
-        h_fp = torch.cat([runner.embed(b) for b in windows.split(bs)])
-    h_q = h_fp.clone()
+        with float_mode(model):
+            h_fp = torch.cat([runner.embed(b) for b in windows.split(bs)])
+        h_q = torch.cat([runner.embed(b) for b in windows.split(bs)])  # differs only with an embed.out quantizer
     n = windows.shape[0]
     steps_per_epoch = math.ceil(n / bs)
     total = cfg.epochs * steps_per_epoch

@@ -1,7 +1,7 @@
 import pytest
 
 from quant.quantizer import QSpec
-from quant.scheme import ACT_ROLES, ROLES, SCHEMES, WEIGHT_ROLES, Scheme, get_scheme
+from quant.scheme import ACT_ROLES, MODEL_ROLES, ROLES, SCHEMES, WEIGHT_ROLES, Scheme, get_scheme
 
 
 def test_reference_w8a8_table():
@@ -18,7 +18,8 @@ def test_w4a8_and_w8a16():
     w4 = get_scheme("w4a8")
     assert all(w4.spec(r) == QSpec(4, per_channel=True) for r in ("qkv.weight", "o.weight", "gate_up.weight"))
     w8a16 = get_scheme("w8a16")
-    assert all(w8a16.spec(r).bits == 16 for r in ACT_ROLES)
+    assert all(w8a16.spec(r).bits == 16 for r in ACT_ROLES if r not in MODEL_ROLES)
+    assert all(w8a16.spec(r) is None for r in MODEL_ROLES)  # float, as in the reference simulation
     assert w8a16.spec("qkv.weight") == QSpec(8, symmetric=True, per_channel=True)
     assert SCHEMES["fp"].is_float and not w4.is_float
 
@@ -33,7 +34,7 @@ def test_generic_and_bad_schemes():
     with pytest.raises(ValueError, match="unknown scheme 'int8'"):
         get_scheme("int8")
     with pytest.raises(ValueError, match="unknown roles"):
-        Scheme("bad", {"residual": QSpec(8)})
+        Scheme("bad", {"resid": QSpec(8)})
 
 
 def test_round_trip_every_scheme():
@@ -50,9 +51,26 @@ def test_role_overrides():
     assert get_scheme("w4a8-sym:qkv.weight=8").spec("qkv.weight") == QSpec(8, True, True)
     assert all(s.spec(r) == base.spec(r) for r in ROLES if r not in ("down.in", "gate_up.out", "o.weight"))
     assert Scheme.from_dict(s.to_dict()) == s  # an artifact's recipe reloads it
-    with pytest.raises(ValueError, match="'residual=16' is not ROLE=BITS with a known role"):
-        get_scheme("w8a8:residual=16")
+    with pytest.raises(ValueError, match="'resid=16' is not ROLE=BITS with a known role, or 'device'"):
+        get_scheme("w8a8:resid=16")
     with pytest.raises(ValueError, match="down.in bits must be one of"):
         get_scheme("w8a8:down.in=12")
     with pytest.raises(ValueError, match="unknown scheme 'w8x8'"):
         get_scheme("w8x8:down.in=16")
+
+
+def test_device_override_is_the_phone_table():
+    """``:device`` (MOBILEQUANT.md §1.5): the model-level roles the reference simulation leaves in float
+    become 16-bit (8-bit per-channel symmetric lm_head), per-channel weights become symmetric; the rest of
+    the scheme is untouched, and it combines with other overrides in order."""
+    base, dev = get_scheme("w8a8"), get_scheme("w8a8:device")
+    assert all(base.spec(r) is None for r in MODEL_ROLES)  # the reference simulation: float
+    assert {r: dev.spec(r) for r in MODEL_ROLES} == {
+        "embed.out": QSpec(16), "residual": QSpec(16), "final_norm.in": QSpec(16), "final_norm.weight": QSpec(16),
+        "final_norm.out": QSpec(16), "lm_head.weight": QSpec(8, True, True), "lm_head.out": QSpec(16)}
+    assert dev.spec("down.weight") == QSpec(8, True, True)  # was per-channel asymmetric
+    assert dev.spec("qkv.weight") == QSpec(8)  # per-tensor asymmetric is deployable as is
+    assert all(dev.spec(r) == base.spec(r) for r in ROLES if r not in MODEL_ROLES and r != "down.weight")
+    assert get_scheme("w4a8:device").spec("gate_up.weight") == QSpec(4, True, True)
+    assert get_scheme("w8a8:device,residual=fp").spec("residual") is None
+    assert Scheme.from_dict(dev.to_dict()) == dev

@@ -140,13 +140,32 @@ class DecoderExporter:
         return b.int_weight(name, np.ascontiguousarray(codes), q.spec, _np(s), _np(o), axis,
                             param_name=f"{name}")
 
-    def _linear(self, b: GraphBuilder, x: str, lin, name: str) -> str:
-        x = self._act(b, x, getattr(lin, "input_quantizer", None))
+    def _linear(self, b: GraphBuilder, x: str, lin, name: str, in_q=None) -> str:
+        """``in_q``: the quantizer whose QDQ produced ``x`` when the linear has no input quantizer itself."""
+        own = getattr(lin, "input_quantizer", None)
+        x = self._act(b, x, own)
+        in_q = own if _active(own) else in_q
+        out_q, w_q = getattr(lin, "output_quantizer", None), getattr(lin, "weight_quantizer", None)
+        if (_active(in_q) and _active(out_q) and _active(w_q) and in_q.spec.bits == 8 and out_q.spec.bits == 16
+                and w_q.scale.numel() > 1):
+            x = self._widen(b, x, in_q, name)
         w = self._weight(b, f"{name}.weight", lin, transpose=True)
         y = b.node("MatMul", [x, w], f"{name}.output")
         if lin.bias is not None:
             y = b.node("Add", [y, b.initializer(f"{name}.bias", _np(lin.bias))], f"{name}.output_bias")
         return self._act(b, y, getattr(lin, "output_quantizer", None))
+
+    def _widen(self, b: GraphBuilder, x: str, q, name: str) -> str:
+        """Re-express an 8-bit tensor on the 16-bit grid that contains it exactly: scale / 256 and zero point
+        * 256 (256 * code lies in [0, 65280]), so no value moves. QNN's HTP takes a matmul with per-channel
+        weights from 8-bit inputs to a 16-bit output only in this A16 form (the reference's device graph also
+        runs down_proj's input at 16 bits, ``MOBILEQUANT.md`` §1.5)."""
+        from ..quantizer import QSpec as _QSpec
+
+        wide = _QSpec(16, q.spec.symmetric)
+        scale, offset = _np(q.scale) / 256.0, _np(q.offset) * 256.0
+        qx = b.quantize(x, wide, scale, offset, f"{name}.input16.q")
+        return b.dequantize(qx, wide, scale, offset, f"{name}.input16")
 
     def _rmsnorm(self, b: GraphBuilder, x: str, norm, name: str) -> str:
         x = self._act(b, x, getattr(norm, "input_quantizer", None))
@@ -219,6 +238,7 @@ class DecoderExporter:
         if self.gemma:
             scale = float(emb.embed_scale.to(emb.weight.dtype))
             h = b.node("Mul", [h, b.const(scale)], "model.embed_tokens.scaled")
+        h = self._act(b, h, getattr(emb, "output_quantizer", None))  # the device table's 16-bit residual stream
 
         # position tables and masks, one per layer type
         cos_sin, masks = {}, {}
@@ -288,10 +308,12 @@ class DecoderExporter:
             out = self._act(b, out, aq.out if aq else None)
             out = b.node("Transpose", [out], f"{p}.self_attn.pv_bthd", perm=[0, 2, 1, 3])
             out = b.node("Reshape", [out, b.const([1, t, self.n_heads * d], np.int64)], f"{p}.self_attn.merged")
-            a = self._linear(b, out, attn.o_proj, f"{p}.self_attn.o_proj")
+            a = self._linear(b, out, attn.o_proj, f"{p}.self_attn.o_proj", in_q=aq.out if aq else None)
             if self.gemma:
                 a = self._rmsnorm(b, a, layer.post_attention_layernorm, f"{p}.post_attention_layernorm")
+            rq = getattr(layer, "residual_quantizers", None)
             h = b.node("Add", [residual, a], f"{p}.attn_residual")
+            h = self._act(b, h, rq["attn"] if rq is not None else None)
             residual = h
             ffn_norm = getattr(layer, self.arch["ffn_norm"])
             x = self._rmsnorm(b, h, ffn_norm, f"{p}.{self.arch['ffn_norm']}")
@@ -299,14 +321,18 @@ class DecoderExporter:
             if self.gemma:
                 m = self._rmsnorm(b, m, layer.post_feedforward_layernorm, f"{p}.post_feedforward_layernorm")
             h = b.node("Add", [residual, m], f"{p}.output")
+            h = self._act(b, h, rq["out"] if rq is not None else None)
 
         h = self._rmsnorm(b, h, self.model.model.norm, "model.norm")
-        h2 = b.node("Reshape", [h, b.const([t, self.hidden], np.int64)], "lm_head.input_2d")
-        head_w = self.model.lm_head.weight
-        tied = head_w.data_ptr() == emb.weight.data_ptr()
-        w = table if tied else b.initializer("lm_head.weight", _np(head_w))
-        logits = b.node("Gemm", [h2, w], "lm_head.output", transB=1)
-        b.node("Reshape", [logits, b.const([1, t, self.vocab], np.int64)], "logits")
+        head = self.model.lm_head
+        if _active(getattr(head, "weight_quantizer", None)) or _active(getattr(head, "output_quantizer", None)):
+            b.node("Identity", [self._linear(b, h, head, "lm_head")], "logits")  # its own integer weight
+        else:
+            h2 = b.node("Reshape", [h, b.const([t, self.hidden], np.int64)], "lm_head.input_2d")
+            tied = head.weight.data_ptr() == emb.weight.data_ptr()
+            w = table if tied else b.initializer("lm_head.weight", _np(head.weight))  # shared with the embedding
+            logits = b.node("Gemm", [h2, w], "lm_head.output", transB=1)
+            b.node("Reshape", [logits, b.const([1, t, self.vocab], np.int64)], "logits")
         outputs = [("logits", TensorProto.FLOAT, [1, t, self.vocab], None)]
         kv_shape = [L, hkv, t, d]
         if self.kv is None:
