@@ -52,7 +52,8 @@ def test_every_quantizer_has_its_entry_and_its_numbers(export, graph):
     assert aimet_check.file_vs_graph(enc, table) == []
     entries = {**enc["activation_encodings"], **enc["param_encodings"]}
     assert len(entries) == len(table)
-    assert sum(t["kind"] == "param" for t in table.values()) == len(enc["param_encodings"]) == 7 + 2  # 7 linears, 2 norms
+    params = sum(t["kind"] == "param" for t in table.values())
+    assert params == len(enc["param_encodings"]) == 7 + 2  # 7 linears, 2 norm gains
     if graph == "decode":  # the cache re-quantizations that had no entry before
         for name in ("model.layers.0.k_cache_past", "model.layers.0.v_cache_past", "model.layers.0.k_cache_full",
                      "model.layers.0.v_cache_full", "k_cache", "v_cache"):
@@ -69,7 +70,8 @@ def test_every_quantizer_has_its_entry_and_its_numbers(export, graph):
                                              abs=1e-9 * e["scale"]), name
 
     kv = index["kv_encoding"]
-    for name, which in (("k_out", "k"), ("v_out", "v")) + ((("k_cache", "k"), ("v_cache", "v")) if graph == "decode" else ()):
+    cache = (("k_out", "k"), ("v_out", "v")) + ((("k_cache", "k"), ("v_cache", "v")) if graph == "decode" else ())
+    for name, which in cache:
         (e,) = enc["activation_encodings"][name]
         assert e["bitwidth"] == 8 and e["is_symmetric"] == "False"
         assert e["scale"] == pytest.approx(kv[which]["scale"], rel=1e-12)
