@@ -182,7 +182,12 @@ class Runner:
                 ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         else:
             time.sleep(min(timeout, 0.05))
-        events.extend((tid, kind, payload) for tid, kind, payload in ray.get(self.sink.drain.remote()))
+        try:
+            events.extend((tid, kind, payload) for tid, kind, payload in ray.get(self.sink.drain.remote()))
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError):
+            # The sink restarts (max_restarts=-1) when its worker dies, e.g. killed by Ray's memory monitor on a
+            # full machine; only progress events of that moment are lost, results come through the task refs.
+            pass
         results = []
         for ref in ready:
             tid = self.pending.pop(ref)
