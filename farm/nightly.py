@@ -19,7 +19,7 @@ Where it lives in MLflow (the tracking store of ``--data`` or ``--tracking-uri``
 
 * the suite's trials: the sweep's experiment, as for ``farm sweep``;
 * each night: one run of the experiment ``<suite>.nightly`` (tag ``farm_role=night``) with the candidate's
-  metrics as ``<slot>/<metric>``, the A/B ratios as ``<slot>/ab/<device>/<graph>_ratio`` (+ ``_ci_low``,
+  metrics as ``<slot>/<metric>``, the A/B median ratios as ``<slot>/ab/<device>/<graph>_ratio`` (+ ``_ci_low``,
   ``_ci_high``), tags ``nightly.verdict`` (baseline | pass | regression | error) and ``nightly.baseline_run``,
   and the artifact ``night.json`` (every trial's run id, metrics, export folders and every verdict);
 * the baseline: registered model ``nightly.<suite>``; each accepted night is a version of it whose run is
@@ -49,10 +49,12 @@ from pathlib import Path
 
 from . import regression
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small night.json per night
+
 ROLE = "farm_role"
 DEFAULT_SUITE = "sweeps/nightly.yaml"
 DEFAULT_ALIAS = "baseline"
-DEFAULT_PAIRS = 24  # A/B pairs per workload; docs/nightly.md has the measured power behind it
+DEFAULT_PAIRS = 128  # A/B pairs per graph: 96% of 10% slowdowns caught on this loaded machine (docs/nightly.md)
 EXIT_PASS, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
 
 
@@ -258,7 +260,15 @@ class Night:
         from .tracking import Tracker
 
         self.note(f"running the suite {self.sweep.file} ({len(self.sweep.trials)} trials; cached stages are reused)")
-        outcome = run_sweep(self.sweep, replace(self.opts, out=self.out))
+        try:
+            outcome = run_sweep(self.sweep, replace(self.opts, out=self.out))
+        except (KeyboardInterrupt, NightlyError):
+            raise
+        except Exception as e:  # Ray lost a worker or an actor for good, the store refused: not a verdict
+            self.open_run()
+            msg = str(e).strip().splitlines()
+            raise NightlyError(f"the suite stopped: {type(e).__name__}: {msg[0] if msg else ''} (finished trials "
+                               "are kept; run the night again to resume)") from e
         if outcome.interrupted:
             raise KeyboardInterrupt
         problems = [f"trial {tid[:8]} failed: {err}" for tid, err in outcome.failed.items()]
@@ -442,7 +452,8 @@ class Night:
                         metrics.append(Metric(f"{slot}/device/{lbl}/{k}", float(dev[k]), now, 0))
         for v in self.verdicts:
             if v.kind == "latency":
-                key = f"{v.slot}/ab/{v.metric.split('/', 1)[1].replace('_ms', '_ratio')}"
+                graph = "prefill" if v.metric.endswith("/prefill_ms") else "decode"
+                key = f"{v.slot}/ab/{v.metric.split('/')[1]}/{graph}_ratio"
                 metrics += [Metric(key, v.change + 1.0, now, 0), Metric(f"{key}_ci_low", v.ci_low + 1.0, now, 0),
                             Metric(f"{key}_ci_high", v.ci_high + 1.0, now, 0)]
         metrics.append(Metric("regressions", float(sum(v.regression for v in self.verdicts)), now, 0))

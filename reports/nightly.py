@@ -85,7 +85,7 @@ def night_blocks(record: dict, run, tracking_uri: str) -> list:
         blocks += [Heading("Every comparison"),
                    Para("Latency: interleaved A/B pairs on one device; `change` is the median pair ratio minus one, "
                         "`CI` its bootstrap interval; a regression is above the limit with the whole interval above "
-                        "0. Perplexity: relative change against the tolerance."),
+                        "half the limit. Perplexity: relative change against the tolerance."),
                    Table(rows, ["slot", "metric", "device", "baseline", "candidate", "change", "CI", "pairs",
                                 "limit", "verdict", "baseline run", "candidate run"],
                          formats={"baseline": fmt.measured, "candidate": fmt.measured}, css="verdicts")]

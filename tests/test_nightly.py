@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from farm.nightly import registered_name, run_nightly
+from farm.nightly import DEFAULT_PAIRS, registered_name, run_nightly
 from farm.sweep import Options
 from tests.farm_env import REPO, contained_env, farm_cmd
 from tests.nightly_helpers import nightly_exporter
@@ -132,7 +132,7 @@ def test_unchanged_candidate_passes(env, capsys):
     assert v[(SLOT, PPL)]["change"] == 0.0 and v[("smollm2-135m.L1.fp.none", PPL)]["change"] == 0.0
     for metric in ("device/host/prefill_ms", "device/host/decode_ms_per_tok"):
         lat = v[(SLOT, metric)]
-        assert not lat["regression"] and lat["pairs"] == 24 and lat["device"] == "host"
+        assert not lat["regression"] and lat["pairs"] == DEFAULT_PAIRS and lat["device"] == "host"
         assert lat["ci_low"] <= lat["change"] <= lat["ci_high"]
         assert abs(lat["change"]) < 0.25  # the same graph: the median pair ratio stays near 1
     assert _alias(data).run_id == first  # a passing night does not move the baseline
@@ -208,8 +208,13 @@ def test_latency_decision_is_material_and_significant():
     assert same == {"ratio": 1.0, "ci_low": 1.0, "ci_high": 1.0, "pairs": 8, "regression": False}
     slow = latency_decision(base, [b * 1.10 for b in base])
     assert slow["ratio"] == pytest.approx(1.10) and slow["ci_low"] == pytest.approx(1.10) and slow["regression"]
-    small = latency_decision(base, [b * 1.03 for b in base])  # significant, but under the 5% threshold
+    small = latency_decision(base, [b * 1.03 for b in base])  # certain, but under the 5% threshold
     assert small["ci_low"] > 1.0 and not small["regression"]
+    # material and above 1 for sure, but not surely above half the threshold: 1.12 and 1.01 alternating
+    unsure = latency_decision(base, [b * f for b, f in zip(base, [1.12, 1.01] * 4)])
+    assert unsure["ratio"] == pytest.approx(1.065) and 1.0 < unsure["ci_low"] < 1.025 and not unsure["regression"]
+    surely = latency_decision(base, [b * f for b, f in zip(base, [1.07, 1.06] * 4)])
+    assert surely["ratio"] == pytest.approx(1.065) and surely["ci_low"] > 1.025 and surely["regression"]
     noisy = latency_decision(base, [b * f for b, f in zip(base, [1.3, 0.8, 1.25, 0.85, 1.2, 0.95, 1.3, 0.8])])
     assert noisy["ratio"] > 1.05 and noisy["ci_low"] < 1.0 and not noisy["regression"]  # material, not significant
     assert accuracy_decision(20.0, 20.1) == {"change": pytest.approx(0.005), "regression": False}
