@@ -127,6 +127,7 @@ def qdq_quantizers(model) -> dict:
                                       and np.array_equal(table[name]["zero_point"], s["zero_point"])):
                 raise ValueError(f"tensor {name!r} is quantized twice with different encodings")
             table[name] = s
+    _drop_lossless_restacks(g, table)
     for qname, (out, s) in requant.items():
         t = table[out]
         if not (np.allclose(s["scale"], t["scale"], rtol=1e-6, atol=0)
@@ -134,6 +135,38 @@ def qdq_quantizers(model) -> dict:
             raise ValueError(f"cache QuantizeLinear {qname!r} does not use {out}'s encoding: the {out} entry cannot "
                              f"stand for it")
     return table
+
+
+def _grid(t: dict) -> tuple[np.ndarray, np.ndarray]:
+    qmin, qmax = (-(2 ** (t["bits"] - 1)), 2 ** (t["bits"] - 1) - 1) if t["signed"] else (0, 2 ** t["bits"] - 1)
+    scale = t["scale"].astype(np.float64)
+    return (qmin - t["zero_point"]) * scale, (qmax - t["zero_point"]) * scale
+
+
+def _drop_lossless_restacks(g, table: dict) -> None:
+    """A QDQ pair on a DequantizeLinear output (the device table's stacked pairs) re-quantizes a quantized
+    tensor; a float graph has no tensor of that name. Where its grid holds every value of the pair below
+    (integer scale ratio, same min), it changes nothing: it is not a quantizer of the float graph (the writer
+    drops its entry the same way)."""
+    producers = {o: n for n in g.node for o in n.output}
+
+    def base(name):
+        dq = producers.get(name)
+        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
+
+    for name in [n for n, t in table.items() if t["kind"] == "act" and base(n) is not None]:
+        b = base(name)
+        while b not in table and base(b) is not None:
+            b = base(b)
+        if b not in table or table[b]["scale"].size != 1 or table[name]["scale"].size != 1:
+            continue
+        (lo_b, hi_b), (lo_n, hi_n) = _grid(table[b]), _grid(table[name])
+        k = float(table[b]["scale"][0]) / float(table[name]["scale"][0])
+        tol = 1e-6 * float(table[b]["scale"][0])
+        if (round(k) >= 1 and abs(k - round(k)) <= 1e-6 * k and abs(lo_n[0] - lo_b[0]) <= tol
+                and hi_n[0] >= hi_b[0] - tol):
+            del table[name]
 
 
 def file_vs_graph(enc: dict, table: dict) -> list[str]:

@@ -13,8 +13,13 @@ interop"); these are the invariants that loader relies on, checked here without 
   ``min = offset * scale`` and ``max = min + (2^b - 1) * scale``;
 * the cache entries (k_cache, v_cache, k_out, v_out) equal ``export.json``'s shared ``kv_encoding``.
 
+* every entry names a tensor of the float graph (``devicelab.qdq.strip_qdq``), the graph AIMET, QNN's
+  overrides and AI Hub key by: the device table's stacked QDQ pairs (a re-quantization on a
+  DequantizeLinear output, lossless) have no entry of their own.
+
 Schemes: W8A8 (asymmetric per-tensor weights, per-channel down_proj, 16-bit exceptions), W8A16 (symmetric
-per-channel weights) and W4A8 (4-bit per-channel), on a one-layer SmolLM2.
+per-channel weights), W4A8 (4-bit per-channel) and W8A8 with the device table (16-bit residual stream,
+8-bit lm_head, stacked QDQ pairs), on a one-layer SmolLM2.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from devicelab.qdq import strip_qdq
 from quant import CalibConfig, load_model, quantize
 from quant.export import export_model
 
@@ -34,7 +40,7 @@ aimet_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(aimet_check)  # its graph readers need only onnx and numpy
 
 
-@pytest.fixture(scope="module", params=["w8a8", "w8a16", "w4a8"])
+@pytest.fixture(scope="module", params=["w8a8", "w8a16", "w4a8", "w8a8:device"])
 def export(request, tmp_path_factory):
     lm = load_model("smollm2-135m", num_layers=1)
     quantize(lm, scheme=request.param, method="rtn", calib=CalibConfig(2, 32, 0), progress=False)
@@ -44,7 +50,7 @@ def export(request, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("graph", ["prefill", "decode"])
-def test_every_quantizer_has_its_entry_and_its_numbers(export, graph):
+def test_every_quantizer_has_its_entry_and_its_numbers(export, graph, tmp_path):
     index = json.loads((export / "export.json").read_text())
     enc = json.loads((export / f"{graph}.encodings").read_text())
     table = aimet_check.qdq_quantizers(onnx.load(str(export / f"{graph}.onnx")))
@@ -53,7 +59,14 @@ def test_every_quantizer_has_its_entry_and_its_numbers(export, graph):
     entries = {**enc["activation_encodings"], **enc["param_encodings"]}
     assert len(entries) == len(table)
     params = sum(t["kind"] == "param" for t in table.values())
-    assert params == len(enc["param_encodings"]) == 7 + 2  # 7 linears, 2 norm gains
+    device = index["scheme"].endswith(":device")  # + the final norm's gain and lm_head
+    assert params == len(enc["param_encodings"]) == 7 + 2 + (2 if device else 0)  # 7 linears, 2 norm gains
+
+    # keyed by the float graph's tensors (what AIMET, QNN's overrides and AI Hub read), none by a DQ output
+    float_graph = strip_qdq(export / f"{graph}.onnx", tmp_path / f"{graph}_float.onnx").graph
+    tensors = ({t for n in float_graph.node for t in n.output} | {i.name for i in float_graph.input}
+               | {t.name for t in float_graph.initializer})
+    assert sorted(set(entries) - tensors) == []
     if graph == "decode":  # the cache re-quantizations that had no entry before
         for name in ("model.layers.0.k_cache_past", "model.layers.0.v_cache_past", "model.layers.0.k_cache_full",
                      "model.layers.0.v_cache_full", "k_cache", "v_cache"):

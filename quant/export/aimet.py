@@ -60,6 +60,39 @@ def _unrecorded_activations(graph, known: set) -> dict:
     return out
 
 
+def _holds(outer: dict, inner: dict) -> bool:
+    """Whether ``outer``'s grid contains every code value of ``inner``'s (same min, scale an integer fraction)."""
+    k = inner["scale"] / outer["scale"]
+    tol = 1e-6 * inner["scale"]
+    return (round(k) >= 1 and abs(k - round(k)) <= 1e-6 * k and abs(outer["min"] - inner["min"]) <= tol
+            and outer["max"] >= inner["max"] - tol)
+
+
+def _drop_lossless_restacks(graph, acts: dict) -> None:
+    """Remove entries keyed by a DequantizeLinear output that re-quantizes an already quantized tensor.
+
+    The device table stacks QDQ pairs: the residual's 16-bit QDQ, then the norm's own with the same
+    encoding; an 8-bit tensor re-gridded to 16 bits for an HTP matmul (scale / 256, offset * 256). A float
+    graph (what AIMET, ``qnn-onnx-converter --quantization_overrides`` and AI Hub key by) has no tensor of
+    that name, and AIMET refuses the whole file over it. When the second grid holds every value of the
+    first, the re-quantization changes nothing and the entry is dropped; any other is left for the
+    loader to report.
+    """
+    producers = {o: n for n in graph.node for o in n.output}
+
+    def base(name: str) -> str | None:
+        dq = producers.get(name)
+        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
+
+    for name in [n for n in acts if base(n) is not None]:
+        b = base(name)
+        while b not in acts and base(b) is not None:
+            b = base(b)
+        if b in acts and len(acts[b]) == len(acts[name]) == 1 and _holds(acts[name][0], acts[b][0]):
+            del acts[name]
+
+
 def encodings(sites: dict, extra_activations: dict | None = None, graph=None) -> dict:
     """``sites``: the builder's ``qdq_sites`` (name -> spec, scale, offset[, param, per_channel]);
     ``graph``: the ONNX graph, whose QuantizeLinear nodes outside ``sites`` also get entries."""
@@ -73,6 +106,7 @@ def encodings(sites: dict, extra_activations: dict | None = None, graph=None) ->
         acts[name] = [entry]
     if graph is not None:
         acts.update(_unrecorded_activations(graph, set(acts) | set(params)))
+        _drop_lossless_restacks(graph, acts)
     return {"version": AIMET_VERSION, "activation_encodings": acts, "param_encodings": params,
             "excluded_layers": [],
             "quantizer_args": {"activation_bitwidth": 8, "dtype": "int", "is_symmetric": False,
