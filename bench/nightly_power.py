@@ -149,8 +149,8 @@ def main(argv=None) -> int:
           f"unchanged pair ratio median {np.median(ratio):.3f}, IQR [{np.percentile(ratio, 25):.3f}, "
           f"{np.percentile(ratio, 75):.3f}]; slowdown {args.slowdown:.0%} (median added {got['delay_ms']:.2f} ms); "
           f"threshold {args.threshold:.0%}; {args.rounds} rounds in {took:.0f}s\n")
-    print(f"| A/B pairs | detection of a {args.slowdown:.0%} slowdown | false alarms (no change) | median CI width | windows "
-          "(independent) |")
+    print(f"| A/B pairs | detection of a {args.slowdown:.0%} slowdown | false alarms (no change) | median CI width "
+          "| windows (independent) |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['pairs']} | {r['detection']:.0%} | {r['false_alarm']:.1%} | {r['ci_width']:.3f} | "

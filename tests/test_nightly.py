@@ -234,3 +234,28 @@ def test_bad_arguments_exit_2_naming_the_flag(env, capsys):
     err = io.StringIO()
     assert run_nightly(str(root / "nope.yaml"), Options(data_dir=data), out=err) == 2
     assert "suite file " + str(root / "nope.yaml") + " does not exist" in err.getvalue()
+
+
+def test_history_page_in_a_real_browser(env):
+    """history.html in Debian's headless chromium (reports.browser): one table row per night run in MLflow with
+    its verdict, and the plot an embedded PNG of real size (a missing chromium fails: .ci/run installs it)."""
+    import base64
+    import re
+    import struct
+
+    from reports.browser import dump_dom
+
+    _, data, _ = env
+    c = _client(data)
+    runs = c.search_runs([c.get_experiment_by_name(f"{SUITE}.nightly").experiment_id], "tags.farm_role = 'night'",
+                         order_by=["attributes.start_time DESC"])
+    dom = dump_dom(data / "reports" / f"{SUITE}.nightly" / "history.html")
+    table = dom.split('<table class="nights">', 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", table.split("<tbody>", 1)[1], re.S)
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", r, re.S) for r in rows]
+    assert [(r[1], r[2]) for r in cells] == [(run.info.run_id[:8], run.data.tags["nightly.verdict"]) for run in runs]
+    assert [r[2] for r in cells] == ["pass", "regression", "regression", "regression", "pass", "baseline"]
+    src = re.search(r'<img src="data:image/png;base64,([^"]+)"', dom).group(1)
+    png = base64.b64decode(src)
+    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and width > 500 and height > 300
