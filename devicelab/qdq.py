@@ -79,7 +79,7 @@ def strip_qdq(src: str | Path, dst: str | Path):
     # graph outputs keep their names: an Identity from the float tensor
     for o in g.output:
         if o.name in out_rename:
-            kept.append(helper.make_node("Identity", [resolve(out_rename[o.name])], [o.name], name=f"{o.name}.float"))
+            kept.append(helper.make_node("Identity", [resolve(out_rename[o.name])], [o.name], name=f"{o.name}.from_float"))
             o.type.tensor_type.elem_type = TensorProto.FLOAT
     for i in g.input:
         if i.type.tensor_type.elem_type in (TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16):

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--runtime", default=None, choices=["onnx", "qnn-htp"],
                    help="for an export folder: onnx = onnxruntime CPU (QDQ semantics), qnn-htp = the QNN HTP "
                         "emulator of onnxruntime-qnn (slow); default onnx")
+    e.add_argument("--device-table", action="store_true",
+                   help="for an artifact folder: simulate it as the phone runs it (its scheme plus the device overrides: "
+                        "16-bit residual stream, quantized final norm and lm_head; learned ranges kept)")
     _add_model_args(e, required=False)
     _add_eval_args(e)
 
@@ -199,7 +202,12 @@ def _model_for_eval(args, progress: bool):
     if args.artifact and args.model:
         raise UsageError("give either an artifact folder or --model, not both")
     if args.artifact:
-        lm = artifact.load(args.artifact, device=args.device)
+        if getattr(args, "device_table", False):  # the artifact as the phone runs it (quant.device_table)
+            from quant.device_table import to_device_table
+
+            lm = to_device_table(args.artifact, device=args.device, progress=progress)
+        else:
+            lm = artifact.load(args.artifact, device=args.device)
         recipe = lm.recipe
         seqlen = args.seqlen or recipe.get("calibration", {}).get("seqlen", 512)
         if not args.seqlen and seqlen != 512:  # ppl at another window length is a different metric

@@ -22,6 +22,9 @@ def add_commands(sub) -> dict:
     e.add_argument("--prefill", type=int, default=128, help="prompt length of the prefill graph (tokens)")
     e.add_argument("--ctx", type=int, default=1024, help="KV-cache positions of the decode graph")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.add_argument("--device-table", action="store_true",
+                   help="export what the phone runs: the artifact's scheme plus the device overrides (16-bit residual "
+                        "stream, quantized final norm and lm_head), learned ranges kept, new ones calibrated")
 
     c = sub.add_parser("compile", help="compile an export for a Snapdragon NPU (QNN context binary)")
     c.add_argument("export", help="export folder written by `farm export`")
@@ -41,7 +44,8 @@ def add_commands(sub) -> dict:
 def cmd_export(args) -> int:
     from quant.export import export_artifact
 
-    out = export_artifact(args.artifact, args.out, prefill=args.prefill, ctx=args.ctx, overwrite=args.overwrite)
+    out = export_artifact(args.artifact, args.out, prefill=args.prefill, ctx=args.ctx, overwrite=args.overwrite,
+                          device_table=args.device_table)
     index = json.loads((out / "export.json").read_text())
     sizes = sum(f["bytes"] for f in index["files"].values())
     print(f"wrote {out}: {', '.join(index['graphs'])} graphs, scheme {index['scheme']}, "

@@ -127,14 +127,22 @@ def export_model(model, tokenizer, out_dir: str | Path, recipe: dict, *, prefill
 
 
 def export_artifact(artifact_dir: str | Path, out_dir: str | Path | None = None, *, prefill: int = 128,
-                    ctx: int = 1024, overwrite: bool = False, progress: bool = True) -> Path:
-    """Export a saved artifact (``farm export ARTIFACT --out DIR``); default folder ``ARTIFACT.export``."""
+                    ctx: int = 1024, overwrite: bool = False, progress: bool = True, device_table: bool = False) -> Path:
+    """Export a saved artifact (``farm export ARTIFACT --out DIR``); default folder ``ARTIFACT.export``
+    (``ARTIFACT.device.export`` with ``device_table``: the artifact under its scheme + ``:device``, see
+    ``quant.device_table``)."""
     from .. import artifact
 
-    out = Path(out_dir) if out_dir else Path(str(Path(artifact_dir)).rstrip("/") + ".export")
+    suffix = ".device.export" if device_table else ".export"
+    out = Path(out_dir) if out_dir else Path(str(Path(artifact_dir)).rstrip("/") + suffix)
     if out.exists() and not overwrite:  # before loading the model
         raise ExportFolderError(f"export folder {out} already exists; pass --overwrite to replace it")
-    lm = artifact.load(artifact_dir)
+    if device_table:
+        from ..device_table import to_device_table
+
+        lm = to_device_table(artifact_dir, progress=progress)
+    else:
+        lm = artifact.load(artifact_dir)
     recipe = dict(lm.recipe, add_bos=lm.add_bos)
     return export_model(lm.model, lm.tokenizer, out, recipe, prefill=prefill, ctx=ctx, overwrite=overwrite,
                         progress=progress)
