@@ -155,6 +155,11 @@ def run_nightly(suite_file: str, opts, *, accept: bool = False, alias: str = DEF
         night.error = str(e)
         print(f"farm nightly: could not run: {e}", file=out)
         status = EXIT_ERROR
+    except KeyboardInterrupt:  # the night run must not stay RUNNING; the suite's trials are kept
+        if night.run_id:
+            night.client.set_tag(night.run_id, "nightly.error", "interrupted")
+            night.client.set_terminated(night.run_id, status="KILLED")
+        raise
     night.close()
     night.write_reports(out_dir)
     night.print_summary()

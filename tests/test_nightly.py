@@ -259,3 +259,22 @@ def test_history_page_in_a_real_browser(env):
     png = base64.b64decode(src)
     width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and width > 500 and height > 300
+
+
+def test_a_baseline_export_gone_exits_2_and_records_a_failed_night(env, capsys):
+    _, data, _ = env
+    mv = _alias(data)
+    base = json.loads(Path(_client(data).download_artifacts(mv.run_id, "night.json", str(env[0] / "b"))).read_text())
+    pinned = Path(base["slots"][SLOT]["devices"]["host"]["pinned"])
+    moved = pinned.with_name("moved-away")
+    pinned.rename(moved)
+    try:
+        status, text, rec = _night(env, capsys, noise=0.5)
+    finally:
+        moved.rename(pinned)
+    assert status == 2, text
+    assert f"farm nightly: could not run: the baseline export of {SLOT} on host is gone ({pinned})" in text
+    run = _client(data).get_run(rec["run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["nightly.verdict"] == "error"
+    assert str(pinned) in run.data.tags["nightly.error"] and rec["verdict"] == "error"
+    assert _alias(data).run_id == mv.run_id  # nothing moved
