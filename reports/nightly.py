@@ -55,7 +55,6 @@ def load_night(run_id: str, tracking_uri: str) -> tuple[dict, object]:
 
 def night_blocks(record: dict, run, tracking_uri: str) -> list:
     tags = run.data.tags
-    exp = run.info.experiment_id
     verdict = record.get("verdict", tags.get("nightly.verdict", "?"))
     word = {"baseline": "baseline set", "pass": "PASS", "regression": "REGRESSION", "error": "COULD NOT RUN"}
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(record.get("started_at", 0)))
