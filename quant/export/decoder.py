@@ -168,12 +168,25 @@ class DecoderExporter:
         return b.dequantize(qx, wide, scale, offset, f"{name}.input16")
 
     def _rmsnorm(self, b: GraphBuilder, x: str, norm, name: str) -> str:
-        x = self._act(b, x, getattr(norm, "input_quantizer", None))
+        iq = getattr(norm, "input_quantizer", None)
+        x = self._act(b, x, iq)
         eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-        sq = b.node("Mul", [x, x], f"{name}.square")
+        # The NPU runs float ops in fp16 (max 65504): x * x of a residual stream in the hundreds overflows.
+        # So the norm runs on x / c, c a power of two at least max |x| (from the input's range when it has
+        # one): (x/c) * rsqrt(mean((x/c)^2) + eps/c^2) is x * rsqrt(mean(x^2) + eps) with every rounding
+        # the same in float32 (power-of-two scalings are exact), and stays in range in fp16.
+        bound = 256.0
+        if _active(iq):
+            from ..quantizer import minmax_from_qparams
+
+            mn, mx = minmax_from_qparams(iq.scale, iq.offset, iq.spec)
+            bound = max(float(mn.abs().max()), float(mx.abs().max()), 1.0)
+        c = float(2.0 ** np.ceil(np.log2(bound)))
+        xs = b.node("Mul", [x, b.const(1.0 / c)], f"{name}.scaled_input")
+        sq = b.node("Mul", [xs, xs], f"{name}.square")
         var = b.node("ReduceMean", [sq, b.const([-1], np.int64)], f"{name}.variance", keepdims=1)
-        std = b.node("Sqrt", [b.node("Add", [var, b.const(eps)], f"{name}.variance_eps")], f"{name}.std")
-        h = b.node("Mul", [x, b.node("Reciprocal", [std], f"{name}.rstd")], f"{name}.normalized")
+        std = b.node("Sqrt", [b.node("Add", [var, b.const(eps / (c * c))], f"{name}.variance_eps")], f"{name}.std")
+        h = b.node("Mul", [xs, b.node("Reciprocal", [std], f"{name}.rstd")], f"{name}.normalized")
         g = self._weight(b, f"{name}.weight", norm, transpose=False)
         if not hasattr(norm, "weight_quantizer") and self.gemma:  # a plain (float) Gemma norm: 1 + w
             g = b.node("Add", [g, b.const(1.0)], f"{name}.gain")
