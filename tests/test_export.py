@@ -160,7 +160,9 @@ def test_decode_through_uint8_cache(name, scheme):
     err = np.abs(cont - sim[prompt:]).mean()
     assert 0 < cost and err <= 1.5 * cost, (err, cost)
     assert (cont.argmax(-1) == sim[prompt:].argmax(-1)).mean() >= 0.75
-    assert np.abs(logits[0] - sim[:prompt]).max() <= 1e-3 * rng  # the prefill itself uses per-layer encodings
+    # the prefill itself uses the per-layer encodings, as the simulation: equal but for a rare flipped code
+    assert np.abs(logits[0] - sim[:prompt]).mean() <= 1e-3 * rng
+    assert (logits[0].argmax(-1) == sim[:prompt].argmax(-1)).mean() >= 0.95
 
 
 def test_export_folder_contract(tmp_path):
