@@ -45,11 +45,12 @@ def test_bad_windows():
 def test_real_model_numbers():
     """SmolLM2 on 12 windows x 512: FP in the expected range, W8A16 near-lossless, W8A8 RTN degrading."""
     fp = evaluate_perplexity(load_model("smollm2-135m"), 512, limit=12, progress=False).ppl
-    assert 15 < fp < 30  # observed 22.0
+    assert 15 < fp < 30  # observed 23.12
     lm = load_model("smollm2-135m")
     quantize(lm, "w8a16", "rtn", CalibConfig(8, 512), progress=False)
     w8a16 = evaluate_perplexity(lm, 512, limit=12, progress=False).ppl
-    assert abs(w8a16 / fp - 1) < 0.01  # observed +0.2%
+    # observed +1.01% (numerics version 1, QuantizeLinear's division); +0.75% with the earlier x * (1/s)
+    assert abs(w8a16 / fp - 1) < 0.015
     lm = load_model("smollm2-135m")
     quantize(lm, "w8a8", "rtn", CalibConfig(8, 512), progress=False)
     w8a8 = evaluate_perplexity(lm, 512, limit=12, progress=False).ppl
