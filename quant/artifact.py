@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -85,24 +83,15 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | Path, recipe: dict, o
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ArtifactError(f"output folder {out} already exists; pass --overwrite (overwrite=True) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
     recipe = dict(recipe, format_version=FORMAT_VERSION)
     recipe["content_hash"] = recipe_hash(recipe)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with files.atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if getattr(model, "mq_scheme", None) is not None:
             (tmp / "encodings.json").write_text(json.dumps(encodings_of(model)))
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True, default=str))
         files.write_manifest(tmp, MANIFEST)
-        files.apply_umask(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

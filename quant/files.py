@@ -12,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 MANIFEST_VERSION = 1
@@ -83,6 +86,25 @@ def apply_umask(root: str | Path) -> None:
             p = os.path.join(dirpath, f)
             if not os.path.islink(p):
                 os.chmod(p, 0o666 & ~mask)
+
+
+@contextmanager
+def atomic_folder(out: str | Path):
+    """Write a folder all at once: yields a temporary sibling to fill; on success it gets the umask's modes
+    and is renamed to ``out`` (replacing it), on any error it is removed, so ``out`` is never half-written.
+    Whether ``out`` may be replaced is the caller's check, made before any work."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        apply_umask(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # ---------------------------------------------------------------- manifests

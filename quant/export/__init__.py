@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 EXPORTER = "mqfarm-onnx"
@@ -73,7 +71,7 @@ def export_model(model, tokenizer, out_dir: str | Path, recipe: dict, *, prefill
                  overwrite: bool = False, progress: bool = True) -> Path:
     """Write the export folder for a simulated (or float) model in memory; see the module docstring."""
     from ..artifact import recipe_hash
-    from ..files import apply_umask, sha256_file
+    from ..files import atomic_folder, sha256_file
     from . import aimet
 
     out = Path(out_dir)
@@ -81,9 +79,7 @@ def export_model(model, tokenizer, out_dir: str | Path, recipe: dict, *, prefill
         raise ExportFolderError(f"export folder {out} already exists; pass --overwrite to replace it")
     scheme = getattr(model, "mq_scheme", None)
     graphs, exporter = build_graphs(model, prefill, ctx)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_folder(out) as tmp:
         index = {
             "exporter": EXPORTER, "exporter_version": EXPORTER_VERSION, "opset": 21,
             "artifact_hash": recipe.get("content_hash") or recipe_hash(recipe), "model": recipe.get("model", ""),
@@ -116,13 +112,6 @@ def export_model(model, tokenizer, out_dir: str | Path, recipe: dict, *, prefill
             {k: v for k, v in index.items() if k != "files"} | {"files": {k: v["sha256"] for k, v in index["files"].items()}},
             sort_keys=True, default=str).encode()).hexdigest()[:16]
         (tmp / "export.json").write_text(json.dumps(index, indent=2, sort_keys=True, default=str))
-        apply_umask(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
