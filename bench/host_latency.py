@@ -1,6 +1,7 @@
 """Host latency of the exported model: FP32, W8A16 and W8A8 on onnxruntime's CPU provider, measured together.
 
     python bench/host_latency.py [--layers N] [--prefill 128] [--ctx 1024] [--rounds 7] [--json] [--profile]
+                                 [--variants fp,w8a16,w8a8,w8a8:device]
 
 Makes the three exports of the embedded SmolLM2 (RTN, 8 calibration windows: latency does not depend on
 the ranges) under ``runs/bench/host_latency/`` (reused when present), then times them through the host
@@ -33,8 +34,8 @@ def make_exports(args) -> dict[str, Path]:
     from quant.export import export_model
 
     out = {}
-    for scheme in VARIANTS:
-        path = Path(args.workdir) / f"smollm2-L{args.layers or 'all'}-{scheme}-p{args.prefill}-c{args.ctx}"
+    for scheme in args.variants:
+        path = Path(args.workdir) / f"smollm2-L{args.layers or 'all'}-{scheme.replace(':', '_')}-p{args.prefill}-c{args.ctx}"
         if not (path / "export.json").exists():
             print(f"exporting {scheme} -> {path}", file=sys.stderr, flush=True)
             lm = load_model("smollm2-135m", num_layers=args.layers)
@@ -82,7 +83,13 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=str(ROOT / "runs" / "bench" / "host_latency"))
     p.add_argument("--json", action="store_true")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="schemes to export and time (fp, w8a16 and w8a8 are needed for the ratios)")
     args = p.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    missing = [v for v in VARIANTS if v not in args.variants]
+    if missing:
+        p.error(f"--variants must include {', '.join(VARIANTS)} (the ratios need them); missing {', '.join(missing)}")
 
     from devicelab import stats
     from devicelab.backends.host import HostDevice
@@ -91,20 +98,21 @@ def main(argv=None) -> int:
     exports = make_exports(args)
     host = HostDevice(threads=1, pin=True)
     prepared = {v: host.prepare(path) for v, path in exports.items()}
-    samples = {g: {v: [] for v in VARIANTS} for g in ("prefill", "decode")}
+    variants = args.variants
+    samples = {g: {v: [] for v in variants} for g in ("prefill", "decode")}
     for graph in ("prefill", "decode"):
         warm = Workload(graph=graph, warmup=2, repeats=1, tokens=args.tokens)
-        for v in VARIANTS:  # warm every session once before the rounds
+        for v in variants:  # warm every session once before the rounds
             host.run(prepared[v], warm)
         for r in range(args.rounds):
-            for v in VARIANTS:  # interleaved: FP32, W8A16, W8A8, FP32, ...
+            for v in variants:  # interleaved: FP32, W8A16, W8A8, FP32, ...
                 rec = host.run(prepared[v], Workload(graph=graph, warmup=0, repeats=args.repeats, tokens=args.tokens))
                 samples[graph][v] += rec.samples_ms
             print(f"round {r + 1}/{args.rounds} {graph}: " + ", ".join(
-                f"{v} {stats.median(samples[graph][v]):.1f} ms" for v in VARIANTS), file=sys.stderr, flush=True)
+                f"{v} {stats.median(samples[graph][v]):.1f} ms" for v in variants), file=sys.stderr, flush=True)
     result = {"device": host.info().to_dict(), "prefill_tokens": args.prefill, "ctx": args.ctx,
               "layers": args.layers or 30, "rounds": args.rounds, "repeats": args.repeats, "variants": {}}
-    for v in VARIANTS:
+    for v in variants:
         pre, dec = stats.summarize(samples["prefill"][v]), stats.summarize(samples["decode"][v])
         result["variants"][v] = {"prefill_ms": pre["median_ms"], "prefill_ci_ms": [pre["ci_low_ms"], pre["ci_high_ms"]],
                                  "decode_ms_per_token": dec["median_ms"], "decode_tok_s": 1000.0 / dec["median_ms"],
@@ -116,21 +124,25 @@ def main(argv=None) -> int:
         "decode w8a8/fp32": r["w8a8"]["decode_ms_per_token"] / r["fp"]["decode_ms_per_token"],
         "decode w8a8/w8a16": r["w8a8"]["decode_ms_per_token"] / r["w8a16"]["decode_ms_per_token"],
     }
+    for v in variants:
+        if v not in VARIANTS:
+            result["ratios"][f"prefill {v}/fp32"] = r[v]["prefill_ms"] / r["fp"]["prefill_ms"]
+            result["ratios"][f"decode {v}/fp32"] = r[v]["decode_ms_per_token"] / r["fp"]["decode_ms_per_token"]
     if args.profile:
-        result["profile_ms_per_op"] = {v: profile(exports[v], Path(args.workdir)) for v in VARIANTS}
+        result["profile_ms_per_op"] = {v: profile(exports[v], Path(args.workdir)) for v in variants}
     if args.json:
         print(json.dumps(result, sort_keys=True))
         return 0
     print(f"{result['device']['model']}, onnxruntime {result['device']['runtime_version']}, one pinned thread; "
           f"{result['layers']} layers, prefill {args.prefill} tokens, decode with a {args.ctx}-position cache")
     print(f"{'variant':8s} {'prefill ms':>12s} {'95% CI':>18s} {'decode tok/s':>13s}")
-    for v in VARIANTS:
+    for v in variants:
         x = r[v]
         print(f"{v:8s} {x['prefill_ms']:12.1f} {x['prefill_ci_ms'][0]:8.1f}-{x['prefill_ci_ms'][1]:<9.1f} {x['decode_tok_s']:13.1f}")
     for k, val in result["ratios"].items():
         print(f"{k}: {val:.3f}")
     if args.profile:
-        for v in VARIANTS:
+        for v in variants:
             top = list(result["profile_ms_per_op"][v].items())[:8]
             print(f"{v} prefill, ms per op type: " + ", ".join(f"{op} {ms:.1f}" for op, ms in top))
     return 0
