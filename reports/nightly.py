@@ -21,6 +21,7 @@ from pathlib import Path
 from . import fmt
 from .plots import DPI, _pyplot
 from .render import Heading, Image, Link, Para, Table, to_html, to_markdown
+from .runs import search_all
 
 MAX_PANELS = 24  # history plots: metrics beyond this many are listed in the table only
 
@@ -127,14 +128,7 @@ def load_history(suite: str, tracking_uri: str, alias: str = "baseline") -> tupl
     exp = client.get_experiment_by_name(f"{suite}.nightly")
     if exp is None:
         raise ValueError(f"no nightly runs of suite {suite!r} in the MLflow store {tracking_uri}")
-    runs, token = [], None
-    while True:
-        page = client.search_runs([exp.experiment_id], "tags.farm_role = 'night'", max_results=1000,
-                                  page_token=token, order_by=["attributes.start_time ASC"])
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
+    runs = search_all(client, exp.experiment_id, "tags.farm_role = 'night'", "attributes.start_time ASC")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"nightly.{suite}")
     accepted, current = {}, None
     try:

@@ -55,6 +55,18 @@ def parse_param(v: str):
     return v
 
 
+def search_all(client, experiment_id: str, filter_string: str, order_by: str) -> list:
+    """Every run of an experiment matching ``filter_string``, page by page (MLflow returns 1000 at most)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token,
+                                  order_by=[order_by])
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def load_trials(sweep: str, tracking_uri: str) -> list[TrialRun]:
     """One entry per trial of ``sweep``: its newest FINISHED run, else its newest run of any status."""
     from mlflow import MlflowClient
@@ -63,14 +75,7 @@ def load_trials(sweep: str, tracking_uri: str) -> list[TrialRun]:
     exp = client.get_experiment_by_name(sweep)
     if exp is None:
         raise ValueError(f"no sweep named {sweep!r} in the MLflow store {tracking_uri}")
-    runs, token = [], None
-    while True:
-        page = client.search_runs([exp.experiment_id], "tags.farm_role = 'trial'", max_results=1000,
-                                  page_token=token, order_by=["attributes.start_time DESC"])
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
+    runs = search_all(client, exp.experiment_id, "tags.farm_role = 'trial'", "attributes.start_time DESC")
     by_trial: dict[str, TrialRun] = {}
     for r in runs:  # newest first
         tid = r.data.tags.get("trial_id", r.info.run_id)
