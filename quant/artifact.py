@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from . import files
+from . import encodings_check, files
 from .quantizer import minmax_from_qparams
 from .scheme import Scheme
-from .sim import model_device, quantizers, simulate
+from .sim import model_device, quantizers, simulate, weight_owners
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -66,23 +66,38 @@ def encodings_of(model: torch.nn.Module) -> dict:
 
 
 def apply_encodings(model: torch.nn.Module, enc: dict, source: str = "encodings") -> None:
+    """Set every quantizer's scale and offset from ``enc``, each entry checked first against the quantizer's
+    spec (:mod:`quant.encodings_check`): nothing is applied unless all of them are valid."""
     qs = quantizers(model)
     dev = model_device(model)
-    stored = {**enc["activation_encodings"], **enc["param_encodings"]}
+    try:
+        stored = encodings_check.check_file(enc, source)
+    except encodings_check.EncodingError as e:
+        raise ArtifactError(str(e)) from None
     missing, extra = sorted(set(qs) - set(stored)), sorted(set(stored) - set(qs))
     if missing or extra:
         raise ArtifactError(f"{source}: encodings do not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
+    channels = {n: m.weight.shape[0] for n, m in weight_owners(model).items() if getattr(m, "weight", None) is not None}
+    checked = {}
     for name, q in qs.items():
-        e = stored[name]
-        q.set_qparams(torch.tensor(e["scale"], dtype=torch.float32, device=dev),
-                      torch.tensor(e["offset"], dtype=torch.float32, device=dev))
+        try:
+            checked[name] = encodings_check.check_entry(name, stored[name], q.spec, channels.get(name), source)
+        except encodings_check.EncodingError as e:
+            raise ArtifactError(str(e)) from None
+    for name, q in qs.items():
+        scale, offset = checked[name]
+        q.set_qparams(torch.tensor(scale, dtype=torch.float32, device=dev),
+                      torch.tensor(offset.copy(), dtype=torch.float32, device=dev))
 
 
 def save(model: torch.nn.Module, tokenizer, out_dir: str | Path, recipe: dict, overwrite: bool = False) -> Path:
-    """Write the artifact atomically: into a temporary sibling folder, renamed into place at the end."""
+    """Write the artifact atomically: into a temporary sibling folder, swapped into place at the end.
+    ``overwrite`` replaces only a folder this tool wrote (:func:`quant.files.check_replaceable`)."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"output folder {out} already exists; pass --overwrite (overwrite=True) to replace it")
+    try:
+        files.check_replaceable(out, overwrite)  # only a folder this tool wrote is ever replaced
+    except files.FileCheckError as e:
+        raise ArtifactError(str(e)) from None
     recipe = dict(recipe, format_version=FORMAT_VERSION)
     recipe["content_hash"] = recipe_hash(recipe)
     with files.atomic_folder(out) as tmp:
@@ -123,6 +138,24 @@ def verify(path: str | Path, full: bool | None = None) -> dict:
         raise ArtifactError(str(e)) from None
 
 
+def _load_weights(path: Path, device, load_model):
+    """The float model of an artifact folder; a damaged checkpoint is an ArtifactError naming its file
+    (the manifest's sizes catch a truncation, this a same-size corruption of the header or of the config)."""
+    from safetensors import SafetensorError
+
+    from .zoo import ModelLoadError
+
+    try:
+        return load_model(str(path), device=device)
+    except ModelLoadError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        weights = sorted(p.name for p in path.glob("*.safetensors")) or ["model weights"]
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{path / weights[0]} cannot be loaded ({type(e).__name__}: {first}); the artifact is "
+                            "damaged: `farm verify` checks every file, or write it again") from None
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", verify_files: bool | None = None):
     """Load an artifact onto ``device``: the simulated model with its encodings, the tokenizer, the recipe.
 
@@ -141,7 +174,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify_files: boo
     else:
         print(f"warning: {path} has no {MANIFEST} (written before artifacts carried one): its files are not "
               "checked", file=sys.stderr)
-    lm = load_model(str(path), device=device)
+    lm = _load_weights(path, device, load_model)
     lm.add_bos = bool(recipe.get("add_bos", lm.add_bos))
     enc_path = path / "encodings.json"
     if enc_path.exists():
@@ -153,6 +186,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify_files: boo
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"encodings {enc_path} has no usable 'scheme' entry ({type(e).__name__}: {e})") \
                 from None
+        if recipe.get("scheme") is not None and scheme.name != recipe.get("scheme"):
+            raise ArtifactError(f"encodings {enc_path} are for scheme {scheme.name!r}, its recipe says "
+                                f"{recipe.get('scheme')!r}")
         simulate(lm.model, scheme)
         apply_encodings(lm.model, enc, str(enc_path))
     elif recipe.get("scheme") != "fp":

@@ -74,8 +74,15 @@ def test_existing_folder_is_refused_and_failures_leave_nothing(tmp_path):
         artifact.save(lm.model, tok, tmp_path / "new", res.recipe)
     tok.save_pretrained = orig
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no temporary folder left behind
-    artifact.save(lm.model, lm.tokenizer, out, res.recipe, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "encodings.json").exists()
+    with pytest.raises(artifact.ArtifactError, match="not written by this tool"):  # a user's folder, kept
+        artifact.save(lm.model, lm.tokenizer, out, res.recipe, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    artifact.save(lm.model, lm.tokenizer, out, res.recipe, overwrite=True)  # an empty folder holds nothing to lose
+    (out / "notes.txt").write_text("added later")
+    artifact.save(lm.model, lm.tokenizer, out, res.recipe, overwrite=True)  # ours: replaced whole
+    assert not (out / "notes.txt").exists() and (out / "encodings.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # the old folder is gone too
 
 
 def test_uncalibrated_model_cannot_be_saved(tmp_path):
