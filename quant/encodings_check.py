@@ -26,17 +26,15 @@ class EncodingError(ValueError):
     """A stored encoding is malformed or inconsistent; the message names the file and the quantizer."""
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _numbers(value, field: str, where: str) -> np.ndarray:
-    if isinstance(value, bool) or value is None:
-        raise EncodingError(f"{where}: {field!r} is {value!r}, not a number or a list of numbers")
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise EncodingError(f"{where}: {field!r} is not a number or a list of numbers") from None
-    if arr.ndim > 1 or arr.size == 0:
-        raise EncodingError(f"{where}: {field!r} must be a number or a flat list of numbers, got shape "
-                            f"{list(arr.shape)}")
-    return arr.reshape(-1)
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(_is_number(x) for x in items):
+        raise EncodingError(f"{where}: {field!r} is not a number or a flat list of numbers")
+    return np.asarray(items, dtype=np.float64)
 
 
 def check_entry(name: str, entry, spec: QSpec, channels: int | None = None,
@@ -61,7 +59,7 @@ def check_entry(name: str, entry, spec: QSpec, channels: int | None = None,
     bad = np.flatnonzero(~np.isfinite(scale) | (scale <= 0))
     if bad.size:
         i = int(bad[0])
-        raise EncodingError(f"{where}: scale {scale[i]!r}{f' (channel {i})' if scale.size > 1 else ''} is not a "
+        raise EncodingError(f"{where}: scale {float(scale[i])!r}{f' (channel {i})' if scale.size > 1 else ''} is not a "
                             "finite positive number")
     if spec.per_channel:
         if channels is not None and scale.size != channels:
@@ -74,10 +72,10 @@ def check_entry(name: str, entry, spec: QSpec, channels: int | None = None,
     bad = np.flatnonzero(~np.isfinite(offset) | (offset != np.round(offset)) | (offset < qmin) | (offset > qmax))
     if bad.size:
         i = int(bad[0])
-        raise EncodingError(f"{where}: offset {offset[i]!r} is not an integer in [{qmin}, {qmax}], the range of "
+        raise EncodingError(f"{where}: offset {float(offset[i])!r} is not an integer in [{qmin}, {qmax}], the range of "
                             f"{'signed' if spec.symmetric else 'unsigned'} {spec.bits}-bit codes")
     if spec.symmetric and np.any(offset != 0):
-        raise EncodingError(f"{where}: a symmetric encoding has offset 0, this one has {offset[offset != 0][0]!r}")
+        raise EncodingError(f"{where}: a symmetric encoding has offset 0, this one has {float(offset[offset != 0][0])!r}")
     offset = np.broadcast_to(offset, scale.shape)
     derived = {"aimet_offset": -offset, "min": (qmin - offset) * scale, "max": (qmax - offset) * scale}
     atol = 1e-6 * float(scale.max())  # a code's millionth: far below anything an edit would mean
