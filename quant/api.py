@@ -12,7 +12,7 @@ from . import data
 from .eval.perplexity import PerplexityResult, perplexity
 from .methods import MethodContext, get_method
 from .methods import method_config as method_config_for
-from . import numerics
+from . import numerics, rotation
 from .scheme import get_scheme
 from .sim import check_calibrated, model_device, simulate
 from .zoo import LoadedModel
@@ -53,8 +53,12 @@ def _config_dict(cfg) -> dict:
 
 
 def quantize(lm: LoadedModel, scheme: str = "w8a8", method: str = "rtn", calib: CalibConfig | None = None,
-             method_config=None, progress: bool = True, on_step=None) -> QuantizeResult:
+             method_config=None, progress: bool = True, on_step=None, rotate=None) -> QuantizeResult:
     """Quantize ``lm.model`` in place with ``method`` under ``scheme``; returns the model and its recipe.
+
+    ``rotate``: ``"random"``, ``"hadamard"``, a dict of :class:`quant.rotation.RotationConfig` fields or
+    one: an orthogonal rotation folded into the float weights first (``quant.rotation``), so the method's
+    smoothing, clipping and ranges are found on the rotated model. The recipe records it.
 
     ``method_config``: the method's ``Config`` or a dict of overrides. ``on_step``: called by training
     methods with a dict per optimizer step (``step``, ``epoch``, ``loss``, learning rates).
@@ -63,6 +67,7 @@ def quantize(lm: LoadedModel, scheme: str = "w8a8", method: str = "rtn", calib: 
     scheme_obj = get_scheme(scheme)
     check_seqlen(lm, calib.seqlen)
     get_method(method)
+    rot = rotation.config_of(rotate)
     if method_config is None or isinstance(method_config, dict):
         method_config = method_config_for(method, method_config)
     recipe = {
@@ -72,6 +77,8 @@ def quantize(lm: LoadedModel, scheme: str = "w8a8", method: str = "rtn", calib: 
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     t0 = time.perf_counter()
+    if rot.kind != "none":
+        recipe["rotation"] = rotation.rotate(lm.model, rot)
     if scheme_obj.is_float:
         recipe["method"] = "none"
         recipe["method_config"] = {}
