@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .export_checks import ExportCheckError, check_export
+
 EXPORTER = "mqfarm-onnx"
 SUPPORTED_VERSIONS = (1,)
 
@@ -109,4 +111,8 @@ def read_export(path: str | Path) -> Export:
     if version not in SUPPORTED_VERSIONS:
         raise ExportError(f"{index_path}: exporter_version {version!r} is not one this devicelab reads "
                           f"({', '.join(map(str, SUPPORTED_VERSIONS))}); re-export with this version of the farm")
+    try:  # sizes, the encodings' hashes and values: a damaged export is refused before it runs or compiles
+        check_export(root, index)
+    except ExportCheckError as e:
+        raise ExportError(str(e)) from None
     return Export(root, index)
