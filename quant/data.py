@@ -105,7 +105,10 @@ def corpus_text(corpus: str) -> str:
     path = Path(corpus).expanduser()
     if not path.is_file():
         raise CorpusError(f"corpus {corpus!r} is neither a known corpus ({', '.join(CORPORA)}) nor an existing file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"corpus file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not text.strip():
         raise CorpusError(f"corpus file {path} is empty")
     return text
@@ -166,6 +169,9 @@ def calibration_windows(tokenizer, n: int, seqlen: int, seed: int = 0, corpus: s
     length = _window_len(seqlen, add_bos)
     if stream.size <= length:
         raise CorpusError(f"calibration corpus {corpus!r} has {stream.size} tokens, fewer than seqlen {seqlen}")
+    if n > stream.size - length:  # more windows than distinct start positions: refused, not drawn for hours
+        raise CorpusError(f"{n} calibration samples asked, but calibration corpus {corpus!r} holds only "
+                          f"{stream.size - length} distinct windows of seqlen {seqlen} ({stream.size} tokens)")
     rng = random.Random(seed)
     starts = [rng.randrange(0, stream.size - length) for _ in range(n)]
     return _with_bos(np.stack([stream[s:s + length] for s in starts]), tokenizer, add_bos)
