@@ -97,8 +97,11 @@ def quantize(lm: LoadedModel, scheme: str = "w8a8", method: str = "rtn", calib: 
 
 
 def evaluate_perplexity(lm: LoadedModel, seqlen: int = 512, corpus: str = data.DEFAULT_EVAL,
-                        limit: int | None = None, batch_size: int = 1, progress: bool = True) -> PerplexityResult:
+                        limit: int | None = None, batch_size: int = 1, progress: bool = True,
+                        split: str = "test") -> PerplexityResult:
+    """Perplexity on the ``split`` of the evaluation corpus: ``test`` (reported numbers), ``validation``
+    (choosing hyper-parameters) or ``all`` (``quant.data.split_bounds``)."""
     check_seqlen(lm, seqlen)
-    windows = data.eval_windows(lm.tokenizer, seqlen, corpus, limit=limit, add_bos=lm.add_bos)
+    windows = data.eval_windows(lm.tokenizer, seqlen, corpus, limit=limit, add_bos=lm.add_bos, split=split)
     return perplexity(lm.model, windows, corpus=corpus if corpus in data.CORPORA else "custom",
                       batch_size=batch_size, progress=progress)

@@ -177,17 +177,40 @@ def calibration_windows(tokenizer, n: int, seqlen: int, seed: int = 0, corpus: s
     return _with_bos(np.stack([stream[s:s + length] for s in starts]), tokenizer, add_bos)
 
 
+SPLITS = ("test", "validation", "all")
+VALIDATION_FRACTION = 0.25
+
+
+def split_bounds(n_tokens: int, split: str) -> tuple[int, int]:
+    """The token range ``[lo, hi)`` of the evaluation stream that ``split`` reads.
+
+    The split is fixed on the token stream, not on window indices, so it holds for every ``seqlen``: the
+    first 75% of the tokens are the test split (the windows reported in ``docs/results.md``), the last 25%
+    the validation split (where hyper-parameters are chosen). The test split's windows are the first
+    windows of the whole stream, so ``limit=N`` on the test split reads the same windows as before the
+    split existed (as long as N fits in it).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    cut = int(n_tokens * (1 - VALIDATION_FRACTION))
+    return {"test": (0, cut), "validation": (cut, n_tokens), "all": (0, n_tokens)}[split]
+
+
 def eval_windows(tokenizer, seqlen: int, corpus: str = DEFAULT_EVAL, limit: int | None = None,
-                 add_bos: bool = False) -> torch.Tensor:
-    """Non-overlapping consecutive windows over the whole evaluation stream (remainder dropped): (N, seqlen).
+                 add_bos: bool = False, split: str = "all") -> torch.Tensor:
+    """Non-overlapping consecutive windows over the evaluation stream's ``split`` (remainder dropped):
+    (N, seqlen). ``split``: ``test``, ``validation`` or ``all`` (see :func:`split_bounds`).
 
     ``limit`` keeps the first N windows, for quick looks.
     """
-    stream = token_stream(tokenizer, corpus)
+    full = token_stream(tokenizer, corpus)
+    lo, hi = split_bounds(full.size, split)
+    stream = full[lo:hi]
     length = _window_len(seqlen, add_bos)
     count = stream.size // length
     if count == 0:
-        raise CorpusError(f"evaluation corpus {corpus!r} has {stream.size} tokens, fewer than seqlen {seqlen}")
+        raise CorpusError(f"evaluation corpus {corpus!r} has {stream.size} tokens in its {split} split, "
+                          f"fewer than seqlen {seqlen}")
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")

@@ -83,3 +83,30 @@ def test_bad_corpora(tok, tmp_path):
         data.calibration_windows(tok, 4, 64, corpus=str(short))
     with pytest.raises(ValueError, match="at least 1"):
         data.calibration_windows(tok, 0, 64)
+
+
+@pytest.mark.parametrize("seqlen,add_bos", [(512, False), (64, True), (2048, False)])
+def test_validation_and_test_windows_are_disjoint(tok, seqlen, add_bos):
+    stream = data.token_stream(tok, "wiki")
+    test = data.eval_windows(tok, seqlen, split="test", add_bos=add_bos)
+    val = data.eval_windows(tok, seqlen, split="validation", add_bos=add_bos)
+    body = slice(1, None) if add_bos else slice(None)
+    cut = data.split_bounds(stream.size, "test")[1]
+    assert cut == int(stream.size * 0.75)
+    # every test window lies in the first 75% of the tokens, every validation window after it
+    assert np.array_equal(test[:, body].numpy().reshape(-1), stream[: test[:, body].numel()])
+    assert test[:, body].numel() <= cut
+    assert np.array_equal(val[:, body].numpy().reshape(-1), stream[cut: cut + val[:, body].numel()])
+    # and no window of one split equals a window of the other (at this seqlen, none even shares a 64-gram)
+    grams = lambda w, n=64: {w[i, j:j + n].numpy().tobytes() for i in range(w.shape[0])  # noqa: E731
+                             for j in range(0, w.shape[1] - n + 1, n)}
+    assert grams(test[:, body]).isdisjoint(grams(val[:, body]))
+    n = stream.size
+    assert test.shape[0] == int(n * 0.75) // test[:, body].shape[1]
+    assert val.shape[0] == (n - int(n * 0.75)) // val[:, body].shape[1]
+
+
+def test_test_split_keeps_the_first_windows_and_bad_split_is_refused(tok):
+    assert data.eval_windows(tok, 512, limit=40, split="test").equal(data.eval_windows(tok, 512, limit=40))
+    with pytest.raises(ValueError, match="split must be one of test, validation, all"):
+        data.eval_windows(tok, 512, split="valid")
