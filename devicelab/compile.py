@@ -7,10 +7,25 @@ Two routes, one result (``compiled-<target>/``):
   writes an EPContext ONNX model (``<graph>.onnx``) and the context binary it points to
   (``<graph>_qnn.bin``) for that SoC. CPU fallback is off: a graph the HTP cannot take whole is refused,
   naming the nodes QNN rejected (``--allow-cpu-fallback`` compiles the rest and lists them).
-* ``qnn-sdk`` (where the user's QAIRT/QNN SDK is on PATH): the reference's own chain (``MOBILEQUANT.md`` §7):
-  the float graph (QDQ folded away, :mod:`devicelab.qdq`) and its AIMET encodings as
-  ``--quantization_overrides`` -> ``qnn-onnx-converter`` -> ``qnn-model-lib-generator`` ->
-  ``qnn-context-binary-generator`` with an HTP config for the target -> ``<graph>.bin``.
+* ``qnn-sdk`` (where the user's QAIRT/QNN SDK is on PATH): the float graph (QDQ folded away,
+  :mod:`devicelab.qdq`) and its AIMET encodings as ``--quantization_overrides`` -> ``qnn-onnx-converter``
+  -> ``qnn-model-lib-generator`` -> ``qnn-context-binary-generator`` with an HTP config for the target ->
+  ``<graph>.bin``. The converter quantizes only when told how (its ``--input_list`` help: "Must be specified
+  for quantization. All subsequent quantization options are ignored when this is not provided"), so one of
+  two modes is always passed and recorded in compile.json:
+
+  - ``calibrate`` (calibration windows given: token ids of the artifact's own calibration text): raw
+    float32 inputs and an input list of absolute paths, plus ``--use_per_row_quantization`` /
+    ``--use_per_channel_quantization`` and ``--param_quantizer_schema symmetric`` (the HTP takes
+    per-channel weights only symmetric); tensors the overrides do not cover get calibrated ranges;
+  - ``float_fallback`` (no windows): ``--float_fallback --float_bitwidth 16``, never with an input list
+    (its help: "input list must not be provided"): every tensor the export quantized is covered by the
+    overrides, and the ones it left float (embedding, residual stream, norms, lm_head in the reference
+    schemes) stay float, in fp16 on the HTP, which is what the export means.
+
+``compile.json`` also records the QNN version that built each context binary (onnxruntime-qnn's bundled
+QNN for ``ort``, ``qnn-context-binary-generator --version`` for ``qnn-sdk``): a phone refuses a binary
+from a newer QNN than its runtime.
 
 ``compile.json`` records the target, the route, package and tool versions, each binary's size and sha256,
 the seconds taken and the nodes left on the CPU; ``compile.log`` keeps everything the compiler printed.
@@ -167,14 +182,60 @@ def _ort_compile(graph_path: Path, out_onnx: Path, target: Target, log: Path, al
     return {"seconds": round(seconds, 3), "cpu_nodes": [{"name": n, "op": op} for n, op in left]}
 
 
-def _sdk_compile(graph: str, export: Export, work: Path, target: Target, log: Path) -> dict:
-    """The QNN SDK chain on the float graph with the AIMET encodings as overrides (``MOBILEQUANT.md`` §7)."""
+def ort_qnn_version() -> str:
+    """The QNN SDK version onnxruntime-qnn bundles (its HTP compiler writes the context binaries)."""
+    try:
+        from onnxruntime_qnn import build_and_package_info as info
+
+        return str(getattr(info, "qnn_version", ""))
+    except ImportError:
+        return ""
+
+
+def sdk_qnn_version() -> str:
+    from .qnn_sdk import parse_version, version_text
+
+    try:
+        out = subprocess.run(["qnn-context-binary-generator", "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    v = parse_version(out)
+    return version_text(v) if v else ""
+
+
+def calibration_list(export: Export, graph: str, windows, folder: Path) -> Path:
+    """Raw float32 calibration inputs of ``graph`` and the converter's input list: one line per sample,
+    absolute paths in graph-input order (the converter's documented format)."""
+    from .net_inputs import write_inputs
+
+    gi = write_inputs(export, graph, windows, folder, str(folder.resolve()))
+    lines = []
+    for line in (folder / gi.list_file).read_text().splitlines():
+        lines.append(" ".join(e.split(":=", 1)[1] for e in line.split()))
+    path = folder / f"{graph}_calibration_list.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _sdk_compile(graph: str, export: Export, work: Path, target: Target, log: Path, calibration=None) -> dict:
+    """The QNN SDK chain on the float graph with the AIMET encodings as overrides (see the module docstring)."""
     from .qdq import strip_qdq
 
     spec = export.graph(graph)
     enc = export.root / export.index["graphs"][graph]["encodings"]
     float_model = work / f"{graph}.float.onnx"
     strip_qdq(spec.path, float_model)
+    if calibration is not None:
+        quant = ["--input_list", str(calibration_list(export, graph, calibration, work / f"{graph}_calib")),
+                 "--use_per_channel_quantization", "--use_per_row_quantization",
+                 "--param_quantizer_schema", "symmetric", "--act_quantizer_calibration", "min-max"]
+        mode = {"mode": "calibrate", "why": f"{len(calibration)} calibration window(s) given: the converter quantizes "
+                                            "with them, the overrides fix every tensor the export quantized"}
+    else:
+        quant = ["--float_fallback", "--float_bitwidth", "16"]
+        mode = {"mode": "float_fallback", "why": "no calibration windows: every tensor the export quantized has an "
+                                                 "override; those it left float stay float (fp16 on the HTP)"}
     cpp = work / f"{graph}_qnn.cpp"
     lib_dir = work / f"{graph}_libs"
     cfg = work / f"{graph}_htp_config.json"
@@ -186,7 +247,7 @@ def _sdk_compile(graph: str, export: Export, work: Path, target: Target, log: Pa
                                                               "config_file_path": str(cfg)}}))
     steps = [
         ["qnn-onnx-converter", "--input_network", str(float_model), "--output_path", str(cpp),
-         "--quantization_overrides", str(enc), "--act_bitwidth", "8", "--bias_bitwidth", "32", "--float_bitwidth", "32"],
+         "--quantization_overrides", str(enc), "--act_bitwidth", "8", "--bias_bitwidth", "32", *quant],
         ["qnn-model-lib-generator", "-c", str(cpp), "-b", str(cpp.with_suffix(".bin")), "-o", str(lib_dir),
          "-t", "x86_64-linux-clang"],
         ["qnn-context-binary-generator", "--model", str(lib_dir / "x86_64-linux-clang" / f"lib{graph}_qnn.so"),
@@ -206,7 +267,7 @@ def _sdk_compile(graph: str, export: Export, work: Path, target: Target, log: Pa
                                    f"the end of its output:\n{tail}")
     if not (work / f"{graph}.bin").exists():
         raise CompileError(f"{graph} for {target.name}: qnn-context-binary-generator wrote no {graph}.bin")
-    return {"seconds": round(time.perf_counter() - t0, 3), "cpu_nodes": []}
+    return {"seconds": round(time.perf_counter() - t0, 3), "cpu_nodes": [], "quantization": mode}
 
 
 def sdk_available() -> bool:
@@ -219,8 +280,9 @@ def default_out(export_dir: Path, target: Target) -> Path:
 
 def compile_export(export_dir: str | Path, target: str | Target = "sm8650", out: str | Path | None = None, *,
                    graphs: tuple[str, ...] | None = None, route: str = "ort", allow_cpu_fallback: bool = False,
-                   overwrite: bool = False, progress: bool = True) -> Path:
-    """Compile the export's graphs for ``target``; returns the compiled folder (see the module docstring)."""
+                   overwrite: bool = False, progress: bool = True, calibration=None) -> Path:
+    """Compile the export's graphs for ``target``; returns the compiled folder (see the module docstring).
+    ``calibration``: token-id windows (the artifact's own calibration text) for the qnn-sdk route."""
     target = target if isinstance(target, Target) else parse_target(target)
     if route not in ROUTES:
         raise CompileError(f"unknown route {route!r}; known: {', '.join(ROUTES)}")
@@ -242,7 +304,8 @@ def compile_export(export_dir: str | Path, target: str | Target = "sm8650", out:
         record = {"target": asdict(target), "route": route, "export": str(export.root.resolve()),
                   "export_hash": export.content_hash, "allow_cpu_fallback": allow_cpu_fallback,
                   "versions": {"onnxruntime": _version("onnxruntime"), "onnxruntime-qnn": _version("onnxruntime-qnn"),
-                               "python": platform.python_version()},
+                               "python": platform.python_version(),
+                               "qnn": ort_qnn_version() if route == "ort" else sdk_qnn_version()},
                   "graphs": {}}
         for g in names:
             if progress:
@@ -255,7 +318,7 @@ def compile_export(export_dir: str | Path, target: str | Target = "sm8650", out:
             else:
                 build = tmp / "build"
                 build.mkdir(exist_ok=True)
-                info = _sdk_compile(g, export, build, target, log)
+                info = _sdk_compile(g, export, build, target, log, calibration)
                 (build / f"{g}.bin").rename(tmp / f"{g}.bin")
                 shutil.rmtree(build)  # the float graph, generated C++ and libraries: rebuilt on demand
                 bins = [f"{g}.bin"]
@@ -265,6 +328,7 @@ def compile_export(export_dir: str | Path, target: str | Target = "sm8650", out:
             info["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}
             info["context_binary"] = bins[0]
             info["context_binary_bytes"] = (tmp / bins[0]).stat().st_size
+            info["qnn_version"] = record["versions"]["qnn"]
             if route == "ort":
                 info["epcontext_model"] = f"{g}.onnx"
             record["graphs"][g] = info

@@ -84,6 +84,17 @@ def strip_qdq(src: str | Path, dst: str | Path):
     for i in g.input:
         if i.type.tensor_type.elem_type in (TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16):
             i.type.tensor_type.elem_type = TensorProto.FLOAT
+    # onnxruntime refuses a graph with two nodes of one name; the folded Q/DQ pairs' consumers can end up
+    # sharing a name with the Identity nodes added above, or with each other where the exporter reused one
+    seen: set[str] = set()
+    for n in kept:
+        if not n.name:
+            continue
+        name, k = n.name, 1
+        while name in seen:
+            name, k = f"{n.name}.{k}", k + 1
+        n.name = name
+        seen.add(name)
     used = {x for n in kept for x in n.input}
     keep_inits = [t for t in g.initializer if t.name in used] + [t for t in new_inits if t.name in used]
     del g.node[:]

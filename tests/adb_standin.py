@@ -21,15 +21,22 @@ rewritten and ``root/bin`` first on ``PATH``, where ``getprop``, ``dumpsys`` and
 stand-in refreshes before every command, as are the sysfs battery files
 ``/sys/class/power_supply/battery/{current_now,voltage_now,temp,capacity,status}``.
 
-Power model (what tests check energy against): the battery delivers ``idle_ma`` while nothing runs and
-``active_ma`` while a command that runs a program from ``/data/local/tmp`` (a workload) runs, at ``voltage_v``; each
-read carries a deterministic +-``noise`` relative jitter. :attr:`PhoneStandIn.draws` records every workload's
-start, end and excess current exactly, so a test knows the energy the phone drew.
+Power model (what tests check energy against): the battery delivers ``idle_ma``, plus ``load_ma`` while a
+pushed qnn-net-run loads its context (CPU and I/O work), plus ``active_ma - idle_ma`` while it executes
+(the NPU): the runtime appends its phases to ``.standin/events`` and :meth:`PhoneStandIn.phases` reads them,
+so a test knows the energy drawn during execute alone (:meth:`PhoneStandIn.execute_energy_mj`). The fuel
+gauge is modelled as phones have it: ``current_now`` changes only every ``gauge_period_s`` and then holds
+the average true current over the period that ended ``gauge_lag_s`` earlier, with a deterministic
++-``noise`` relative jitter per update. Real gauges update about once a second; tests use a short period
+(0.05 s) so they stay fast, and the same rules (at least 10 updates inside the execute phase) then need
+0.65 s of execute instead of 13 s.
 
 Knobs (:class:`Phone`): vendor units and sign of ``current_now`` (µA or mA, negative while discharging),
-a hot phone whose temperature falls over time, charging over USB, small free storage, and a disconnect
-``disconnect_after_s`` seconds into the first workload (the connection drops and the port stops listening,
-as when a phone leaves the Wi-Fi).
+a hot phone whose temperature falls over time, charging over USB, small free storage, battery nodes that
+SELinux keeps unreadable (``cat`` says "Permission denied", as on user builds that deny shell access to
+them), and a disconnect ``disconnect_after_s`` seconds into the first matching workload (the connection
+drops and the port stops listening, as when a phone leaves the Wi-Fi). Compiled contexts are registered
+with :meth:`PhoneStandIn.register_export` (what each binary computes, for tests/data/adb_runtime/qnn-net-run).
 """
 
 from __future__ import annotations
@@ -89,21 +96,20 @@ class Phone:
     disconnect_after_s: float | None = None  # drop off the network this long into the first matching workload
     disconnect_match: str = ""  # regex a workload's command must match to arm the disconnect ("" = any)
     seed: int = 0
+    load_ma: float = 600.0  # extra current while a context loads (CPU, I/O), never the NPU's
+    gauge_period_s: float = 0.05  # fuel-gauge update period (real phones: about 1 s)
+    gauge_lag_s: float = 0.05  # how late each update reports its period's average
+    sysfs_readable: bool = True  # False: SELinux denies reading current_now / voltage_now / temp
+    qnn_version: str = "v2.51.0.260929181845"  # what the pushed qnn-net-run reports
 
 
 @dataclass
 class Draw:
-    """One workload as the battery saw it: wall-clock span and the current above idle it drew."""
+    """One command that ran a program from the sandbox, and its wall-clock span."""
 
     command: str
     start: float
     end: float | None = None
-    excess_ma: float = 0.0
-    voltage_v: float = 0.0
-
-    @property
-    def energy_mj(self) -> float:  # mA * V * s = mW * s = mJ
-        return self.excess_ma * self.voltage_v * ((self.end or time.monotonic()) - self.start)
 
 
 class _Stream:
@@ -263,6 +269,7 @@ class PhoneStandIn:
         self._listener: socket.socket | None = None
         self._armed = False
         self.port = 0
+        self._gauge_stop = threading.Event()
         self._setup_root()
 
     # ---- life cycle
@@ -273,6 +280,7 @@ class PhoneStandIn:
         self._listener.listen(4)
         self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._gauge, daemon=True).start()
         return self
 
     @property
@@ -301,11 +309,12 @@ class PhoneStandIn:
 
     def _go_offline(self) -> None:
         """Leave the network: stop listening, drop the transport, kill what runs (the phone walked away)."""
-        with self._lock:  # the battery stops delivering the workload's current now, before anyone can look
+        with self._lock:
             now = time.monotonic()
             for d in self._active.values():
                 d.end = d.end or now
             self._active.clear()
+        self._gauge_stop.set()
         self.disconnected.set()
         if self._listener is not None:
             try:
@@ -332,9 +341,111 @@ class PhoneStandIn:
         p = self.phone
         return max(p.ambient_c, p.temperature_c - p.cooling_c_per_s * (time.monotonic() - self._t0))
 
-    def current_ma(self) -> float:
-        """True battery current now (mA, positive = delivered by the battery), before units, sign and noise."""
-        return self.phone.active_ma if self._active else self.phone.idle_ma
+    # ---- power: phases the runtime reports, and the fuel gauge
+    def phases(self) -> list[tuple[str, float, float]]:
+        """(phase, start, end) in time.monotonic seconds, from the runtime's events (an open phase ends now)."""
+        path = self.root / ".standin" / "events"
+        out, open_ = [], {}
+        if not path.exists():
+            return out
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) != 3:
+                continue
+            t, phase, what = int(parts[0]) / 1e9, parts[1], parts[2]
+            if what == "begin":
+                open_[phase] = t
+            elif phase in open_:
+                out.append((phase, open_.pop(phase), t))
+        now = time.monotonic()
+        out += [(phase, t, now) for phase, t in open_.items()]
+        return out
+
+    def _level(self, phase: str) -> float:
+        p = self.phone
+        return p.active_ma - p.idle_ma if phase == "execute" else p.load_ma if phase == "load" else 0.0
+
+    def mean_current_ma(self, a: float, b: float) -> float:
+        """True battery current (mA) averaged over [a, b]: idle plus each phase's excess over its overlap."""
+        if b <= a:
+            return self.phone.idle_ma
+        extra = sum(self._level(ph) * max(0.0, min(b, e) - max(a, s)) for ph, s, e in self.phases())
+        return self.phone.idle_ma + extra / (b - a)
+
+    def execute_energy_mj(self) -> float:
+        """Energy drawn above idle during execute phases alone (mA x V x s = mJ)."""
+        p = self.phone
+        return sum((p.active_ma - p.idle_ma) * p.voltage_v * (e - s) for ph, s, e in self.phases() if ph == "execute")
+
+    def execute_seconds(self) -> float:
+        return sum(e - s for ph, s, e in self.phases() if ph == "execute")
+
+    def _gauge(self) -> None:
+        p, bat = self.phone, self.root / BATTERY[1:]
+        while not self._gauge_stop.wait(p.gauge_period_s):
+            now = time.monotonic()
+            true_ma = self.mean_current_ma(now - p.gauge_period_s - p.gauge_lag_s, now - p.gauge_lag_s)
+            self._write_gauge(bat, true_ma)
+
+    def _write_gauge(self, bat: Path, true_ma: float) -> None:
+        p = self.phone
+        if p.charging:
+            true_ma = -(900.0 - true_ma)  # charger current flows into the battery
+        with self._lock:
+            jitter = 1.0 + self._rng.uniform(-p.noise, p.noise)
+        read_ma = true_ma * jitter * (-1.0 if p.negative_discharge else 1.0)
+        current = read_ma * 1000.0 if p.current_unit == "uA" else read_ma
+        _write_atomic(bat / "current_now", f"{int(round(current))}\n")
+        _write_atomic(bat / "voltage_now", f"{int(p.voltage_v * 1e6)}\n")
+        _write_atomic(bat / "temp", f"{int(round(self.temperature_c() * 10))}\n")
+
+    def register_export(self, export: Path, ms_per_inference: float = 20.0, load_ms: float = 50.0,
+                        qnn_version: str | None = None) -> int:
+        """Tell the phone's (simulated) HTP what each context binary of ``export``'s compiled-* folders computes:
+        keyed by the binary's sha256 (compile.json), the export graph it came from, the SoC and QNN version
+        it was built for, its input and output tensors. Returns how many binaries were registered."""
+        import json
+
+        export = Path(export)
+        index = json.loads((export / "export.json").read_text())
+        reg_path = self.root / ".standin" / "contexts.json"
+        reg = json.loads(reg_path.read_text())
+        n = 0
+        for comp in sorted(export.glob("compiled-*/compile.json")):
+            rec = json.loads(comp.read_text())
+            for graph, info in rec["graphs"].items():
+                binary = info["context_binary"]
+                g = index["graphs"][graph]
+                kv = index.get("kv_encoding") or {}
+
+                def tensor(spec):
+                    t = {"name": spec["name"], "shape": spec["shape"], "dtype": spec["dtype"],
+                         "native_dtype": "int32" if spec["dtype"] == "int64" else spec["dtype"]}
+                    enc = spec.get("encoding") or kv.get({"k_cache": "k", "k_out": "k", "v_cache": "v",
+                                                          "v_out": "v"}.get(spec["name"], ""))
+                    if spec["dtype"] == "uint8" and enc:
+                        t["scale"] = float(enc["scale"])
+                        t["zero_point"] = (-float(enc["aimet_offset"]) if "aimet_offset" in enc
+                                           else -float(enc["offset"]))
+                    return t
+
+                reg["contexts"][info["files"][binary]["sha256"]] = {
+                    "onnx": str((export / g["file"]).resolve()), "graph": f"{graph}_qnn",
+                    "soc_model": rec["target"]["soc_model"], "htp_arch": rec["target"]["htp_arch"],
+                    "qnn_version": qnn_version or info.get("qnn_version") or rec["versions"].get("qnn", "2.0.0"),
+                    "inputs": [tensor(s) for s in g["inputs"]], "outputs": [tensor(s) for s in g["outputs"]],
+                    "ms_per_inference": ms_per_inference, "load_ms": load_ms}
+                n += 1
+        _write_atomic(reg_path, json.dumps(reg))
+        return n
+
+    def register_context(self, sha256: str, entry: dict) -> None:
+        import json
+
+        reg_path = self.root / ".standin" / "contexts.json"
+        reg = json.loads(reg_path.read_text())
+        reg["contexts"][sha256] = entry
+        _write_atomic(reg_path, json.dumps(reg))
 
     def used_bytes(self) -> int:
         return sum(f.stat().st_size for f in (self.root / SANDBOX[1:]).rglob("*") if f.is_file())
@@ -362,16 +473,33 @@ class PhoneStandIn:
             "getprop": f'if [ $# -eq 0 ]; then cat "{state}/props"; else '
                        f'sed -n "s/^\\[$1\\]: \\[\\(.*\\)\\]$/\\1/p" "{state}/props"; fi\n',
             "dumpsys": f'if [ "$1" = battery ]; then cat "{state}/battery"; '
+                       f'elif [ "$1" = thermalservice ]; then cat "{state}/thermal"; '
                        f'else echo "Can\'t find service: $1" >&2; exit 1; fi\n',
             "df": f'cat "{state}/df"\n',
+            # SELinux on user builds: reading the fuel gauge's nodes from the shell is denied
+            "cat": f'if [ -f "{state}/sysfs_denied" ]; then for a in "$@"; do case "$a" in '
+                   f'*/power_supply/battery/*) echo "cat: $a: Permission denied" >&2; exit 1;; esac; done; fi; '
+                   f'exec /bin/cat "$@"\n',
         }
         for name, body in scripts.items():
             (bin_ / name).write_text("#!/bin/sh\n" + body)
             (bin_ / name).chmod(0o755)
         # pushed python runtimes find this interpreter first on PATH (no pyenv shim start-up per call)
+        # a wrapper, not a symlink: a venv's interpreter finds its packages only when run by its own path
         link = bin_ / "python3"
-        if not link.exists():
-            link.symlink_to(sys.executable)
+        link.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        link.chmod(0o755)
+        import json
+
+        soc_ids = {"SM8650": ("57", "75"), "SM8550": ("43", "73"), "SM8450": ("36", "69")}
+        soc_model, arch = soc_ids.get(self.phone.soc.upper(), ("0", "0"))
+        (state / "contexts.json").write_text(json.dumps({"contexts": {}, "phone": {"soc_model": soc_model,
+                                                                                   "htp_arch": arch}}))
+        (state / "events").write_text("")
+        if not self.phone.sysfs_readable:
+            (state / "sysfs_denied").write_text("")
+        (state / "thermal").write_text("IsStatusOverride: false\nThermal Status: 0\n")
+        self._write_gauge(self.root / BATTERY[1:], self.phone.idle_ma)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -379,17 +507,8 @@ class PhoneStandIn:
         p = self.phone
         state, bat = self.root / ".standin", self.root / BATTERY[1:]
         temp = self.temperature_c()
-        if p.charging:
-            true_ma = -(900.0 - self.current_ma())  # charger current flows into the battery
-        else:
-            true_ma = self.current_ma()
-        with self._lock:
-            jitter = 1.0 + self._rng.uniform(-p.noise, p.noise)
-        read_ma = true_ma * jitter * (-1.0 if p.negative_discharge else 1.0)
-        current = read_ma * 1000.0 if p.current_unit == "uA" else read_ma
         status = "Charging" if p.charging else "Discharging"
-        files = {"current_now": f"{int(round(current))}\n", "voltage_now": f"{int(p.voltage_v * 1e6)}\n",
-                 "temp": f"{int(round(temp * 10))}\n", "capacity": f"{p.battery_pct}\n", "status": status + "\n"}
+        files = {"capacity": f"{p.battery_pct}\n", "status": status + "\n"}
         for name, text in files.items():
             _write_atomic(bat / name, text)
         _write_atomic(state / "battery", 
@@ -446,7 +565,9 @@ class PhoneStandIn:
         self._refresh()
         workload = _WORKLOAD.search(command) is not None
         env = {"PATH": f"{self.root / 'bin'}:/usr/bin:/bin", "HOME": str(self.root / SANDBOX[1:]),
-               "ANDROID_DATA": str(self.root / "data"), "LANG": "C"}
+               "ANDROID_DATA": str(self.root / "data"), "LANG": "C",
+               "MQ_STANDIN_STATE": str(self.root / ".standin"), "MQ_STANDIN_ROOT": str(self.root.resolve()),
+               "MQ_STANDIN_QNN_VERSION": self.phone.qnn_version}
         proc = subprocess.Popen(["sh", "-c", self._rewrite(command)], cwd=self.root, env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE if v2 else subprocess.STDOUT, start_new_session=True)
@@ -486,7 +607,7 @@ class PhoneStandIn:
     def _begin_workload(self, proc: subprocess.Popen, command: str) -> None:
         p = self.phone
         with self._lock:
-            self._active[proc.pid] = d = Draw(command, time.monotonic(), None, p.active_ma - p.idle_ma, p.voltage_v)
+            self._active[proc.pid] = d = Draw(command, time.monotonic(), None)
             self.draws.append(d)
             arm = (p.disconnect_after_s is not None and not self._armed
                    and re.search(p.disconnect_match, command) is not None)

@@ -291,6 +291,38 @@ def copy_export(src: Path, dst: Path, **index_changes) -> Path:
 
 
 def tiny_exporter(artifact_dir: str, out_dir: Path, prefill: int, ctx: int) -> Path:
-    """The device stage's export step for tests (``farm.sweep.Options.exporter``): the tiny export in place
+    """The device stage's export step for tests (``farm.orchestrate.sweep.Options.exporter``): the tiny export in place
     of the trial's real model, until tests run the real exporter on every trial."""
     return make_tiny_export(Path(out_dir))
+
+
+RUNTIME = Path(__file__).parent / "data" / "adb_runtime"
+
+
+def qnn_sdk_root(path: Path, htp_arch: str = "75", omit: tuple[str, ...] = ()) -> Path:
+    """A QNN SDK root laid out as QAIRT ships it, holding the 8 files a phone run needs for ``htp_arch``:
+    the test qnn-net-run / qnn-profile-viewer (tests/data/adb_runtime) and stand-in libraries. ``omit``:
+    SDK-relative paths to leave out (missing-file tests)."""
+    from devicelab.qnn_sdk import sdk_files
+
+    path = Path(path)
+    for rel in sdk_files(htp_arch):
+        if rel in omit:
+            continue
+        dst = path / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src = RUNTIME / Path(rel).name
+        if src.is_file():
+            shutil.copy(src, dst)
+        else:
+            dst.write_bytes(b"\x7fELF stand-in for " + Path(rel).name.encode())
+    return path
+
+
+def compiled_tiny_export(path: Path, target: str = "sm8650") -> Path:
+    """The tiny export compiled for ``target`` by the real onnxruntime-qnn HTP compiler (a few seconds)."""
+    from devicelab.compile import compile_export
+
+    export = make_tiny_export(Path(path))
+    compile_export(export, target, progress=False)
+    return export

@@ -1,78 +1,69 @@
-"""``adb``: an Android phone through adbutils and the adb server (USB, or ``adb connect HOST:PORT`` over Wi-Fi).
+"""``adb``: an Android phone (USB, or ``adb connect HOST:PORT`` over Wi-Fi) running the user's QNN SDK.
 
-The reference's device step (MOBILEQUANT.md §7), made a backend:
+* ``prepare(EXPORT, windows=...)``: the export's ``compiled-<soc>/`` for THIS phone's SoC (no other one:
+  a context binary loads only on the SoC it was compiled for), its ``compile.json`` (which QNN built each
+  binary), the 8 runtime files for the phone's HTP arch (:func:`devicelab.qnn_sdk.sdk_files`; a missing
+  one is named), raw inputs and an input list per graph (:mod:`devicelab.net_inputs`: real token ids
+  from the caller for prefill, a cache filled by a real prefill for decode) and the perf config; checks
+  free storage for all of it plus the outputs the runs will write, pushes it once, and refuses a phone
+  runtime older than the QNN that built the binary (both versions named).
+* ``run(prepared, workload)``: battery, charging and cool-down checks, then ONE ``adb shell`` that starts
+  the phone-side gauge sampler (:mod:`devicelab.power`), idles ``baseline_s``, runs ONE qnn-net-run
+  process for the block (``--num_inferences warmup+repeats``, ``--keep_num_outputs 1``,
+  ``--shared_buffer``, ``--config_file`` with the burst perf profile) between two clock markers, idles
+  ``baseline_s`` again. Samples are the per-inference execute times of the profile minus the first
+  ``max(1, warmup)`` (the first inference warms caches and clocks); the context load (Init) time is a
+  metric of its own (``context_load_ms``); energy is taken over the execute phase only
+  (:func:`devicelab.power.execute_window`), or refused with the reason while the latency is kept.
+* ``outputs(prepared, graph, n)``: one process over the first ``n`` input-list lines keeping all their
+  outputs, pulled back (:mod:`devicelab.device_eval` scores them against onnxruntime's CPU).
+* ``compare_blocks(prepared_by_label, workload, rounds)``: A/B blocks alternating in one shell session.
 
-* ``prepare``: push the compiled model and the runtime into ``/data/local/tmp/mqfarm/<key>/`` after checking
-  free storage (a DeviceError names the phone, the bytes needed and the bytes free). The runtime is the
-  user's QNN SDK for aarch64-android (``qnn-net-run``, ``qnn-profile-viewer``, ``libQnnHtp*.so`` and the
-  ``hexagon-v75`` skel, taken from an SDK root or a flat folder), or Genie's ``genie-t2t-run``, or any
-  command the inventory names (``runtime_cmd``);
-* ``run``: check the battery level, wait (bounded) for the phone to cool down, refuse power measurement
-  while it charges over USB unless ``allow_charging``, take an idle power baseline, run every repeat in one
-  shell session while a background thread samples ``current_now``/``voltage_now``, pull the outputs, and
-  parse the timings from the runtime's own report: ``qnn-profile-viewer``'s "Execute Stats (Average)"
-  NetRun time per run (the reference's "Average latency", read from the Average block), or Genie's
-  ``--profile`` JSON (time-to-first-token, token-generation-rate).
-
-Conventions: latency samples in ms, one per run of the runtime (qnn-net-run: the average over its
-``--num_inferences``; genie: TTFT for prefill, 1000 / tokens-per-second for decode); power in mW above the
-idle baseline while the runs went on; energy per token in mJ = that power x the median sample / the tokens
-one sample covers (prefill: the prompt's tokens, decode: one). ``current_now`` is µA on most phones and mA on
-some, negative while discharging on some and positive on others: units are read from the magnitude
-(``current_unit: auto``) or set per phone, and the sign is dropped while discharging. ``voltage_now`` is µV
-(mV when the value is below 100000). A phone that leaves the adb server mid-run raises
-:class:`~devicelab.protocol.DeviceLost`, which the pool retries on another phone of the same kind.
+Conventions: latency in ms, power in mW above the idle baseline, energy per token in mJ (prefill: the
+compiled prompt length per inference; decode: one token). A phone that leaves the adb server mid-run
+raises :class:`~devicelab.protocol.DeviceLost` (the pool retries on another phone).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
-import shlex
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import stats
-from ..exported import read_export
-from ..inventory import DeviceEntry, adb_server_address
+import numpy as np
+
+from .. import net_inputs, power, qnn_sdk, stats
+from ..android import Phone
+from ..exported import Export, read_export
+from ..genie import genie_command, parse_genie_profile
+from ..inventory import DeviceEntry
 from ..protocol import Device, DeviceError, DeviceInfo, DeviceLost, Health, Measurement, Workload
 
 REMOTE_ROOT = "/data/local/tmp/mqfarm"
-BATTERY = "/sys/class/power_supply/battery"
-QNN_SDK_FILES = ("bin/aarch64-android/qnn-net-run", "bin/aarch64-android/qnn-profile-viewer",
-                 "lib/aarch64-android/libQnnHtp.so", "lib/aarch64-android/libQnnHtpV75Stub.so",
-                 "lib/aarch64-android/libQnnHtpPrepare.so", "lib/aarch64-android/libQnnSystem.so",
-                 "lib/aarch64-android/libQnnHtpNetRunExtensions.so", "lib/hexagon-v75/unsigned/libQnnHtpV75Skel.so")
-QNN_CMD = ("LD_LIBRARY_PATH=. ADSP_LIBRARY_PATH=. ./qnn-net-run --retrieve_context={context} "
-           "--backend=libQnnHtp.so --num_inferences={inferences} --perf_profile=burst --profiling_level=basic "
-           "--output_dir={output_dir}{input_list}")
-GENIE_CMD = "LD_LIBRARY_PATH=. ADSP_LIBRARY_PATH=. ./genie-t2t-run -c {config} -p {prompt} --profile {profile}"
-_VERSION_RE = re.compile(r"v?(\d+\.\d+\.\d+(?:\.\d+)?)")
 
 
 @dataclass
 class AdbOptions:
     """Per-phone settings (the inventory's ``phones[]`` keys). Times in s, temperatures in °C."""
 
-    runtime_dir: Path | None = None  # a QNN SDK root or a flat folder of files to push
-    runtime_cmd: str = ""  # overrides the default command; placeholders as QNN_CMD / GENIE_CMD
-    runtime: str = ""  # qnn-net-run | genie-t2t-run; default: from runtime_cmd or the folder's files
-    inferences_per_run: int = 10  # qnn-net-run --num_inferences of one sample
+    runtime_dir: Path | None = None  # a QNN SDK root, or a flat folder holding the same files
+    runtime_cmd: str = ""  # genie-t2t-run only: a command template (GENIE_CMD's placeholders)
+    runtime: str = ""  # qnn-net-run | genie-t2t-run; default: from the folder's files
     min_battery_pct: float = 20.0
     max_temp_c: float = 40.0  # battery temperature to cool down to before a run
     cooldown_timeout_s: float = 600.0
-    poll_s: float = 2.0  # how often to read the temperature while cooling down
+    poll_s: float = 2.0
     allow_charging: bool = False
-    baseline_s: float = 2.0  # idle power baseline taken right before the run
-    sample_interval_s: float = 0.05
-    run_timeout_s: float = 3600.0  # one run() of all repeats; a runtime that hangs longer fails the record
+    baseline_s: float = 6.0  # idle before and after the process: several gauge periods at ~1 Hz
+    sample_interval_s: float = 0.05  # the phone-side gauge sampler's sleep between reads
+    run_timeout_s: float = 3600.0
     current_unit: str = "auto"  # auto | uA | mA
-    pull_dir: Path | None = None  # where run outputs are pulled (default: a temporary folder)
+    lag_periods: float = 2.0  # how late the gauge may report, in update periods
+    pull_dir: Path | None = None  # where outputs are pulled (default: a temporary folder)
 
 
 @dataclass
@@ -84,12 +75,15 @@ class AdbPrepared:
     model_id: str = ""
     pushed_bytes: int = 0
     files: list = field(default_factory=list)
-    prompt_len: int | None = None  # the compiled prefill graph's fixed prompt length, when the export says
+    prompt_len: int | None = None
+    inputs: dict = field(default_factory=dict)  # graph -> net_inputs.GraphInputs
+    export: Export | None = None
+    built_by: dict = field(default_factory=dict)  # graph -> QNN version that built its context binary
+    target: dict = field(default_factory=dict)  # compile.json's target
+    input_source: str = ""
 
 
 class AdbDevice(Device):
-    """One phone, by adb serial, through the adb server at ``server`` (default: $ANDROID_ADB_SERVER_*)."""
-
     kind = "adb"
 
     def __init__(self, serial: str, *, name: str | None = None, options: AdbOptions | None = None,
@@ -97,101 +91,43 @@ class AdbDevice(Device):
         self.serial = serial
         self.name = name or serial
         self.options = options or AdbOptions()
-        self.server = server or adb_server_address()
+        self.phone = Phone(serial, self.name, server)
+        self.server = self.phone.server
         self._progress = progress or _to_stderr
-        self._client = None
         self._info: DeviceInfo | None = None
         self._runtime_version = ""
 
-    # -- adb plumbing -----------------------------------------------------------------------------------
-
-    def client(self):
-        import adbutils
-
-        if self._client is None:
-            self._client = adbutils.AdbClient(host=self.server[0], port=self.server[1], socket_timeout=30)
-        return self._client
-
-    def _state(self) -> str:
-        """The adb server's state for this serial (device, offline, unauthorized...), "absent" when unlisted."""
-        try:
-            for info in self.client().list():
-                if info.serial == self.serial:
-                    return info.state
-        except Exception:  # no server, server died: the phone is not reachable, which is what we report
-            return "absent"
-        return "absent"
-
-    def _device(self):
-        return self.client().device(self.serial)
-
-    def _lost_or_error(self, what: str, e: BaseException) -> DeviceError:
-        state = self._state()
-        if state != "device":
-            return DeviceLost(f"{self.name}: lost while trying to {what} (adb state: {state}; {type(e).__name__}: {e})")
-        return DeviceError(f"{self.name}: failed to {what}: {type(e).__name__}: {e}")
-
-    def shell(self, cmd: str, what: str, timeout: float | None = 120.0, check: bool = True) -> str:
-        """Run ``cmd`` with shell v2 (exit code and stderr kept); DeviceLost when the phone went away."""
-        try:
-            res = self._device().shell2(cmd, timeout=timeout, v2=True)
-        except Exception as e:  # adbutils raises AdbError, EOFError, OSError, socket timeouts
-            raise self._lost_or_error(what, e) from None
-        if check and res.returncode != 0:
-            raise DeviceError(f"{self.name}: failed to {what}: `{cmd}` exited with {res.returncode}: "
-                              f"{(res.stderr or res.stdout).strip()[-400:]}")
-        return res.stdout
-
     # -- identity and health ----------------------------------------------------------------------------
 
-    PROPS = ("ro.product.manufacturer", "ro.product.model", "ro.soc.model", "ro.board.platform",
-             "ro.build.fingerprint", "ro.build.version.release", "ro.build.version.sdk", "ro.product.cpu.abi")
+    def shell(self, cmd: str, what: str, timeout: float | None = 120.0, check: bool = True):
+        return self.phone.shell(cmd, what, timeout, check)
 
     def info(self) -> DeviceInfo:
-        """Model, SoC (``ro.soc.model``, Android 12+, else the board platform), build fingerprint, runtime
-        and its version (known once ``prepare`` has asked the pushed runtime)."""
+        """Model, SoC (``ro.soc.model``, else the board platform), build, runtime and its version (known once
+        ``prepare`` asked the pushed runtime)."""
         if self._info is None:
-            out = self.shell("; ".join(f"getprop {p}" for p in self.PROPS), "read its properties")
-            props = dict(zip(self.PROPS, (out.splitlines() + [""] * len(self.PROPS))[:len(self.PROPS)]))
+            props = self.phone.props()
+            soc = props["ro.soc.model"] or props["ro.board.platform"]
+            extra = {"serial": self.serial, "android": props["ro.build.version.release"],
+                     "sdk": props["ro.build.version.sdk"], "abi": props["ro.product.cpu.abi"],
+                     "platform": props["ro.board.platform"]}
+            if soc.upper() in qnn_sdk.SOCS:
+                extra["soc_model"], extra["htp_arch"] = qnn_sdk.SOCS[soc.upper()]
             self._info = DeviceInfo(
                 name=self.name, kind=self.kind,
                 model=f"{props['ro.product.manufacturer']} {props['ro.product.model']}".strip(),
-                soc=props["ro.soc.model"] or props["ro.board.platform"], os_build=props["ro.build.fingerprint"],
-                runtime=self._runtime_kind(), runtime_version="",
-                extra={"serial": self.serial, "android": props["ro.build.version.release"],
-                       "sdk": props["ro.build.version.sdk"], "abi": props["ro.product.cpu.abi"],
-                       "platform": props["ro.board.platform"]})
+                soc=soc, os_build=props["ro.build.fingerprint"], runtime=self._runtime_kind(), extra=extra)
         self._info.runtime_version = self._runtime_version or self._info.runtime_version
         return self._info
 
     def battery(self) -> dict:
-        """``dumpsys battery``: level (%), temperature (°C), charging (USB/AC/wireless powered or status 2)."""
-        out = self.shell("dumpsys battery", "read the battery state")
-        kv = {}
-        for line in out.splitlines():
-            key, sep, value = line.strip().partition(":")
-            if sep:
-                kv[key.strip().lower()] = value.strip()
-        powered = any(kv.get(f"{src} powered") == "true" for src in ("ac", "usb", "wireless"))
-        usb = kv.get("usb powered") == "true"
-        scale = float(kv.get("scale", 100) or 100)
-        return {"level_pct": float(kv["level"]) * 100.0 / scale if "level" in kv else None,
-                "temperature_c": float(kv["temperature"]) / 10.0 if "temperature" in kv else None,
-                "charging": powered or kv.get("status") == "2", "usb_powered": usb}
+        return self.phone.battery()
 
     def free_bytes(self) -> int:
-        """Free bytes where models go (``df -k`` of /data/local/tmp: 1K blocks, Available column)."""
-        out = self.shell("df -k /data/local/tmp", "read free storage")
-        rows = [r.split() for r in out.splitlines() if r.strip()]
-        try:
-            head = [h.lower() for h in rows[0]]
-            col = head.index("available") if "available" in head else 3
-            return int(rows[-1][col]) * 1024
-        except (IndexError, ValueError):
-            raise DeviceError(f"{self.name}: cannot read free storage from `df -k /data/local/tmp`: {out!r}") from None
+        return self.phone.free_bytes()
 
     def health(self) -> Health:
-        state = self._state()
+        state = self.phone.state()
         if state != "device":
             return Health(online=False, detail=f"{self.name}: adb state {state!r} (serial {self.serial})")
         try:
@@ -202,7 +138,7 @@ class AdbDevice(Device):
         return Health(online=True, battery_pct=bat["level_pct"], temperature_c=bat["temperature_c"],
                       charging=bat["charging"], free_storage_bytes=free)
 
-    # -- prepare ----------------------------------------------------------------------------------------
+    # -- what to push -------------------------------------------------------------------------------------
 
     def _runtime_kind(self) -> str:
         o = self.options
@@ -210,124 +146,168 @@ class AdbDevice(Device):
             return o.runtime
         if "genie-t2t-run" in o.runtime_cmd:
             return "genie-t2t-run"
-        if o.runtime_dir is not None and not o.runtime_cmd:
+        if o.runtime_dir is not None:
             root = Path(o.runtime_dir).expanduser()
             if (root / "genie-t2t-run").is_file() and not (root / "qnn-net-run").is_file():
                 return "genie-t2t-run"
         return "qnn-net-run"
 
+    def htp_arch(self) -> str:
+        info = self.info()
+        return qnn_sdk.soc_arch(info.soc)[1] if info.soc.upper() in qnn_sdk.SOCS else ""
+
     def runtime_files(self) -> list[Path]:
-        """What to push for the runtime: the reference's QNN SDK files (MOBILEQUANT.md §7) from an SDK root,
-        or every file of a flat runtime folder."""
+        """The QNN SDK files for this phone's HTP arch, from an SDK root or a flat folder; DeviceError
+        naming every missing one."""
         if self.options.runtime_dir is None:
-            raise DeviceError(f"{self.name}: no runtime_dir: name the folder of qnn-net-run and libQnnHtp*.so for "
-                              f"aarch64-android (or a QNN SDK root) in the devices file under phones[].runtime_dir")
+            raise DeviceError(f"{self.name}: no runtime_dir: name your QNN SDK root (or a folder of its aarch64-android "
+                              f"files) in the devices file under phones[].runtime_dir")
         root = Path(self.options.runtime_dir).expanduser()
-        if (root / "bin" / "aarch64-android").is_dir():
-            files = [root / f for f in QNN_SDK_FILES if (root / f).is_file()]
-            missing = [f for f in QNN_SDK_FILES[:3] if not (root / f).is_file()]
-            if missing:
-                raise DeviceError(f"{self.name}: QNN SDK {root} lacks {', '.join(missing)}")
-            return files
         if not root.is_dir():
             raise DeviceError(f"{self.name}: runtime_dir {root} is not a folder")
-        return sorted(p for p in root.iterdir() if p.is_file())
+        if self._runtime_kind() == "genie-t2t-run":
+            return sorted(p for p in root.iterdir() if p.is_file())
+        arch = self.htp_arch()
+        if not arch:
+            raise DeviceError(f"{self.name}: SoC {self.info().soc!r} has no known HTP arch (known SoCs: "
+                              f"{', '.join(qnn_sdk.SOCS)})")
+        wanted = qnn_sdk.sdk_files(arch)
+        sdk = (root / "bin" / "aarch64-android").is_dir()
+        paths = [root / f if sdk else root / Path(f).name for f in wanted]
+        missing = [str(f) for f, p in zip(wanted, paths) if not p.is_file()]
+        if missing:
+            raise DeviceError(f"{self.name}: {'QNN SDK' if sdk else 'runtime folder'} {root} lacks "
+                              f"{', '.join(missing if sdk else [Path(m).name for m in missing])} "
+                              f"(needed for HTP v{arch}, the phone's {self.info().soc})")
+        return paths
 
-    def model_files(self, model: Path) -> tuple[list[Path], dict, str, int | None]:
-        """The compiled model's files, the context binary per graph, the model id (export content hash) and
-        the prefill graph's prompt length (from export.json, None without one).
-
-        ``model``: a context binary (``.bin``), a compiled folder (``compiled-<target>/``: every file is
-        pushed; ``prefill*.bin`` / ``decode*.bin`` serve those graphs, a single ``.bin`` serves both), or an
-        export folder, whose ``compiled-*`` folder for this phone's SoC is used.
-        """
+    def compiled_folder(self, model: Path) -> tuple[Path, Export | None, dict]:
+        """The compiled folder for this phone, its export (None for a bare folder) and compile.json."""
         model = Path(model)
         if not model.exists():
             raise DeviceError(f"{self.name}: model {model} does not exist")
-        model_id, export = "", None
+        soc = self.info().soc
         if (model / "export.json").is_file():
-            export = read_export(model)  # ExportError for an unknown exporter or version
+            export = read_export(model)
             compiled = sorted(p for p in model.glob("compiled-*") if p.is_dir())
-            soc = self.info().soc.lower()
-            fitting = [p for p in compiled if soc and soc in p.name.lower()] or compiled
+            fitting = [p for p in compiled if soc and p.name.lower() == f"compiled-{soc.lower()}"]
             if not fitting:
-                raise DeviceError(f"{self.name}: export {model} has no compiled-* folder; compile it for the phone "
-                                  f"first (farm compile)")
-            model = fitting[0]
-        elif (model.parent / "export.json").is_file():
-            export = read_export(model.parent)
-        if export is not None:
-            model_id = export.content_hash
-            prompt_len = export.index.get("graphs", {}).get("prefill", {}).get("prompt_len")
+                have = ", ".join(p.name for p in compiled) or "none"
+                raise DeviceError(f"{self.name}: export {model} has no compiled-{soc.lower()} folder for this phone's "
+                                  f"SoC {soc} (has: {have}); compile it for the phone first: farm compile {model} "
+                                  f"--target {soc.lower()}")
+            folder = fitting[0]
         else:
-            prompt_len = None
-        files = [model] if model.is_file() else sorted(p for p in model.iterdir() if p.is_file())
-        bins = [p.name for p in files if p.suffix == ".bin"]
-        if self._runtime_kind() == "genie-t2t-run":
-            configs = [p.name for p in files if p.suffix == ".json" and "genie" in p.name]
-            if not configs:
-                raise DeviceError(f"{self.name}: {model} has no Genie config (*genie*.json) for genie-t2t-run")
-            return files, {"*": configs[0]}, model_id, prompt_len
-        if not bins:
-            raise DeviceError(f"{self.name}: {model} has no QNN context binary (.bin) to run")
-        contexts = {g: b for g in ("prefill", "decode") for b in bins if b.startswith(g)}
-        if len(bins) == 1:
-            contexts["*"] = bins[0]
-        return files, contexts, model_id, prompt_len
+            folder = model
+            export = read_export(model.parent) if (model.parent / "export.json").is_file() else None
+        record = {}
+        if (folder / "compile.json").is_file():
+            record = json.loads((folder / "compile.json").read_text())
+            want = qnn_sdk.SOCS.get(soc.upper(), (None, None))[0]
+            got = str(record.get("target", {}).get("soc_model", ""))
+            if want and got and got != want:
+                raise DeviceError(f"{self.name}: {folder} was compiled for soc_model {got} "
+                                  f"({record['target'].get('name', '?')}), this phone's {soc} is soc_model {want}: a "
+                                  f"context binary loads only on the SoC it was compiled for")
+        return folder, export, record
 
-    def prepare(self, model: Path) -> AdbPrepared:
-        state = self._state()
+    # -- prepare ------------------------------------------------------------------------------------------
+
+    def prepare(self, model: Path, windows: np.ndarray | None = None) -> AdbPrepared:
+        """Push the runtime, the model and its inputs (see the module docstring). ``windows``: token ids,
+        one row per prompt, of the compiled prompt length (real text from the caller); without them the
+        export's synthetic ids are used and the record says so."""
+        state = self.phone.state()
         if state != "device":
             raise DeviceLost(f"{self.name}: not available to the adb server (state {state!r}, serial {self.serial})")
-        files, contexts, model_id, prompt_len = self.model_files(Path(model))
-        files = self.runtime_files() + files
+        if self._runtime_kind() == "genie-t2t-run":
+            return self._prepare_genie(Path(model))
+        folder, export, record = self.compiled_folder(Path(model))
+        runtime = self.runtime_files()
+        graphs = record.get("graphs", {})
+        bins = sorted(p.name for p in folder.iterdir() if p.suffix == ".bin")
+        contexts = {g: info["context_binary"] for g, info in graphs.items() if info.get("context_binary") in bins}
+        if not contexts:
+            contexts = {g: b for g in ("prefill", "decode") for b in bins if b.startswith(g)}
+        if not contexts:
+            raise DeviceError(f"{self.name}: {folder} has no QNN context binary (.bin) to run")
+        if export is None:
+            raise DeviceError(f"{self.name}: {folder} is not inside an export folder: the inputs are written from "
+                              f"the export's export.json")
+        key_src = "\n".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in runtime + [folder / b for b in
+                                                                                                 contexts.values()])
+        remote = f"{REMOTE_ROOT}/{hashlib.sha256(key_src.encode()).hexdigest()[:12]}"
+        stage = Path(tempfile.mkdtemp(prefix="mqfarm-adb-inputs-"))
+        if windows is None:
+            t = int(export.graph("prefill").meta.get("prompt_len", export.graph("prefill").inputs[0]["shape"][1]))
+            windows = np.random.default_rng(0).integers(0, export.vocab_size, size=(1, t))
+            source = "synthetic token ids (no windows given)"
+        else:
+            source = f"{len(windows)} window(s) of caller-given token ids"
+        inputs = {g: net_inputs.write_inputs(export, g, windows, stage, remote) for g in contexts
+                  if g in export.index.get("graphs", {})}
+        soc_model, arch = qnn_sdk.soc_arch(self.info().soc)
+        (stage / "htp_config.json").write_text(json.dumps(qnn_sdk.htp_config(soc_model, arch)))
+        (stage / "htp_backend_ext.json").write_text(json.dumps(qnn_sdk.backend_config(f"{remote}/htp_config.json")))
+        files = runtime + [folder / b for b in sorted(set(contexts.values()))] + sorted(stage.iterdir())
         names = [f.name for f in files]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise DeviceError(f"{self.name}: runtime and model both have {', '.join(sorted(dupes))}")
-        key = hashlib.sha256("\n".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-                             .encode()).hexdigest()[:12]
-        remote = f"{REMOTE_ROOT}/{key}"
         sizes = {f.name: f.stat().st_size for f in files}
-        present = self._remote_sizes(remote)
-        needed = sum(size for n, size in sizes.items() if present.get(n) != size)
+        present = self.phone.remote_sizes(remote)
+        outputs = sum(net_inputs.output_bytes(export, g) * max(1, gi.lines) for g, gi in inputs.items())
+        needed = sum(s for n, s in sizes.items() if present.get(n) != s) + outputs
         free = self.free_bytes()
         if needed > free:
-            raise DeviceError(f"{self.name}: not enough storage for the model and runtime: needs {needed} bytes in "
-                              f"/data/local/tmp, {free} bytes free (serial {self.serial})")
+            raise DeviceError(f"{self.name}: not enough storage: needs {needed} bytes in /data/local/tmp (model, "
+                              f"runtime, inputs and {outputs} bytes of outputs), {free} bytes free (serial {self.serial})")
         self.shell(f"mkdir -p {remote}", f"create {remote}")
         pushed = 0
         for f in files:
             if present.get(f.name) == sizes[f.name]:
                 continue
             self._progress(f"{self.name}: push {f.name} ({sizes[f.name]} bytes)")
-            try:
-                self._device().sync.push(f, f"{remote}/{f.name}", mode=0o755)
-            except Exception as e:
-                raise self._lost_or_error(f"push {f} to {remote}", e) from None
+            self.phone.push(f, f"{remote}/{f.name}", mode=0o755)
             pushed += sizes[f.name]
-        kind = self._runtime_kind()
-        version = self._probe_version(remote, kind)
+        version = self._probe_version(remote, "qnn-net-run")
         self._runtime_version = version
-        return AdbPrepared(remote, contexts, kind, version, model_id, pushed, names, prompt_len)
+        built_by = {g: graphs.get(g, {}).get("qnn_version") or record.get("versions", {}).get("qnn", "")
+                    for g in contexts}
+        for g, v in built_by.items():
+            qnn_sdk.check_runtime_version(self.name, version, v, f"{folder.name}/{contexts[g]}")
+        prompt_len = export.index.get("graphs", {}).get("prefill", {}).get("prompt_len")
+        return AdbPrepared(remote, contexts, "qnn-net-run", version, export.content_hash, pushed, names, prompt_len,
+                           inputs, export, built_by, record.get("target", {}), source)
 
-    def _remote_sizes(self, remote: str) -> dict:
-        try:
-            return {e.path: e.size for e in self._device().sync.list(remote) if e.path not in (".", "..")}
-        except Exception as e:
-            raise self._lost_or_error(f"list {remote}", e) from None
+    def _prepare_genie(self, model: Path) -> AdbPrepared:
+        files = [model] if model.is_file() else sorted(p for p in model.iterdir() if p.is_file())
+        configs = [p.name for p in files if p.suffix == ".json" and "genie" in p.name]
+        if not configs:
+            raise DeviceError(f"{self.name}: {model} has no Genie config (*genie*.json) for genie-t2t-run")
+        files = self.runtime_files() + files
+        remote = f"{REMOTE_ROOT}/{hashlib.sha256(''.join(f.name for f in files).encode()).hexdigest()[:12]}"
+        free, needed = self.free_bytes(), sum(f.stat().st_size for f in files)
+        if needed > free:
+            raise DeviceError(f"{self.name}: not enough storage: needs {needed} bytes in /data/local/tmp, {free} "
+                              f"bytes free (serial {self.serial})")
+        self.shell(f"mkdir -p {remote}", f"create {remote}")
+        for f in files:
+            self.phone.push(f, f"{remote}/{f.name}", mode=0o755)
+        version = self._probe_version(remote, "genie-t2t-run")
+        self._runtime_version = version
+        return AdbPrepared(remote, {"*": configs[0]}, "genie-t2t-run", version, "", needed, [f.name for f in files])
 
     def _probe_version(self, remote: str, kind: str) -> str:
-        out = self.shell(f"cd {remote} && LD_LIBRARY_PATH=. ./{kind} --version", f"ask {kind} its version",
+        res = self.shell(f"cd {remote} && LD_LIBRARY_PATH={remote} ./{kind} --version", f"ask {kind} its version",
                          check=False)
-        m = _VERSION_RE.search(out)
-        return m.group(1) if m else ""
+        v = qnn_sdk.parse_version(res.stdout)
+        return qnn_sdk.version_text(v) if v else ""
 
-    # -- run ----------------------------------------------------------------------------------------------
+    # -- checks before a run --------------------------------------------------------------------------------
 
     def ready_for_run(self, workload: Workload) -> dict:
-        """The pre-run checks: battery level, charging vs power measurement, and a bounded cool-down wait.
-        Returns what the record keeps (start temperature, seconds waited)."""
+        """Battery level, charging vs power measurement, and a bounded cool-down wait."""
         o = self.options
         bat = self.battery()
         if bat["level_pct"] is not None and bat["level_pct"] < o.min_battery_pct:
@@ -337,7 +317,7 @@ class AdbDevice(Device):
         if workload.measure_power and bat["charging"] and not allow:
             how = "over USB" if bat["usb_powered"] else "(plugged in)"
             raise DeviceError(f"{self.name}: charging {how}, so current_now reads the charger, not the workload: "
-                              f"refusing to measure power; use adb over Wi-Fi with the cable out, disable charging, "
+                              f"refusing to measure; use adb over Wi-Fi with the cable out, disable charging, "
                               f"or set allow_charging (devices file, or the workload) to measure anyway")
         t0, start_temp = time.monotonic(), bat["temperature_c"]
         temp = start_temp
@@ -349,56 +329,10 @@ class AdbDevice(Device):
             self._progress(f"{self.name}: {temp:.1f} °C > {o.max_temp_c:.1f} °C, cooling down")
             time.sleep(min(o.poll_s, max(0.0, o.cooldown_timeout_s - waited)))
             temp = self.battery()["temperature_c"]
-        return {"temperature_c_start": start_temp, "temperature_c_run": temp,
-                "cooldown_s": round(time.monotonic() - t0, 3), "battery_pct": bat["level_pct"],
-                "charging": bat["charging"]}
+        return {"temperature_c_start": start_temp, "cooldown_s": round(time.monotonic() - t0, 3),
+                "battery_pct": bat["level_pct"], "charging": bat["charging"]}
 
-    def run(self, prepared: AdbPrepared, workload: Workload) -> Measurement:
-        if workload.repeats < 1 or workload.warmup < 0:
-            raise DeviceError(f"{self.name}: workload needs repeats >= 1 and warmup >= 0, got repeats "
-                              f"{workload.repeats}, warmup {workload.warmup}")
-        checks = self.ready_for_run(workload)
-        baseline = self._sample_for(self.options.baseline_s) if workload.measure_power else []
-        runs = workload.warmup + workload.repeats
-        if prepared.runtime == "genie-t2t-run":
-            command, outputs = self._genie_command(prepared, workload, runs)
-        else:
-            command, outputs = self._qnn_command(prepared, workload, runs)
-        sampler = _Sampler(self) if workload.measure_power else None
-        if sampler:
-            sampler.start()
-        t0 = time.monotonic()
-        try:
-            self._progress(f"{self.name}: {prepared.runtime}, {workload.warmup} warm-up + {workload.repeats} runs")
-            self.shell(command, f"run {prepared.runtime} ({runs} runs)", timeout=self.options.run_timeout_s)
-        finally:
-            window_s = time.monotonic() - t0
-            samples = sampler.stop() if sampler else []
-        if prepared.runtime == "genie-t2t-run":
-            per_run, tokens_per_sample, extra = self._genie_results(prepared, workload, outputs[workload.warmup:])
-        else:
-            per_run, tokens_per_sample, extra = self._qnn_results(prepared, workload, outputs[workload.warmup:])
-        extra.update(checks)
-        try:  # the numbers are in hand: a failed pull is noted, not allowed to throw them away
-            extra["pulled"] = self._pull(prepared, outputs[-1])
-        except DeviceError as e:
-            extra["pulled"] = {"error": str(e)}
-        extra["window_s"] = round(window_s, 4)
-        rec = Measurement(device=self.info(), workload=workload, model_id=prepared.model_id,
-                          samples_ms=per_run, latency_meaningful=True, **stats.summarize(per_run))
-        if workload.graph == "decode" or prepared.runtime == "genie-t2t-run":
-            rec.tokens_per_s = extra.pop("tokens_per_s", None) or 1000.0 / rec.median_ms
-        if workload.measure_power:
-            if sampler.error is not None and len(samples) < 3:
-                raise DeviceError(f"{self.name}: power sampling failed during the run: {sampler.error}")
-            power = power_above_baseline(baseline, samples, self.options.current_unit)
-            rec.power_mw = power["power_mw"]
-            rec.energy_mj_per_token = power["power_mw"] * rec.median_ms / 1000.0 / tokens_per_sample
-            extra["power"] = {**power, "energy_window_mj": power["power_mw"] * window_s, "skipped": sampler.skipped,
-                              "while_charging": checks["charging"]}
-        extra["tokens_per_sample"] = tokens_per_sample
-        rec.extra = extra
-        return rec
+    # -- one shell session of blocks -----------------------------------------------------------------------
 
     def _context_for(self, prepared: AdbPrepared, graph: str) -> str:
         ctx = prepared.contexts.get(graph) or prepared.contexts.get("*")
@@ -407,218 +341,191 @@ class AdbDevice(Device):
                               f"(has {', '.join(sorted(prepared.contexts))})")
         return ctx
 
-    def _qnn_command(self, prepared: AdbPrepared, workload: Workload, runs: int) -> tuple[str, list[str]]:
-        ctx = self._context_for(prepared, workload.graph)
-        input_list = " --input_list=input_list.txt" if "input_list.txt" in prepared.files else ""
-        template = self.options.runtime_cmd or QNN_CMD
-        outputs = [f"out/run_{i}" for i in range(runs)]
-        body = template.format(context=ctx, inferences=self.options.inferences_per_run, output_dir="out/run_$i",
-                               input_list=input_list)
-        return (f"cd {prepared.remote_dir} && rm -rf out && mkdir -p out && "
-                f"for i in $(seq 0 {runs - 1}); do {body} || exit $?; done"), outputs
-
-    def _qnn_results(self, prepared: AdbPrepared, workload: Workload, outputs: list[str]):
-        """One qnn-profile-viewer call per measured run (on the phone, the SDK's aarch64-android build)."""
-        logs = " ".join(f"{o}/qnn-profiling-data_0.log" for o in outputs)
-        text = self.shell(f"cd {prepared.remote_dir} && for f in {logs}; do echo '=== '$f; "
-                          f"LD_LIBRARY_PATH=. ./qnn-profile-viewer --input_log $f || exit $?; done",
-                          "read the profiles with qnn-profile-viewer")
-        reports = [chunk for chunk in text.split("=== ")[1:]]
-        if len(reports) != len(outputs):
-            raise DeviceError(f"{self.name}: expected {len(outputs)} qnn-profile-viewer reports, got {len(reports)}")
-        parsed = [parse_profile_viewer(r) for r in reports]
-        per_run = [p["execute_avg_us"] / 1000.0 for p in parsed]
-        # the compiled graph's prompt length is fixed: the export's wins over the workload's
-        tokens = (prepared.prompt_len or workload.prompt_len) if workload.graph == "prefill" else 1
-        return per_run, tokens, {"runtime": "qnn-net-run", "inferences_per_run": self.options.inferences_per_run,
-                                 "init_ms": [p.get("init_us", 0) / 1000.0 for p in parsed],
-                                 "context": self._context_for(prepared, workload.graph)}
-
-    def _genie_command(self, prepared: AdbPrepared, workload: Workload, runs: int) -> tuple[str, list[str]]:
-        prompt = shlex.quote(" ".join(["hello"] * workload.prompt_len))
-        template = self.options.runtime_cmd or GENIE_CMD
-        outputs = [f"out/profile_{i}.json" for i in range(runs)]
-        body = template.format(config=prepared.contexts["*"], prompt=prompt, profile="out/profile_$i.json")
-        return (f"cd {prepared.remote_dir} && rm -rf out && mkdir -p out && "
-                f"for i in $(seq 0 {runs - 1}); do {body} > out/stdout_$i.txt || exit $?; done"), outputs
-
-    def _genie_results(self, prepared: AdbPrepared, workload: Workload, outputs: list[str]):
-        parsed = []
-        for o in outputs:
-            try:
-                raw = self._device().sync.read_text(f"{prepared.remote_dir}/{o}")
-            except Exception as e:
-                raise self._lost_or_error(f"read the Genie profile {o}", e) from None
-            parsed.append(parse_genie_profile(json.loads(raw)))
-        if workload.graph == "prefill":
-            per_run = [p["ttft_ms"] for p in parsed]
-            tokens = stats.median([p["prompt_tokens"] for p in parsed])
-        else:
-            per_run = [1000.0 / p["tokens_per_s"] for p in parsed]
-            tokens = 1
-        return per_run, tokens, {"runtime": "genie-t2t-run", "tokens_per_s": stats.median(
-            [p["tokens_per_s"] for p in parsed]), "ttft_ms": [p["ttft_ms"] for p in parsed],
-            "generated_tokens": [p["generated_tokens"] for p in parsed]}
-
-    def _pull(self, prepared: AdbPrepared, output: str) -> dict:
-        """Pull the last run's outputs (the reference compares them against the simulation)."""
-        dest = Path(self.options.pull_dir or tempfile.mkdtemp(prefix="mqfarm-adb-")) / self.name.replace(":", "_")
-        dest.mkdir(parents=True, exist_ok=True)
-        try:
-            self._device().sync.pull(f"{prepared.remote_dir}/{output}", dest / Path(output).name, exist_ok=True)
-        except Exception as e:
-            raise self._lost_or_error(f"pull {output}", e) from None
-        files = {str(p.relative_to(dest)): p.stat().st_size for p in sorted(dest.rglob("*")) if p.is_file()}
-        return {"dir": str(dest), "files": files}
-
-    def _read_power(self) -> tuple[float, int, int]:
-        try:
-            out = self._device().shell(f"cat {BATTERY}/current_now {BATTERY}/voltage_now", timeout=10)
-        except Exception as e:
-            raise self._lost_or_error("read current_now", e) from None
-        try:
-            cur, volt = out.split()[:2]
-            return time.monotonic(), int(cur), int(volt)
-        except ValueError:  # a v1 shell that lost its phone ends with no output and no error
-            raise self._lost_or_error(f"read {BATTERY}/current_now and voltage_now",
-                                      ValueError(f"unreadable output {out!r}")) from None
-
-    def _sample_for(self, seconds: float) -> list:
-        out, end, failures = [], time.monotonic() + seconds, 0
-        while time.monotonic() < end or len(out) < 3:
-            try:
-                out.append(self._read_power())
-            except DeviceLost:
-                raise
-            except DeviceError:  # one unreadable sample is not fatal; a phone that never answers is
-                failures += 1
-                if failures > 10 + len(out):
-                    raise
-            time.sleep(self.options.sample_interval_s)
+    def _session(self, blocks: list[tuple[str, AdbPrepared, str, int, int]], baseline_s: float, what: str) -> dict:
+        """Run ``blocks`` (tag, prepared, graph, inferences, outputs to keep) as one adb shell: gauge sampler,
+        idle, each block's qnn-net-run between clock markers, idle. Returns per-tag timings and the samples."""
+        root = blocks[0][1].remote_dir
+        sess = f"{root}/run"
+        lines = [f"rm -rf {sess} && mkdir -p {sess}", power.sampler_script(f"{sess}/gauge.txt",
+                                                                            self.options.sample_interval_s),
+                 "SAMPLER=$!", f"date +%s%N > {sess}/idle0_start", f"sleep {baseline_s:g}"]
+        for tag, prep, graph, n, keep in blocks:
+            gi = prep.inputs.get(graph)
+            if gi is None:
+                raise DeviceError(f"{self.name}: no inputs were prepared for the {graph!r} graph")
+            run = qnn_sdk.NetRun(prep.remote_dir, self._context_for(prep, graph), gi.list_file, f"{sess}/{tag}",
+                                 inferences=n, keep_outputs=keep)
+            lines += [f"date +%s%N > {sess}/{tag}.t0",
+                      f"{run.command()} > {sess}/{tag}.log 2>&1 || {{ rc=$?; kill $SAMPLER; cat {sess}/{tag}.log >&2; "
+                      f"exit $rc; }}",
+                      f"date +%s%N > {sess}/{tag}.t1"]
+        lines += [f"date +%s%N > {sess}/idle1_start", f"sleep {baseline_s:g}", f"date +%s%N > {sess}/idle1_end",
+                  "kill $SAMPLER", "wait $SAMPLER 2>/dev/null; true"]
+        self._progress(f"{self.name}: {what}")
+        self.shell("\n".join(lines), what, timeout=self.options.run_timeout_s)
+        out = {"blocks": {}}
+        for tag, prep, graph, n, keep in blocks:
+            viewer = f"cd {root} && LD_LIBRARY_PATH={root} ./qnn-profile-viewer --input_log {sess}/{tag}/qnn-profiling-data_0.log"
+            text = self.shell(f"{viewer} --output {sess}/{tag}/profile.csv", f"read the profile of {tag}")
+            csv_text = self.phone.read_text(f"{sess}/{tag}/profile.csv")
+            summary = qnn_sdk.parse_profile_viewer(text)
+            times = qnn_sdk.parse_profile_csv(csv_text)
+            if len(times) != n:
+                raise DeviceError(f"{self.name}: {tag}: the profile holds {len(times)} inferences, {n} were run")
+            t0 = int(self.phone.read_text(f"{sess}/{tag}.t0").split()[0]) / 1e9
+            t1 = int(self.phone.read_text(f"{sess}/{tag}.t1").split()[0]) / 1e9
+            out["blocks"][tag] = {"times_us": times, "summary": summary, "t0": t0, "t1": t1}
+        marks = {k: int(self.phone.read_text(f"{sess}/{k}").split()[0]) / 1e9 for k in ("idle0_start", "idle1_start",
+                                                                                         "idle1_end")}
+        out["idle"] = [(marks["idle0_start"], blocks_start(out)), (marks["idle1_start"], marks["idle1_end"])]
+        out["samples"], out["sample_errors"] = power.parse_samples(self.phone.read_text(f"{sess}/gauge.txt"))
+        out["session"] = sess
         return out
+
+    # -- run --------------------------------------------------------------------------------------------------
+
+    def run(self, prepared: AdbPrepared, workload: Workload) -> Measurement:
+        if workload.repeats < 1 or workload.warmup < 0:
+            raise DeviceError(f"{self.name}: workload needs repeats >= 1 and warmup >= 0, got repeats "
+                              f"{workload.repeats}, warmup {workload.warmup}")
+        checks = self.ready_for_run(workload)
+        if prepared.runtime == "genie-t2t-run":
+            return self._run_genie(prepared, workload, checks)
+        skip = max(1, workload.warmup)
+        n = skip + workload.repeats
+        tag = f"{workload.graph}_block"
+        got = self._session([(tag, prepared, workload.graph, n, 1)], self.options.baseline_s,
+                            f"{workload.graph}: one qnn-net-run of {n} inferences ({skip} left out)")
+        block = got["blocks"][tag]
+        per = [t / 1000.0 for t in block["times_us"][skip:]]
+        tokens = (prepared.prompt_len or workload.prompt_len) if workload.graph == "prefill" else 1
+        s = block["summary"]
+        extra = {**checks, "runtime": "qnn-net-run", "context": self._context_for(prepared, workload.graph),
+                 "inferences": n, "left_out": skip, "processes": 1, "context_load_ms": s.get("init_us", 0) / 1000.0,
+                 "first_inference_ms": block["times_us"][0] / 1000.0, "tokens_per_sample": tokens,
+                 "inputs": prepared.input_source, "built_by_qnn": prepared.built_by.get(workload.graph, ""),
+                 "process_s": round(block["t1"] - block["t0"], 4)}
+        temps = _temperatures(self.phone, got)
+        extra.update(temps)
+        rec = Measurement(device=self.info(), workload=workload, model_id=prepared.model_id, samples_ms=per,
+                          latency_meaningful=True, **stats.summarize(per))
+        if workload.graph == "decode":
+            rec.tokens_per_s = 1000.0 / rec.median_ms
+        if workload.measure_power:
+            self._energy(rec, got, [block], tokens, extra)
+        rec.extra = extra
+        return rec
+
+    def _energy(self, rec: Measurement, got: dict, blocks: list, tokens: int, extra: dict) -> None:
+        errors = got["sample_errors"]
+        if errors and len(got["samples"]) < 3:
+            extra["energy"] = {"refused": f"the battery nodes cannot be read ({errors[0]}), so no energy: latency only"}
+            return
+        windows = []
+        for b in blocks:
+            s = b["summary"]
+            windows.append(power.execute_window(b["t0"], b["t1"], (s.get("init_us", 0) + s.get("finalize_us", 0)) / 1e6,
+                                                s.get("deinit_us", 0) / 1e6, sum(b["times_us"]) / 1e6))
+        try:
+            p = power.excess_power(got["samples"], windows[0], got["idle"], self.options.current_unit,
+                                   self.options.lag_periods)
+        except power.EnergyRefused as e:
+            extra["energy"] = {"refused": f"{e}: latency only"}
+            return
+        rec.power_mw = p["power_mw"]
+        rec.energy_mj_per_token = p["power_mw"] * rec.median_ms / 1000.0 / tokens
+        extra["energy"] = {**p, "energy_mj_per_token_se": p["power_se_mw"] * rec.median_ms / 1000.0 / tokens,
+                           "while_charging": extra.get("charging", False)}
+
+    def outputs(self, prepared: AdbPrepared, graph: str = "prefill", n: int | None = None) -> tuple[Path, list]:
+        """Run the first ``n`` input-list lines of ``graph`` in one process keeping every output, pull them;
+        returns the local folder and the per-inference ``Result_i`` folders."""
+        gi = prepared.inputs[graph]
+        n = gi.lines if n is None else min(n, gi.lines)
+        tag = f"{graph}_outputs"
+        got = self._session([(tag, prepared, graph, n, n)], 0.0, f"{graph}: {n} inference(s), outputs kept")
+        dest = Path(self.options.pull_dir or tempfile.mkdtemp(prefix="mqfarm-adb-")) / self.name.replace(":", "_") / tag
+        dest.mkdir(parents=True, exist_ok=True)
+        names = [o["name"] for o in prepared.export.graph(graph).outputs]
+        results = []
+        for i in range(n):
+            d = dest / f"Result_{i}"
+            d.mkdir(exist_ok=True)
+            for name in names:
+                self.phone.pull(f"{got['session']}/{tag}/Result_{i}/{name}.raw", d / f"{name}.raw")
+            results.append(d)
+        return dest, results
+
+    def compare_blocks(self, prepared: dict, workload: Workload, rounds: int) -> dict:
+        """Variants (label -> AdbPrepared) in alternating blocks, A B A B ..., in ONE shell session (one
+        battery check, one cool-down, no baseline): one qnn-net-run per block with ``warmup + 1`` left-out
+        inferences and ``ceil(repeats / rounds)`` measured ones; a variant's samples are its blocks' medians,
+        one per round, so round i of A pairs with round i of B."""
+        if rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {rounds}")
+        self.ready_for_run(Workload(**{**workload.to_dict(), "measure_power": False}))
+        per = -(-workload.repeats // rounds)
+        skip = max(1, workload.warmup)
+        blocks = [(f"{label}_{r}", prep, workload.graph, skip + per, 1) for r in range(rounds)
+                  for label, prep in prepared.items()]
+        t0 = time.monotonic()
+        got = self._session(blocks, 0.0, f"{len(blocks)} A/B blocks of {skip + per} inferences")
+        wall = time.monotonic() - t0
+        out = {}
+        for label, prep in prepared.items():
+            meds, loads = [], []
+            for r in range(rounds):
+                b = got["blocks"][f"{label}_{r}"]
+                meds.append(stats.median([t / 1000.0 for t in b["times_us"][skip:]]))
+                loads.append(b["summary"].get("init_us", 0) / 1000.0)
+            rec = Measurement(device=self.info(), workload=workload, model_id=prep.model_id, samples_ms=meds,
+                              **stats.summarize(meds))
+            if workload.graph == "decode":
+                rec.tokens_per_s = 1000.0 / rec.median_ms
+            rec.extra = {"variant": label, "blocks": rounds, "inferences_per_block": skip + per, "left_out": skip,
+                         "context_load_ms": stats.median(loads), "session_s": round(wall, 3),
+                         "interleaved": {"rounds": rounds, "variants": list(prepared)},
+                         "energy": {"refused": "A/B blocks measure latency only"}}
+            out[label] = rec
+        return out
+
+    def _run_genie(self, prepared: AdbPrepared, workload: Workload, checks: dict) -> Measurement:
+        runs = workload.warmup + workload.repeats
+        command, outputs = genie_command(prepared.remote_dir, prepared.contexts["*"], workload.prompt_len, runs,
+                                         self.options.runtime_cmd)
+        self.shell(command, f"run genie-t2t-run ({runs} runs)", timeout=self.options.run_timeout_s)
+        parsed = [parse_genie_profile(json.loads(self.phone.read_text(f"{prepared.remote_dir}/{o}")))
+                  for o in outputs[workload.warmup:]]
+        if workload.graph == "prefill":
+            per = [p["ttft_ms"] for p in parsed]
+        else:
+            per = [1000.0 / p["tokens_per_s"] for p in parsed]
+        rec = Measurement(device=self.info(), workload=workload, model_id=prepared.model_id, samples_ms=per,
+                          **stats.summarize(per))
+        rec.tokens_per_s = stats.median([p["tokens_per_s"] for p in parsed])
+        rec.extra = {**checks, "runtime": "genie-t2t-run", "ttft_ms": [p["ttft_ms"] for p in parsed],
+                     "generated_tokens": [p["generated_tokens"] for p in parsed],
+                     "energy": {"refused": "genie-t2t-run runs are not split into execute phases"}}
+        return rec
+
+
+def blocks_start(got: dict) -> float:
+    return min(b["t0"] for b in got["blocks"].values())
+
+
+def _temperatures(phone: Phone, got: dict) -> dict:
+    """Battery temperature read by the sampler while the blocks ran (sysfs ``temp``, tenths of °C), else one
+    ``dumpsys battery`` right after."""
+    lo, hi = blocks_start(got), max(b["t1"] for b in got["blocks"].values())
+    temps = [s.temp for s in got["samples"] if s.temp is not None and lo <= s.t <= hi]
+    if temps:
+        return {"temperature_c_run_max": max(temps), "temperature_c_run_mean": float(np.mean(temps)),
+                "temperature_source": "battery temp node, read during the run"}
+    return {"temperature_c_after": phone.battery()["temperature_c"], "temperature_source": "dumpsys battery after the run"}
 
 
 def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-class _Sampler(threading.Thread):
-    """Reads current_now / voltage_now through ``adb shell`` until stopped (each read is one round trip)."""
-
-    def __init__(self, device: AdbDevice):
-        super().__init__(daemon=True, name=f"power-{device.name}")
-        self.device, self.samples, self.error, self.skipped = device, [], None, 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                self.samples.append(self.device._read_power())
-            except DeviceLost as e:  # the run itself reports the loss; keep what was read
-                self.error = e
-                return
-            except DeviceError as e:  # one unreadable sample (a sysfs file mid-update) is not fatal
-                self.error = e
-                self.skipped += 1
-            self._stop_event.wait(self.device.options.sample_interval_s)
-
-    def stop(self) -> list:
-        self._stop_event.set()
-        self.join()
-        return self.samples
-
-
-def _to_ma(values: list[int], unit: str) -> tuple[list[float], str]:
-    """current_now in mA. ``auto``: µA when the typical magnitude is 20000 or more (20 mA in µA; 20 A in mA,
-    which no phone draws)."""
-    if unit == "auto":
-        mags = sorted(abs(v) for v in values)
-        unit = "uA" if mags and mags[len(mags) // 2] >= 20000 else "mA"
-    if unit not in ("uA", "mA"):
-        raise ValueError(f"current_unit must be auto, uA or mA, got {unit!r}")
-    return [v / 1000.0 if unit == "uA" else float(v) for v in values], unit
-
-
-def power_above_baseline(baseline: list, samples: list, current_unit: str = "auto") -> dict:
-    """Average power (mW) above the idle baseline from (time, current_now, voltage_now) samples.
-
-    The first and last 10% of the run's samples are dropped: the fuel gauge lags the load, and the sampler
-    starts before and stops after the workload. Current magnitudes are used (the sign convention varies by
-    vendor; while discharging every reading has the same sign).
-    """
-    if len(samples) < 3 or len(baseline) < 1:
-        raise DeviceError(f"too few power samples ({len(samples)} during the run, {len(baseline)} idle) to "
-                          f"measure power: lengthen the run (repeats, inferences_per_run) or the baseline")
-    cut = len(samples) // 10
-    run = samples[cut:len(samples) - cut]
-    cur_run, unit = _to_ma([s[1] for s in run], current_unit)
-    cur_idle, _ = _to_ma([s[1] for s in baseline], unit)
-    volt = lambda v: v / 1e6 if abs(v) >= 100000 else v / 1e3  # µV, else mV  # noqa: E731
-    p_run = sum(abs(c) * volt(s[2]) for c, s in zip(cur_run, run)) / len(run)
-    p_idle = sum(abs(c) * volt(s[2]) for c, s in zip(cur_idle, baseline)) / len(baseline)
-    return {"power_mw": p_run - p_idle, "run_mw": p_run, "idle_mw": p_idle, "current_unit": unit,
-            "samples": len(run), "baseline_samples": len(baseline)}
-
-
-_PV_SECTION = re.compile(r"^Execute Stats \((\w+)\):")
-_PV_NETRUN = re.compile(r"^\s+NetRun:\s+(\d+)\s+us")
-_PV_INIT = re.compile(r"^Init Stats:")
-
-
-def parse_profile_viewer(text: str) -> dict:
-    """The timings of one ``qnn-profile-viewer --input_log`` report (layout: tests/data/qnn_profile_viewer.txt).
-
-    Returns ``execute_avg_us`` / ``execute_min_us`` / ``execute_max_us`` (the NetRun line of the "Execute
-    Stats (Average|Min|Max)" blocks: one inference, wall time in qnn-net-run) and ``init_us``. The
-    reference reads "Total Inference Time" NetRun as its average latency; here the Average block is taken
-    explicitly, since Min and Max blocks repeat the same heading.
-    """
-    out, section = {}, None
-    for line in text.splitlines():
-        m = _PV_SECTION.match(line)
-        if m:
-            section = m.group(1).lower()
-            continue
-        if _PV_INIT.match(line):
-            section = "init"
-            continue
-        if line and not line[0].isspace() and line.endswith("Stats:"):
-            section = None
-            continue
-        m = _PV_NETRUN.match(line)
-        if m and section in ("average", "min", "max") and f"execute_{section[:3]}_us" not in out:
-            out[f"execute_{section[:3]}_us"] = int(m.group(1))
-        elif m and section == "init" and "init_us" not in out:
-            out["init_us"] = int(m.group(1))
-    if "execute_ave_us" not in out:
-        raise DeviceError("qnn-profile-viewer report has no 'Execute Stats (Average)' NetRun time; was "
-                          "qnn-net-run run with --profiling_level=basic? Report starts: " + text[:300])
-    out["execute_avg_us"] = out.pop("execute_ave_us")
-    return out
-
-
-def parse_genie_profile(profile: dict) -> dict:
-    """TTFT (ms), tokens/s and token counts from a ``genie-t2t-run --profile`` JSON (layout:
-    tests/data/genie_profile.json): the last ``GenieDialog_query`` event of the ``dialog`` component."""
-    for comp in profile.get("components", []):
-        if comp.get("type") != "dialog":
-            continue
-        queries = [e for e in comp.get("events", []) if e.get("type") == "GenieDialog_query"]
-        if queries:
-            q = queries[-1]
-
-            def value(key):
-                if key not in q or "value" not in q[key]:
-                    raise DeviceError(f"Genie profile: GenieDialog_query has no {key!r}")
-                return q[key]["value"]
-
-            ttft = value("time-to-first-token")
-            unit = q["time-to-first-token"].get("unit", "us")
-            return {"ttft_ms": ttft / 1000.0 if unit == "us" else float(ttft),
-                    "tokens_per_s": float(value("token-generation-rate")),
-                    "prompt_tokens": int(value("num-prompt-tokens")),
-                    "generated_tokens": int(value("num-generated-tokens"))}
-    raise DeviceError("Genie profile has no dialog component with a GenieDialog_query event")
 
 
 def from_entry(entry: DeviceEntry) -> AdbDevice:
@@ -628,10 +535,10 @@ def from_entry(entry: DeviceEntry) -> AdbDevice:
         opts.runtime_dir = Path(o["runtime_dir"]).expanduser()
     opts.runtime_cmd = o.get("runtime_cmd", "")
     opts.allow_charging = bool(o.get("allow_charging", False))
-    for key, attr in (("min_battery_pct", "min_battery_pct"), ("max_temp_c", "max_temp_c"),
-                      ("cooldown_timeout_s", "cooldown_timeout_s")):
+    for key in ("min_battery_pct", "max_temp_c", "cooldown_timeout_s", "baseline_s"):
         if key in o:
-            setattr(opts, attr, float(o[key]))
+            setattr(opts, key, float(o[key]))
     if "current_unit" in o:
         opts.current_unit = o["current_unit"]
     return AdbDevice(o["serial"], name=entry.name, options=opts)
+

@@ -376,15 +376,19 @@ class AiHubDevice(Device):
             return None
 
     def _aimet_folder(self, export: Export, graph: str) -> Path:
-        """``<graph>.aimet/`` with ``<graph>.onnx``, ``<graph>.encodings`` and the ONNX's external data file.
+        """``<graph>.aimet/`` with the FLOAT graph ``<graph>.onnx`` (the export's QDQ pairs folded away by
+        :func:`devicelab.qdq.strip_qdq`), ``<graph>.encodings`` and the float graph's external data if any.
 
         The layout is the one qai-hub's client recognises as an AIMET ONNX model (``client.py``:
         ``MODEL_TYPES_BY_EXTENSION[".aimet"]`` and ``_get_model_dir_type``: a directory with exactly one
-        ``.onnx``, one ``.encodings`` and at most one ``.data``) and the one ai-hub-models uploads
-        (``qai_hub_models/utils/quantization_aimet_onnx.py``, ``convert_to_onnx_and_aimet_encodings``:
-        ``<name>.aimet/model.onnx`` + ``model.encodings`` [+ ``model.data``]). Files are symlinked, not
-        copied: the client zips the folder and reads through the links.
+        ``.onnx``, one ``.encodings`` and at most one ``.data``) and what ai-hub-models uploads
+        (``qai_hub_models/utils/quantization_aimet_onnx.py``, ``convert_to_onnx_and_aimet_encodings``: the
+        unquantized ONNX beside the encodings that quantize it). A QDQ graph with the encodings would be
+        quantized twice, and its tensor names are not the encodings' keys; so every key of the encodings
+        must be a tensor of the uploaded graph, checked here.
         """
+        from ..qdq import strip_qdq
+
         meta = export.index["graphs"][graph]
         onnx_path = export.root / meta["file"]
         if "encodings" not in meta:
@@ -400,24 +404,35 @@ class AiHubDevice(Device):
         if not isinstance(enc, dict) or not {"activation_encodings", "param_encodings"} <= set(enc):
             raise DeviceError(f"{self.name}: {enc_path} is not in AIMET format (no activation_encodings / "
                               f"param_encodings)")
-        data_files = _external_data_files(onnx_path)
-        if len(data_files) > 1:
-            raise DeviceError(f"{self.name}: {onnx_path} keeps its weights in {len(data_files)} files "
-                              f"({', '.join(data_files)}); an AIMET model folder on AI Hub takes at most one")
-
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="mqfarm-aihub-"))
         folder = self._workdir / export.content_hash[:12] / f"{graph}.aimet"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        os.symlink(onnx_path.resolve(), folder / f"{graph}.onnx")
+        model = strip_qdq(onnx_path, folder / f"{graph}.onnx")
+        g = model.graph
+        tensors = ({t.name for t in g.initializer} | {v.name for v in g.input} | {v.name for v in g.output}
+                   | {x for n in g.node for x in (*n.input, *n.output)})
+        stray = sorted(k for part in ("activation_encodings", "param_encodings") for k in _keys(enc[part])
+                       if k not in tensors)
+        if stray:
+            raise DeviceError(f"{self.name}: {enc_path}: {len(stray)} encodings key(s) name no tensor of the float "
+                              f"{graph} graph AI Hub would get: {', '.join(stray[:5])}")
+        if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node):
+            raise DeviceError(f"{self.name}: the float {graph} graph still holds QDQ nodes after folding")
         os.symlink(enc_path.resolve(), folder / f"{graph}.encodings")
-        for name in data_files:  # keeps its name: the ONNX refers to it by that name
-            src = onnx_path.parent / name
-            if not src.is_file():
-                raise DeviceError(f"{self.name}: {onnx_path} refers to external data {name}, which is missing")
-            os.symlink(src.resolve(), folder / name)
+        data = [p.name for p in folder.iterdir() if p.suffix == ".data"]
+        if len(data) > 1:
+            raise DeviceError(f"{self.name}: the float {graph} graph keeps its weights in {len(data)} files")
         return folder
+
+
+def _keys(section) -> list[str]:
+    """Tensor names of an encodings section: a dict keyed by name (AIMET 0.6) or a list of {"name": ...}
+    (AIMET 1.0)."""
+    if isinstance(section, dict):
+        return list(section)
+    return [e["name"] for e in section if isinstance(e, dict) and "name" in e]
 
 
 def from_entry(entry) -> AiHubDevice:

@@ -1,0 +1,253 @@
+"""The whole phone path: a compiled export measured and scored on a phone, through the real adb server.
+
+No phone can exist here. The phone is tests/adb_standin.py (the device side of the adb protocol on
+loopback, reached by the real adb server with ``adb connect``) and its QNN runtime is the strict test
+qnn-net-run (tests/data/adb_runtime/qnn-net-run), which refuses what the SDK documents the real one
+refusing and computes a context binary's real outputs by running the export graph it was compiled from
+on onnxruntime's CPU. The context binaries are real: onnxruntime-qnn's HTP compiler built them.
+
+The fuel gauge of the stand-in updates every 0.05 s and reports one period late (real gauges: about 1 s);
+with the same rule (10 updates inside the execute phase) the tests need 0.65 s of execute, not 13 s.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from devicelab import net_inputs, preflight
+from devicelab.backends.adb import AdbDevice, AdbOptions
+from devicelab.device_eval import evaluate_on_device
+from devicelab.exported import read_export
+from devicelab.protocol import DeviceError, Workload
+from tests.adb_standin import AdbServer, Phone, PhoneStandIn
+from tests.devicelab_fixtures import compiled_tiny_export, qnn_sdk_root
+
+
+@pytest.fixture(scope="module")
+def adb_server(tmp_path_factory):
+    with AdbServer(tmp_path_factory.mktemp("adb-home")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def sdk(tmp_path_factory):
+    return qnn_sdk_root(tmp_path_factory.mktemp("qairt") / "2.51.0.260929")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return compiled_tiny_export(tmp_path_factory.mktemp("tiny") / "export")
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """SmolLM2-135M cut to 2 layers, W8A8 under the device table (RTN), 32-token prompt, compiled for SM8650
+    by onnxruntime-qnn; and 3 windows of the evaluation corpus."""
+    from devicelab.compile import compile_export
+    from quant import CalibConfig, data, load_model, quantize
+    from quant.export import export_model
+
+    lm = load_model("smollm2-135m", num_layers=2)
+    res = quantize(lm, scheme="w8a8:device", method="rtn", calib=CalibConfig(4, 32, 0), progress=False)
+    out = export_model(lm.model, lm.tokenizer, tmp_path_factory.mktemp("smol") / "export", res.recipe, prefill=32,
+                       ctx=64)
+    compile_export(out, "sm8650", graphs=("prefill",), progress=False)
+    windows = data.eval_windows(lm.tokenizer, 32, limit=3, add_bos=lm.add_bos).numpy()
+    return out, windows
+
+
+@contextmanager
+def phone(server, root: Path, sdk: Path, knobs: Phone | None = None, exports=(), ms=20.0, load_ms=50.0, **options):
+    options = {"runtime_dir": sdk, "baseline_s": 0.4, "sample_interval_s": 0.005, "pull_dir": root / "pulled",
+               "poll_s": 0.1, **options}
+    with PhoneStandIn(root / "phone", knobs) as standin:
+        for e in exports:
+            standin.register_export(e, ms_per_inference=ms, load_ms=load_ms)
+        serial = server.connect(standin)
+        try:
+            yield standin, AdbDevice(serial, name=f"s24-{root.name}", options=AdbOptions(**options),
+                                     server=("127.0.0.1", server.port), progress=lambda s: None)
+        finally:
+            server.client().disconnect(standin.address)
+
+
+def _netruns(standin):
+    return [d for d in standin.draws if "qnn-net-run --retrieve_context" in d.command or "--num_inferences" in d.command]
+
+
+def test_bench_and_eval_on_a_compiled_smollm2_w8a8(adb_server, sdk, smol, tmp_path):
+    """Inputs have exactly the graph's sizes (float32 raw, 4 x numel, as qnn-net-run reads them by default)
+    and one input-list line per window; a block is ONE qnn-net-run process (the first inference left out,
+    the context load its own metric); the logits pulled back from the phone agree with onnxruntime's CPU on
+    the same export at top-1 >= 99% and give the same perplexity on those windows."""
+    export, windows = smol
+    exp = read_export(export)
+    with phone(adb_server, tmp_path, sdk, exports=[export], ms=5.0) as (standin, dev):
+        prepared = dev.prepare(export, windows=windows)
+        on_phone = standin.host_path(prepared.remote_dir)
+        gi = prepared.inputs["prefill"]
+        assert gi.lines == 3 and len((on_phone / gi.list_file).read_text().splitlines()) == 3
+        for f in gi.files:
+            name = f.split("_", 2)[2].removesuffix(".raw")
+            spec = next(s for s in exp.graph("prefill").inputs if s["name"] == name)
+            assert (on_phone / f).stat().st_size == int(np.prod(spec["shape"])) * 4 == net_inputs.expected_bytes(spec)
+        first = np.fromfile(on_phone / gi.files[0], dtype="<f4")
+        assert np.array_equal(first.astype(np.int64), windows[0])  # real token ids, not zeros
+
+        rec = dev.run(prepared, Workload(graph="prefill", warmup=1, repeats=6, measure_power=False))
+        assert len(_netruns(standin)) == 1  # one process for the whole block
+        assert len(rec.samples_ms) == 6 and rec.extra["inferences"] == 7 and rec.extra["left_out"] == 1
+        assert rec.extra["context_load_ms"] > 0 and rec.extra["built_by_qnn"] == "2.51.0"
+        assert rec.device.runtime_version == "2.51.0"
+        assert min(rec.samples_ms) >= 5.0
+
+        result = evaluate_on_device(dev, export, windows, prepared=prepared)
+    assert result["windows"] == 3 and result["positions"] == 96
+    assert result["top1_agreement"] >= 0.99
+    assert result["ppl_device"] == pytest.approx(result["ppl_cpu"], rel=1e-3)
+    assert result["mean_abs_logit_diff"] < 1e-3
+
+
+def test_energy_over_execute_only_with_a_lagging_gauge(adb_server, sdk, tiny, tmp_path):
+    """Gauge at 0.05 s, one period late; the context load draws 600 mA more (CPU and I/O) and must not be
+    charged. Energy per token is within 10% of what the stand-in drew during execute alone, per token; the
+    record keeps its uncertainty and the gauge period it measured (within 20% of 0.05 s). A block too short
+    for 10 gauge updates keeps its latency and refuses energy by name."""
+    knobs = Phone(noise=0.01)
+    with phone(adb_server, tmp_path, sdk, knobs, exports=[tiny], ms=40.0, load_ms=400.0) as (standin, dev):
+        prepared = dev.prepare(tiny)
+        rec = dev.run(prepared, Workload(graph="prefill", warmup=1, repeats=50))
+        drawn_per_token = standin.execute_energy_mj() / 51 / 16  # 51 inferences of a 16-token prompt
+        energy = rec.extra["energy"]
+        assert rec.energy_mj_per_token == pytest.approx(drawn_per_token, rel=0.10), energy
+        assert energy["gauge_period_s"] == pytest.approx(0.05, rel=0.2)
+        assert energy["updates_used"] >= 10 and energy["energy_mj_per_token_se"] > 0
+        excess_mw = (knobs.active_ma - knobs.idle_ma) * knobs.voltage_v
+        assert rec.power_mw == pytest.approx(excess_mw, rel=0.10)
+
+        short = dev.run(prepared, Workload(graph="prefill", warmup=1, repeats=3))
+    assert short.energy_mj_per_token is None and short.power_mw is None and len(short.samples_ms) == 3
+    assert "fewer than 10" in short.extra["energy"]["refused"] and "its period is" in short.extra["energy"]["refused"]
+
+
+def test_unreadable_battery_nodes_keep_latency_and_refuse_energy(adb_server, sdk, tiny, tmp_path):
+    with phone(adb_server, tmp_path, sdk, Phone(sysfs_readable=False), exports=[tiny]) as (standin, dev):
+        prepared = dev.prepare(tiny)
+        rec = dev.run(prepared, Workload(graph="decode", warmup=1, repeats=4))
+        checks = {c.check: c for c in preflight.run_checks(dev, tiny, cache_dir=tmp_path / "pf")}
+    assert len(rec.samples_ms) == 4 and rec.tokens_per_s > 0
+    assert rec.energy_mj_per_token is None and "Permission denied" in rec.extra["energy"]["refused"]
+    assert not checks["battery nodes"].ok and "Permission denied" in checks["battery nodes"].detail
+
+
+def test_refusals_name_the_fault_and_record_nothing(adb_server, sdk, tiny, tmp_path):
+    """A context for another SoC, a runtime older than the binary, missing SDK files (named), a phone on USB
+    charge: each a DeviceError naming the phone and the fault, and no qnn-net-run measured anything."""
+    # a phone with an SM8550: the export has only compiled-sm8650
+    with phone(adb_server, tmp_path / "soc", sdk, Phone(soc="SM8550"), exports=[tiny]) as (standin, dev):
+        with pytest.raises(DeviceError, match=r"has no compiled-sm8550 folder for this phone's SoC SM8550 "
+                                              r"\(has: compiled-sm8650\)"):
+            dev.prepare(tiny)
+        # forced onto the binary anyway: compile.json says soc_model 57, the phone is 43
+        with pytest.raises(DeviceError, match="compiled for soc_model 57"):
+            dev.prepare(tiny / "compiled-sm8650")
+        assert not _netruns(standin)
+    with phone(adb_server, tmp_path / "old", sdk, Phone(qnn_version="v2.22.6.240515"), exports=[tiny]) as (standin, dev):
+        with pytest.raises(DeviceError, match=r"the phone's QNN runtime 2\.22\.6 is older than QNN 2\.51\.0, which "
+                                              r"built compiled-sm8650/(prefill|decode)_qnn.bin"):
+            dev.prepare(tiny)
+        assert not _netruns(standin)
+    broken = qnn_sdk_root(tmp_path / "broken-sdk", omit=("lib/hexagon-v75/unsigned/libQnnHtpV75Skel.so",
+                                                         "lib/aarch64-android/libQnnSystem.so"))
+    with phone(adb_server, tmp_path / "sdk", broken, exports=[tiny]) as (standin, dev):
+        with pytest.raises(DeviceError, match=r"lacks lib/aarch64-android/libQnnSystem\.so, "
+                                              r"lib/hexagon-v75/unsigned/libQnnHtpV75Skel\.so \(needed for HTP v75"):
+            dev.prepare(tiny)
+        assert list(standin.host_path("/data/local/tmp").rglob("*.bin")) == []
+    with phone(adb_server, tmp_path / "usb", sdk, Phone(charging=True), exports=[tiny]) as (standin, dev):
+        prepared = dev.prepare(tiny)
+        with pytest.raises(DeviceError, match=rf"{dev.name}: charging over USB"):
+            dev.run(prepared, Workload(graph="prefill", repeats=3))
+        assert not _netruns(standin)
+        checks = {c.check: c for c in preflight.run_checks(dev, tiny, cache_dir=tmp_path / "pf")}
+        assert not checks["charging"].ok
+
+
+def test_strict_net_run_refuses_what_the_sdk_refuses(adb_server, sdk, tiny, tmp_path):
+    """The stand-in itself: no --input_list, a raw file of the wrong size, a relative ADSP_LIBRARY_PATH."""
+    with phone(adb_server, tmp_path, sdk, exports=[tiny]) as (standin, dev):
+        prepared = dev.prepare(tiny)
+        d = prepared.remote_dir
+        base = (f"cd {d} && LD_LIBRARY_PATH={d} ADSP_LIBRARY_PATH={d} ./qnn-net-run --backend={d}/libQnnHtp.so "
+                f"--retrieve_context={d}/{prepared.contexts['prefill']}")
+        r = dev.shell(base, "run without an input list", check=False)
+        assert r.returncode != 0 and "missing required argument --input_list" in r.stderr
+        gi = prepared.inputs["prefill"]
+        dev.shell(f"cd {d} && head -c 10 {gi.files[0]} > short.raw && echo input_ids:={d}/short.raw > short.txt",
+                  "write a short input")
+        r = dev.shell(f"{base} --input_list={d}/short.txt", "run a short input", check=False)
+        assert r.returncode == 8 and "holds 10 bytes, the context's tensor [1, 16] (float32) takes 64" in r.stderr
+        r = dev.shell(f"cd {d} && LD_LIBRARY_PATH={d} ADSP_LIBRARY_PATH=. ./qnn-net-run --backend={d}/libQnnHtp.so "
+                      f"--retrieve_context={d}/{prepared.contexts['prefill']} --input_list={d}/{gi.list_file}",
+                      "run with a relative ADSP_LIBRARY_PATH", check=False)
+        assert r.returncode == 6 and "libQnnHtpV75Skel.so not found in the absolute folders" in r.stderr
+
+
+def test_preflight_passes_on_a_ready_phone(adb_server, sdk, tiny, tmp_path):
+    """Every check on a ready phone, the known graph (y = x + 1, a real context binary compiled here for
+    the phone's SoC) run on it and its output checked."""
+    cache = tmp_path / "pf"
+    folder, rec = preflight.compile_known(cache, "SM8650")
+    with phone(adb_server, tmp_path, sdk, exports=[tiny]) as (standin, dev):
+        standin.register_context(rec["sha256"], {"onnx": rec["onnx"], "soc_model": "57", "htp_arch": "75",
+                                                 "qnn_version": rec["qnn_version"],
+                                                 "inputs": [{"name": "x", "shape": [1, 8], "dtype": "float32",
+                                                             "native_dtype": "float32"}],
+                                                 "outputs": [{"name": "y", "shape": [1, 8], "dtype": "float32",
+                                                              "native_dtype": "float32"}]})
+        checks = preflight.run_checks(dev, tiny, cache_dir=cache)
+    assert [c.check for c in checks] == ["online", "soc", "sdk files", "battery nodes", "charging", "thermal",
+                                         "compiled folder", "storage", "runtime version", "known graph"]
+    assert all(c.ok for c in checks), [c.to_dict() for c in checks if not c.ok]
+    assert "max error 0.0" in checks[-1].detail
+
+
+def test_ab_blocks_alternate_in_one_session(adb_server, sdk, tiny, tmp_path):
+    """Two variants, 4 rounds: 8 blocks A B A B ... in ONE adb shell session, one qnn-net-run per block, each
+    variant's samples the medians of its blocks; the slower variant (30 ms vs 10 ms per inference) is
+    slower in every round."""
+    slow = tmp_path / "slow"
+    import shutil
+
+    shutil.copytree(tiny, slow)
+    idx = json.loads((slow / "export.json").read_text())
+    idx["content_hash"] = "slowvariant"
+    (slow / "export.json").write_text(json.dumps(idx))
+    with phone(adb_server, tmp_path, sdk, exports=[tiny], ms=10.0) as (standin, dev):
+        a = dev.prepare(tiny)
+        for e in standin.root.glob(".standin/contexts.json"):
+            reg = json.loads(e.read_text())
+            for v in reg["contexts"].values():
+                v["ms_per_inference"] = 10.0
+        # the slow variant's binaries differ by one byte so the phone tells them apart
+        for b in (slow / "compiled-sm8650").glob("*.bin"):
+            b.write_bytes(b.read_bytes() + b"\0")
+        rec = json.loads((slow / "compiled-sm8650" / "compile.json").read_text())
+        from devicelab.compile import _sha256
+
+        for g in rec["graphs"].values():
+            g["files"][g["context_binary"]]["sha256"] = _sha256(slow / "compiled-sm8650" / g["context_binary"])
+        (slow / "compiled-sm8650" / "compile.json").write_text(json.dumps(rec))
+        standin.register_export(slow, ms_per_inference=30.0)
+        b = dev.prepare(slow)
+        n_shells = len(standin.draws)
+        out = dev.compare_blocks({"A": a, "B": b}, Workload(graph="prefill", warmup=1, repeats=8), rounds=4)
+    assert len(_netruns(standin)[n_shells:]) <= 1  # the session is one shell command
+    assert len(out["A"].samples_ms) == len(out["B"].samples_ms) == 4
+    assert all(sb > sa for sa, sb in zip(out["A"].samples_ms, out["B"].samples_ms))
+    assert out["A"].extra["inferences_per_block"] == 3 and out["A"].extra["blocks"] == 4
