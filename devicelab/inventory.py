@@ -108,6 +108,25 @@ def _check(where: str, section: dict, allowed: dict) -> dict:
     return dict(section)
 
 
+def cpu_limit() -> int:
+    """The CPUs this process may run on (its affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def yaml_error_line(e: Exception) -> str:
+    """A YAML error in one line: where, and what (a ``!!python/...`` tag is refused by the safe loader)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if "could not determine a constructor for the tag" in problem:
+        problem = problem.replace("could not determine a constructor for the tag",
+                                  "the tag is not allowed (only plain YAML is read):")
+    return f"not valid YAML: {where}{problem}"
+
+
 def qnn_available() -> bool:
     import importlib.util
 
@@ -126,6 +145,9 @@ def parse(data: dict | None, path: Path | None = None) -> Inventory:
     host = _check(f"{label}: host", data.get("host") or {}, _HOST_KEYS)
     if host.get("threads", 1) < 1:
         raise InventoryError(f"{label}: host.threads: must be at least 1, got {host['threads']}")
+    if host.get("threads", 1) > cpu_limit():  # more threads than cores only thrash (load average in the hundreds)
+        raise InventoryError(f"{label}: host.threads: {host['threads']} is more than this machine's {cpu_limit()} "
+                             "CPUs (the limit)")
     entries = [DeviceEntry("host", "host", host, "file" if "host" in data else "default")]
     qnn = _check(f"{label}: qnn_sim", data.get("qnn_sim") or {}, _QNN_KEYS)
     if qnn.pop("enabled", True) and qnn_available():
@@ -171,7 +193,7 @@ def load(path: str | Path | None = None, discover: bool = True) -> Inventory:
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise InventoryError(f"{p}: not valid YAML: {e}") from None
+            raise InventoryError(f"{p}: {yaml_error_line(e)}") from None
     inv = parse(data, p)
     return add_discovered(inv) if discover else inv
 

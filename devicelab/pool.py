@@ -49,8 +49,13 @@ def device_lock(lock_dir: Path, name: str, timeout: float | None = None,
                 on_wait: Callable[[str], None] | None = None, poll_s: float = 0.05):
     """Hold device ``name`` exclusively; yields the seconds spent waiting. ``timeout`` None waits forever."""
     path = lock_path(lock_dir, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a")
+    except OSError as e:  # a lock_dir that cannot be written: one line naming it, not a traceback
+        raise PoolError(f"lock_dir {lock_dir}: cannot hold the lock of device {name!r} there "
+                        f"({e.strerror or e}); set lock_dir in the devices file to a writable folder") from None
+    with fh:
         t0 = time.monotonic()
         told = False
         while True:

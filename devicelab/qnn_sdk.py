@@ -133,14 +133,15 @@ class NetRun:
 
 _PV_SECTION = re.compile(r"^Execute Stats \((\w+)\):")
 _PV_NETRUN = re.compile(r"^\s+NetRun:\s+(\d+)\s+us")
-_PV_STATS = re.compile(r"^(Init|Finalize|De-Init|Compose Graphs) Stats:")
+_PV_STATS = re.compile(r"^(Init|Finalize|De-Init|Compose Graphs|Lib-Load) Stats:")
 
 
 def parse_profile_viewer(text: str) -> dict:
     """Timings of one ``qnn-profile-viewer --input_log`` text report (layout: tests/data/qnn_profile_viewer.txt).
 
     Returns ``execute_avg_us`` / ``execute_min_us`` / ``execute_max_us`` (the NetRun line of the "Execute
-    Stats (Average|Min|Max)" blocks) and, where present, ``init_us``, ``finalize_us``, ``deinit_us``.
+    Stats (Average|Min|Max)" blocks) and, where present, ``init_us``, ``finalize_us``, ``deinit_us``,
+    ``libload_us`` (the "Lib-Load Stats" block of the report's heading).
     """
     out, section = {}, None
     for line in text.splitlines():
@@ -159,7 +160,7 @@ def parse_profile_viewer(text: str) -> dict:
         if not m or section is None:
             continue
         key = {"average": "execute_ave_us", "min": "execute_min_us", "max": "execute_max_us", "init": "init_us",
-               "finalize": "finalize_us", "deinit": "deinit_us"}.get(section)
+               "finalize": "finalize_us", "deinit": "deinit_us", "libload": "libload_us"}.get(section)
         if key and key not in out:
             out[key] = int(m.group(1))
     if "execute_ave_us" not in out:

@@ -738,7 +738,8 @@ class PhoneStandIn:
 
 # a workload runs a program from the sandbox: a simple command (after VAR=value assignments) whose word is
 # ./something or /data/local/tmp/...; housekeeping (mkdir, rm, cat of sysfs, df) draws no extra current
-_WORKLOAD = re.compile(r"(?:^|[;&|(])\s*(?:(?:do|then|else|exec)\s+)?(?:\w+=\S*\s+)*(?:\./|/data/local/tmp/)\S+")
+_WORKLOAD = re.compile(r"(?:^|[;&|(\n])\s*(?:(?:do|then|else|exec)\s+)?(?:\w+=(?:\"[^\"]*\"|\S*)\s+)*"
+                       r"(?:\./|/data/local/tmp/)\S+", re.M)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -326,3 +326,20 @@ def compiled_tiny_export(path: Path, target: str = "sm8650") -> Path:
     export = make_tiny_export(Path(path))
     compile_export(export, target, progress=False)
     return export
+
+
+SDK_HOST = Path(__file__).parent / "data" / "qnn_sdk_host"
+
+
+def sdk_host_tools(folder: Path) -> Path:
+    """The QNN SDK's host tools as stand-ins (tests/data/qnn_sdk_host), run by this interpreter: a folder to
+    put first on PATH for the qnn-sdk compile route."""
+    import sys
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for src in SDK_HOST.iterdir():
+        text = src.read_text().split("\n", 1)[1]
+        (folder / src.name).write_text(f"#!{sys.executable}\n{text}")
+        (folder / src.name).chmod(0o755)
+    return folder

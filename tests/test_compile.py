@@ -130,44 +130,95 @@ def test_bad_input(exported, tmp_path, monkeypatch):
     assert not (tmp_path / "noqnn").exists()
 
 
-def test_qnn_sdk_route_against_stand_in_tools(exported, tmp_path, monkeypatch):
-    """The QNN SDK itself cannot be installed here (it downloads from Qualcomm). The three tools are
-    stand-ins on PATH that record their arguments and write the files the real ones write; this checks the
-    chain we drive: the float graph (QDQ folded) with our AIMET encodings as overrides, the model library,
-    and a context binary with an HTP config naming the target's soc_id and dsp_arch."""
-    path, _ = exported["w8a16"]
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
+def _sdk_on_path(tmp_path, monkeypatch):
+    from tests.devicelab_fixtures import sdk_host_tools
+
+    bindir = sdk_host_tools(tmp_path / "bin")
     calls = tmp_path / "calls.jsonl"
-    tool = f"""#!{sys.executable}
-import json, os, sys
-from pathlib import Path
-a = sys.argv[1:]
-open({str(calls)!r}, "a").write(json.dumps([Path(sys.argv[0]).name] + a) + "\\n")
-def arg(k): return a[a.index(k) + 1]
-name = Path(sys.argv[0]).name
-if name == "qnn-onnx-converter":
-    Path(arg("--output_path")).write_text("// generated")
-elif name == "qnn-model-lib-generator":
-    d = Path(arg("-o")) / "x86_64-linux-clang"; d.mkdir(parents=True)
-    (d / ("lib" + Path(arg("-c")).stem + ".so")).write_bytes(b"ELF")
-elif name == "qnn-context-binary-generator":
-    ext = json.loads(Path(arg("--config_file")).read_text())["backend_extensions"]
-    htp = json.loads(Path(ext["config_file_path"]).read_text())
-    open({str(calls)!r}, "a").write(json.dumps(["htp-config", htp["devices"][0]]) + "\\n")
-    (Path(arg("--output_dir")) / (arg("--binary_file") + ".bin")).write_bytes(b"QNNCTX" * 1000)
-"""
-    for name in ("qnn-onnx-converter", "qnn-model-lib-generator", "qnn-context-binary-generator"):
-        (bindir / name).write_text(tool)
-        (bindir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    out = compile_export(path, "sm8650", out=tmp_path / "sdk", graphs=("prefill",), route="qnn-sdk", progress=False)
+    monkeypatch.setenv("MQ_SDK_CALLS", str(calls))
+    return calls
+
+
+# the QNN converter's documented quantization switches (its --input_list help: "Must be specified for
+# quantization. All subsequent quantization options are ignored when this is not provided")
+CALIBRATE = {"--input_list", "--use_per_row_quantization", "--use_per_channel_quantization",
+             "--param_quantizer_schema", "--quantization_overrides"}
+
+
+def test_qnn_sdk_route_calibrates_with_the_documented_flags(exported, tmp_path, monkeypatch):
+    """The QNN SDK cannot be installed here (it downloads from Qualcomm); its three host tools are the
+    stand-ins of tests/data/qnn_sdk_host, which refuse what the real converter refuses (their docstrings
+    cite its option help). With calibration windows the converter gets the float graph (QDQ folded: it
+    loads in onnxruntime, and every overrides key is one of its tensors), the AIMET overrides, an input
+    list of absolute paths to float32 raw files of exactly the graph's input size, per-row and per-channel
+    quantization and the symmetric parameter schema, and reports that it quantized with the 3 samples;
+    the context binary gets the target's soc_id / dsp_arch; compile.json records the mode, why, and the
+    QNN version that built the binary."""
+    from quant import data
+
+    path, lm = exported["w8a16"]
+    calls = _sdk_on_path(tmp_path, monkeypatch)
+    windows = data.calibration_windows(lm.tokenizer, 3, T, 0, add_bos=lm.add_bos).numpy()
+    out = compile_export(path, "sm8650", out=tmp_path / "sdk", graphs=("prefill",), route="qnn-sdk",
+                         progress=False, calibration=windows)
     recorded = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert [c[0] for c in recorded] == ["qnn-onnx-converter", "qnn-model-lib-generator", "qnn-context-binary-generator",
-                                        "htp-config"]
-    assert recorded[3][1]["soc_id"] == 57 and recorded[3][1]["dsp_arch"] == "v75"
-    conv = recorded[0]
+    assert [c[0] for c in recorded] == ["qnn-onnx-converter", "qnn-model-lib-generator", "qnn-context-binary-generator"]
+    conv = recorded[0][1:]
+    assert CALIBRATE <= set(conv) and "--float_fallback" not in conv
     assert conv[conv.index("--quantization_overrides") + 1] == str(path / "prefill.encodings")
+    assert conv[conv.index("--param_quantizer_schema") + 1] == "symmetric"
     rec = json.loads((out / "compile.json").read_text())
-    assert rec["route"] == "qnn-sdk" and rec["graphs"]["prefill"]["context_binary_bytes"] == 6000
-    assert sorted(p.name for p in out.iterdir()) == ["compile.json", "compile.log", "prefill.bin"]
+    g = rec["graphs"]["prefill"]
+    assert g["quantization"]["mode"] == "calibrate" and "3 calibration window(s)" in g["quantization"]["why"]
+    assert g["qnn_version"] == rec["versions"]["qnn"] == "2.51.0"
+    assert rec["route"] == "qnn-sdk" and sorted(p.name for p in out.iterdir()) == ["compile.json", "compile.log",
+                                                                                   "prefill.bin"]
+    log = (out / "compile.log").read_text()
+    assert "Failed" not in log and "ERROR" not in log
+
+
+def test_qnn_sdk_route_float_fallback_without_calibration(exported, tmp_path, monkeypatch):
+    """Without calibration windows: --float_fallback (fp16), never with an input list (the converter's
+    help: "input list must not be provided"); the stand-in refuses the two together, which the route
+    never asks for."""
+    path, _ = exported["w8a16"]
+    calls = _sdk_on_path(tmp_path, monkeypatch)
+    out = compile_export(path, "sm8650", out=tmp_path / "sdk", graphs=("prefill",), route="qnn-sdk", progress=False)
+    conv = json.loads(calls.read_text().splitlines()[0])[1:]
+    assert "--float_fallback" in conv and "--input_list" not in conv
+    assert conv[conv.index("--float_bitwidth") + 1] == "16"
+    assert json.loads((out / "compile.json").read_text())["graphs"]["prefill"]["quantization"]["mode"] == "float_fallback"
+    import subprocess
+
+    bad = subprocess.run([str(tmp_path / "bin" / "qnn-onnx-converter"), "--input_network", str(path / "prefill.onnx"),
+                          "--float_fallback", "--input_list", str(tmp_path / "x.txt")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "the input list must not be provided" in bad.stderr
+
+
+def test_strip_qdq_writes_a_graph_onnxruntime_loads(exported, tmp_path):
+    """The folded float graph of the real export: unique node names (onnxruntime refuses duplicates), no
+    Q/DQ node left, every encodings key one of its tensors, and it computes the export's logits up to the
+    activations' quantization (top-1 on most positions)."""
+    import onnx
+    import onnxruntime as ort
+
+    from devicelab.qdq import strip_qdq
+
+    path, lm = exported["w8a8"]
+    model = strip_qdq(path / "prefill.onnx", tmp_path / "prefill.float.onnx")
+    names = [n.name for n in model.graph.node if n.name]
+    assert len(names) == len(set(names))
+    assert not [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    g = onnx.load(str(tmp_path / "prefill.float.onnx")).graph
+    tensors = {t.name for t in g.initializer} | {x for n in g.node for x in (*n.input, *n.output)} | {
+        v.name for v in g.input}
+    enc = json.loads((path / "prefill.encodings").read_text())
+    assert set(enc["activation_encodings"]) | set(enc["param_encodings"]) <= tensors
+    sess = ort.InferenceSession(str(tmp_path / "prefill.float.onnx"), providers=["CPUExecutionProvider"])
+    from quant import data
+
+    ids = data.eval_windows(lm.tokenizer, T, limit=1, add_bos=lm.add_bos)[0][None].numpy()
+    fl = sess.run(["logits"], {"input_ids": ids})[0][0]
+    qdq = cpu_eval_session(path / "prefill.onnx").run(["logits"], {"input_ids": ids})[0][0]
+    assert (fl.argmax(-1) == qdq.argmax(-1)).mean() >= 0.8

@@ -424,7 +424,8 @@ class AdbDevice(Device):
         windows = []
         for b in blocks:
             s = b["summary"]
-            windows.append(power.execute_window(b["t0"], b["t1"], (s.get("init_us", 0) + s.get("finalize_us", 0)) / 1e6,
+            before = s.get("libload_us", 0) + s.get("init_us", 0) + s.get("finalize_us", 0)
+            windows.append(power.execute_window(b["t0"], b["t1"], before / 1e6,
                                                 s.get("deinit_us", 0) / 1e6, sum(b["times_us"]) / 1e6))
         try:
             p = power.excess_power(got["samples"], windows[0], got["idle"], self.options.current_unit,
