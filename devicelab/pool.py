@@ -161,10 +161,11 @@ class Pool:
         return sorted(ok, key=lambda e: not _is_free(self.inventory.lock_dir, e.name))
 
     # ------------------------------------------------------------ measuring
-    def bench(self, export: Path, target: str, workloads: list[Workload]) -> BenchResult:
+    def bench(self, export: Path, target: str, workloads: list[Workload], windows=None) -> BenchResult:
         """Measure ``workloads`` on one device of ``target`` (all of them on the same device, under one
         lock). DeviceLost moves every workload not yet measured to the next device; other errors (a bad
-        export, too little storage) propagate, naming the device."""
+        export, too little storage) propagate, naming the device. ``windows``: token ids of real text for
+        the devices whose inputs are files (phones: ``prepare(export, windows=...)``)."""
         result = BenchResult([], wanted=len(workloads))
         pending = list(workloads)
         candidates = self.available(target)
@@ -174,7 +175,7 @@ class Pool:
                              on_wait=lambda n: self.on_event(f"waiting for {n}: another benchmark holds it")) as waited:
                 try:
                     self.on_event(f"{entry.name}: preparing {export}")
-                    prepared = dev.prepare(Path(export))
+                    prepared = _prepare(dev, Path(export), windows)
                     while pending:
                         w = pending[0]
                         self.on_event(f"{entry.name}: {w.graph}, {w.warmup} warm-up + {w.repeats} runs")
@@ -199,12 +200,16 @@ class Pool:
         return result
 
 
-    def compare(self, exports: dict[str, Path], target: str, workload: Workload, rounds: int = 5) -> dict:
+    def compare(self, exports: dict[str, Path], target: str, workload: Workload, rounds: int = 5,
+                windows=None) -> dict:
         """Variants (label -> export folder) measured on ONE device of ``target``, interleaved: ``rounds``
         rounds of A, B, A, B, ... each running ``ceil(repeats / rounds)`` timed runs (warm-up in the first
         round only), so the device's drift (heat, clocks, background load) is shared by every variant
         instead of charged to whichever ran second. Returns label -> Measurement over all its samples.
-        A device lost mid-comparison raises: half a comparison on two devices would compare devices."""
+        A device lost mid-comparison raises: half a comparison on two devices would compare devices.
+
+        A device with ``compare_blocks`` (phones) runs the rounds as alternating blocks in one session of
+        its own (one battery check, one cool-down, one process per block) and returns the same records."""
         if len(exports) < 2:
             raise ValueError("compare needs at least two exports")
         if rounds < 1:
@@ -214,7 +219,9 @@ class Pool:
         per = -(-workload.repeats // rounds)
         with device_lock(self.inventory.lock_dir, entry.name, self.lock_timeout,
                          on_wait=lambda n: self.on_event(f"waiting for {n}: another benchmark holds it")):
-            prepared = {label: dev.prepare(Path(p)) for label, p in exports.items()}
+            prepared = {label: _prepare(dev, Path(p), windows) for label, p in exports.items()}
+            if hasattr(dev, "compare_blocks"):
+                return dev.compare_blocks(prepared, workload, rounds)
             parts: dict[str, list[Measurement]] = {label: [] for label in exports}
             for r in range(rounds):
                 for label in exports:
@@ -239,6 +246,10 @@ class Pool:
             if "prefill_tok_s" in first.extra:
                 out[label].extra["prefill_tok_s"] = wl.prompt_len / (summary["median_ms"] / 1000.0)
         return out
+
+
+def _prepare(dev: Device, export: Path, windows):
+    return dev.prepare(export, windows=windows) if windows is not None else dev.prepare(export)
 
 
 def _safe_info(dev: Device, entry: DeviceEntry) -> DeviceInfo:
