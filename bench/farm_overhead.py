@@ -80,9 +80,9 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from farm import scheduler
-    from farm.spec import load_sweep
-    from farm.sweep import Options, run_sweep
+    from farm.orchestrate import scheduler
+    from farm.plan.spec import load_sweep
+    from farm.orchestrate.sweep import Options, run_sweep
 
     with tempfile.TemporaryDirectory(prefix="farm-bench-") as tmp:
         tmp = Path(tmp)

@@ -11,7 +11,7 @@ devicelab.timing), it runs one long interleaved stream of rounds; each round tim
 
 so every (A, N) is a pair of a night with no change and every (A, S) a pair of a night whose candidate is
 really ``slowdown`` slower. For each n in 4..128, windows of n consecutive pairs are drawn from the stream
-(random starts, seeded) and decided exactly as the nightly decides (farm.regression.latency_decision: a
+(random starts, seeded) and decided exactly as the nightly decides (farm.orchestrate.regression.latency_decision: a
 regression when the median pair ratio is above 1 + threshold and the bootstrap CI of that median lies
 above 1). The detection rate is the share of slowed windows flagged, the false alarm rate the share of
 unchanged windows flagged. ``independent`` is how many windows would fit without overlap: rates from
@@ -99,7 +99,7 @@ def stream(export: Path, graph: str, rounds: int, slowdown: float) -> dict:
 
 
 def power(samples: dict, threshold: float, windows: int, seed: int = 0) -> list[dict]:
-    from farm.regression import latency_decision
+    from farm.orchestrate.regression import latency_decision
 
     rng = random.Random(seed)
     total = len(samples["A1"])

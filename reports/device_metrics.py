@@ -11,7 +11,7 @@ Tags ``device/<d>/model``, ``/soc``, ``/os_build``, ``/runtime`` identify the de
 ``device/<d>/latency_meaningful`` is ``"false"`` for a device whose times are not latency (the QNN HTP
 emulator runs the NPU's arithmetic at emulation speed): reports never tabulate or plot those times.
 
-farm's device stage (``farm/device_stage.py``) also logs ``..._p90``, the decode interval, ``power_mw`` and
+farm's device stage (``farm/orchestrate/device_metrics.py``) also logs ``..._p90``, the decode interval, ``power_mw`` and
 the tags ``name``, ``kind``, ``runtime_version``, ``error`` (the target could not be measured); the
 report shows the version beside the runtime and the error in the device table. Other keys under
 ``device/`` are ignored.

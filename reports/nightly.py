@@ -1,7 +1,7 @@
 """Nightly reports, from MLflow only: the night's verdicts (``night.md`` / ``night.html``) and the history
 of every metric across nights with the accepted baselines marked (``history.md`` / ``history.html``).
 
-What they read (farm/nightly.py writes it): the experiment ``<suite>.nightly``, one run per night tagged
+What they read (farm/orchestrate/nightly.py writes it): the experiment ``<suite>.nightly``, one run per night tagged
 ``farm_role=night`` with metrics ``<slot>/<metric>`` and the artifact ``night.json``; the registered model
 ``nightly.<suite>``, whose versions are the accepted nights and whose alias marks the current baseline.
 

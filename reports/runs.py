@@ -1,4 +1,4 @@
-"""The trial runs of one sweep, read back from MLflow (the layout farm.tracking writes: one experiment per
+"""The trial runs of one sweep, read back from MLflow (the layout farm.orchestrate.tracking writes: one experiment per
 sweep, one run per trial execution tagged ``farm_role=trial`` and ``trial_id``)."""
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ nightly_method = SimpleNamespace(Config=NightlyConfig, apply=apply, USES_ACTIVAT
 
 
 def nightly_exporter(artifact_dir: str, out_dir: Path, prefill: int, ctx: int) -> Path:
-    """The device stage's export step (``farm.sweep.Options.exporter``): the tiny QDQ export, wide when the
+    """The device stage's export step (``farm.orchestrate.sweep.Options.exporter``): the tiny QDQ export, wide when the
     artifact's recipe says ``wide``. Weights are seeded, so two narrow exports are the same graph."""
     from tests.devicelab_fixtures import make_tiny_export
 

@@ -57,7 +57,7 @@ DEVICES = {
                 "runtime": "onnxruntime-qnn 2.7.0", "latency_meaningful": "false"},
 }
 CI = 0.05  # the confidence interval of the median prefill time: +-5 %
-# a target the device stage could not measure for one trial (as farm/device_stage.py tags it)
+# a target the device stage could not measure for one trial (as farm/orchestrate/device_metrics.py tags it)
 LOST = ("pixel-lab", ("w8a8", "rtn"), "every device of the target was lost")
 
 
@@ -93,8 +93,8 @@ def outcome(trial) -> tuple[dict, dict]:
 
 def build_store(root: Path) -> tuple[str, object]:
     """Write the sweep into ``root/mlflow.db``; returns (tracking URI, the farm Sweep)."""
-    from farm.spec import load_sweep
-    from farm.tracking import Tracker
+    from farm.plan.spec import load_sweep
+    from farm.orchestrate.tracking import Tracker
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "devrep.yaml").write_text(textwrap.dedent(SWEEP))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from farm.spec import load_sweep
-from farm.sweep import Options, run_sweep
+from farm.plan.spec import load_sweep
+from farm.orchestrate.sweep import Options, run_sweep
 from tests.devicelab_fixtures import tiny_exporter
 from tests.farm_env import contained_env, write_sweep
 from tests.test_devicelab_sweep import HEAD

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from farm.spec import load_sweep
-from farm.sweep import Options, run_sweep, summary_rows
+from farm.plan.spec import load_sweep
+from farm.orchestrate.sweep import Options, run_sweep, summary_rows
 from tests.devicelab_fixtures import tiny_exporter
 from tests.farm_env import contained_env, write_sweep
 
@@ -34,7 +34,7 @@ register_best: false
 def env():
     import ray
 
-    from farm import scheduler
+    from farm.orchestrate import scheduler
 
     with contained_env() as root:
         assert scheduler.connect(num_cpus=2)
@@ -136,11 +136,12 @@ def test_devices_added_later_measure_finished_trials_without_rerunning_them(env)
 
 
 def test_phone_stage_compiles_once_beside_the_export_and_benches_the_compiled_folder(tmp_path):
-    """The compile step of a phone's device stage, without a phone: farm.device_stage.run_device_job with a
+    """The compile step of a phone's device stage, without a phone: farm.work.device_job.run_device_job with a
     compile target (the real devicelab.compile.compile_export through onnxruntime-qnn, SM8650) and the host
     as the measuring device. The compiled folder sits in an export folder (links to the export's files plus
     compiled-sm8650/), the layout the adb backend reads, and each step is a cache entry of its own."""
-    from farm.device_stage import DeviceJob, run_device_job
+    from farm.plan.devices import DeviceJob
+    from farm.work.device_job import run_device_job
 
     job = DeviceJob(target="host", label="host", workloads=({"graph": "prefill", "warmup": 0, "repeats": 2},),
                     prefill=16, ctx=64, resources={}, compile_target="sm8650", devices_file="")

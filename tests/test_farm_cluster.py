@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from farm.spec import load_sweep
-from farm.sweep import Options, run_sweep
+from farm.plan.spec import load_sweep
+from farm.orchestrate.sweep import Options, run_sweep
 from tests.farm_env import contained_env, write_sweep
 
 

@@ -10,7 +10,7 @@ import sys
 
 from mlflow import MlflowClient
 
-from farm.gc import collect
+from farm.orchestrate.gc import collect
 
 
 def _entry(root, stage, key, nbytes):

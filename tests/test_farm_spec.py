@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from farm.spec import GRID_LIMIT, SpecError, harness_module, load_sweep
+from farm.core.methods import harness_module
+from farm.plan.spec import GRID_LIMIT, SpecError, load_sweep
 
 BASE = """\
 name: unit
@@ -150,7 +151,7 @@ def test_cli_bad_file_exits_2_with_one_line_and_starts_nothing(tmp_path, capsys)
 
 def test_dry_run_prints_the_grid_and_what_is_done(tmp_path, capsys):
     from farm.cli import main
-    from farm.sweep import save_result
+    from farm.orchestrate.sweep import save_result
 
     p = write(tmp_path, BASE)
     data = tmp_path / "data"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import textwrap
 
-from farm.spec import load_sweep
-from farm.sweep import Options, sweep_status
-from farm.tracking import Tracker
+from farm.plan.spec import load_sweep
+from farm.orchestrate.sweep import Options, sweep_status
+from farm.orchestrate.tracking import Tracker
 
 
 def test_status_shows_the_last_logged_step_of_a_running_trial(tmp_path):

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from farm.cache import StageCache
-from farm.spec import flatten, load_sweep
-from farm.sweep import Options, run_sweep
+from farm.core.cache import StageCache
+from farm.core.ids import flatten
+from farm.plan.spec import load_sweep
+from farm.orchestrate.sweep import Options, run_sweep
 from tests.farm_env import REPO, contained_env, count_lines, farm_cmd, free_port, wait_http, write_sweep
 
 HEAD = """\
@@ -31,7 +32,7 @@ resources: {cpu: 1}
 def env():
     import ray
 
-    from farm import scheduler
+    from farm.orchestrate import scheduler
 
     with contained_env() as root:
         owned = scheduler.connect(num_cpus=2)  # the default local path, one instance for the module
@@ -271,9 +272,9 @@ def test_a_late_started_event_opens_no_second_run(tmp_path):
     sweep opened a second MLflow run that stayed RUNNING. Events are fed to the handler in that order."""
     import io
 
-    from farm.progress import Progress
-    from farm.sweep import Outcome, SweepRun
-    from farm.tracking import Tracker
+    from farm.orchestrate.progress import Progress
+    from farm.orchestrate.sweep import Outcome, SweepRun
+    from farm.orchestrate.tracking import Tracker
 
     p = write_sweep(tmp_path, "late", "name: late\nbase: {model: smollm2-135m, layers: 1, method: rtn}\n"
                     "grid: {samples: [2, 4]}\n")

@@ -93,9 +93,9 @@ def test_the_pins_of_another_kernel_level(tmp_path):
 
 
 def test_the_version_is_in_trial_ids_and_the_quantize_key(tmp_path, monkeypatch):
-    from farm.spec import load_sweep
-    from farm.stages import plan
-    from farm.trial import quant_key
+    from farm.plan.spec import load_sweep
+    from farm.work.stages import plan
+    from farm.core.ids import quant_key
 
     p = tmp_path / "v.yaml"
     p.write_text("name: v\nbase: {model: smollm2-135m, layers: 1, samples: 2, seqlen: 32}\n"
@@ -112,7 +112,7 @@ def test_the_version_is_in_trial_ids_and_the_quantize_key(tmp_path, monkeypatch)
 
 
 def test_a_worker_with_other_numerics_refuses_the_trial(tmp_path):
-    from farm.trial import execute_trial
+    from farm.work.trial import execute_trial
 
     config = {"model": "smollm2-135m", "layers": 1, "scheme": "fp", "method": "none", "method_config": {},
               "calib": None, "plugin": None, "numerics": quant.NUMERICS_VERSION + 1,
@@ -138,10 +138,10 @@ def test_a_sweep_rerun_after_a_bump_recomputes_what_changed_and_nothing_else(mon
     import ray
     from mlflow import MlflowClient
 
-    from farm.cache import StageCache
+    from farm.core.cache import StageCache
     from farm.cli import main
-    from farm.spec import load_sweep
-    from farm.sweep import Options, run_sweep, sweep_status
+    from farm.plan.spec import load_sweep
+    from farm.orchestrate.sweep import Options, run_sweep, sweep_status
     from tests.farm_env import REPO, contained_env, count_lines, write_sweep
 
     assert quant.NUMERICS_VERSION == 1, "the hook below sets 2: make it the current version + 1"

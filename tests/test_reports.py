@@ -11,8 +11,8 @@ import textwrap
 
 import pytest
 
-from farm.spec import load_sweep
-from farm.tracking import Tracker
+from farm.plan.spec import load_sweep
+from farm.orchestrate.tracking import Tracker
 from reports import load_trials, sweep_report
 from reports.sweep_report import varying
 

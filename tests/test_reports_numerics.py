@@ -6,9 +6,9 @@ from __future__ import annotations
 import textwrap
 
 import quant
-from farm.spec import load_sweep
-from farm.sweep import Options
-from farm.tracking import Tracker
+from farm.plan.spec import load_sweep
+from farm.orchestrate.sweep import Options
+from farm.orchestrate.tracking import Tracker
 from reports import sweep_report
 from reports.numerics import flagged, version_of
 from reports.runs import load_trials

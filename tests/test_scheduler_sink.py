@@ -9,7 +9,7 @@ import time
 import pytest
 import ray
 
-from farm.scheduler import Runner
+from farm.orchestrate.scheduler import Runner
 from tests.farm_env import contained_env
 
 

@@ -9,7 +9,7 @@ import textwrap
 from mlflow import MlflowClient
 
 from farm.cli import main
-from farm.spec import GRID_LIMIT, load_sweep
+from farm.plan.spec import GRID_LIMIT, load_sweep
 from tests.farm_env import HELPER, contained_env
 
 BASE = """\

@@ -14,16 +14,13 @@ import math
 import os
 import socket
 import time
-import traceback
 from pathlib import Path
 from typing import Callable
 
-from .spec import FLOAT_METHOD, config_hash, register_plugins
-
-
-def quant_key(config: dict) -> str:
-    """The identity of the quantized model: the trial's config without its evaluation."""
-    return config_hash({k: v for k, v in config.items() if k != "eval"})
+from ..core.cache import StageCache
+from ..core.ids import FLOAT_METHOD, quant_key
+from ..core.methods import build_method_config, harness_module, register_plugins
+from ..core.node import node_info
 
 
 def check_numerics(config: dict) -> None:
@@ -36,23 +33,6 @@ def check_numerics(config: dict) -> None:
         raise RuntimeError(f"this trial was expanded for numerics version {want} but the quant package on "
                            f"{socket.gethostname()} is version {numerics.NUMERICS_VERSION}: run the same code "
                            "on the driver and every node")
-
-
-def node_info() -> dict:
-    info = {"host": socket.gethostname(), "pid": os.getpid()}
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ctx = ray.get_runtime_context()
-            info["node_id"] = ctx.get_node_id()
-            info["node_ip"] = ray.util.get_node_ip_address()
-            gpus = ray.get_gpu_ids()
-            if gpus:
-                info["gpu_ids"] = [str(g) for g in gpus]
-    except ImportError:
-        pass
-    return info
 
 
 def _jsonable(obj):
@@ -88,8 +68,6 @@ def _quantize(config: dict, device: str, on_step: Callable | None):
     # quantize() takes on_step in quant cores that stream training losses; older ones do not
     if "on_step" in inspect.signature(quantize).parameters:
         kwargs["on_step"] = on_step
-    from .spec import build_method_config
-
     mcfg = build_method_config(config["method"], config["method_config"])
     res = quantize(lm, scheme=config["scheme"], method=config["method"], calib=calib, method_config=mcfg,
                    progress=False, **kwargs)
@@ -109,8 +87,6 @@ def _evaluate(lm, config: dict) -> tuple[dict, dict]:
         metrics["eval/tokens_per_s"] = r.tokens_per_s
         details["perplexity"] = r.to_dict()
     if ev.get("suite"):
-        from .spec import harness_module
-
         harness = harness_module()
         if harness is None:
             raise RuntimeError("eval.suite needs quant.eval.harness, which this worker does not have")
@@ -143,8 +119,6 @@ def execute_trial(trial_id: str, config: dict, data_dir: str | Path, save_artifa
     if threads:
         torch.set_num_threads(max(1, int(threads)))
     from quant import artifact
-
-    from .cache import StageCache
 
     steps: list[dict] = []
 
@@ -203,10 +177,3 @@ def execute_trial(trial_id: str, config: dict, data_dir: str | Path, save_artifa
         "stages": {"shared": stages or [], "quantize": quant_stage},
         "started_at": t0, "ended_at": time.time(),
     })
-
-
-def format_exception(exc: BaseException) -> tuple[str, str]:
-    """A one-line message and the full traceback of a trial's exception."""
-    msg = f"{type(exc).__name__}: {exc}".strip()
-    return msg.splitlines()[0] if msg else type(exc).__name__, "".join(
-        traceback.format_exception(type(exc), exc, exc.__traceback__))

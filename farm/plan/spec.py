@@ -33,23 +33,22 @@ ignores the method and the calibration) are run once.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import itertools
 import json
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..core.ids import FLOAT_METHOD, config_hash, flatten
+from ..core.methods import build_method_config, config_dict, harness_module, method_keys, register_plugins
 from . import yamlmarks
 from .yamlmarks import Located, LocatedError
 
 GRID_LIMIT = 64  # trials a sweep may expand to without --yes
 HYPER_SHORTHANDS = ("epochs", "iterations", "lr")
-FLOAT_METHOD = "none"
 
 
 class SpecError(LocatedError):
@@ -170,23 +169,6 @@ class Sweep:
         return hashlib.sha256("\n".join(t.id for t in self.trials).encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------- hashing and normalized configs
-
-def config_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 # ---------------------------------------------------------------- loading
 
 def load_sweep(path: str | Path, max_trials: int | None = GRID_LIMIT) -> Sweep:
@@ -267,54 +249,6 @@ def _check_partial(loc: Located, values: dict, path: tuple, what: str) -> None:
 
 # ---------------------------------------------------------------- methods, models, schemes
 
-def register_plugins(plugins: dict[str, str]) -> None:
-    """Import plugin methods ("module:attr") and add them to quant's method table (also on workers)."""
-    from quant import methods
-
-    for name, target in plugins.items():
-        obj = import_target(target)
-        current = methods.METHODS.get(name)
-        if current is not None and current is not obj:
-            raise ValueError(f"plugin method {name!r} clashes with an existing method of that name")
-        methods.METHODS[name] = obj
-
-
-def import_target(target: str):
-    mod_name, _, attr = target.partition(":")
-    mod = importlib.import_module(mod_name)
-    obj = getattr(mod, attr) if attr else mod
-    if not (hasattr(obj, "apply") and hasattr(obj, "Config")):
-        raise ValueError(f"{target} is not a quantization method (it needs Config and apply)")
-    return obj
-
-
-def build_method_config(name: str, overrides: dict):
-    """The method's Config with overrides; quant.methods.method_config when the quant core has it."""
-    from quant import methods
-
-    if hasattr(methods, "method_config") and is_dataclass(getattr(methods.get_method(name), "Config", None)):
-        return methods.method_config(name, overrides)
-    mod = methods.get_method(name)
-    try:
-        return mod.Config(**overrides)
-    except TypeError as e:
-        raise ValueError(f"method {name!r}: {e}") from None
-
-
-def method_keys(name: str) -> set[str] | None:
-    """Hyper-parameter names of a method, or None when its Config is not a dataclass (accept anything)."""
-    cfg = build_method_config(name, {})
-    return {f.name for f in fields(cfg)} if is_dataclass(cfg) else None
-
-
-def config_dict(cfg) -> dict:
-    from dataclasses import asdict
-
-    # identity(): a hyper-parameter added later is left out at its neutral value, so trial ids stay valid
-    d = cfg.identity() if hasattr(cfg, "identity") else asdict(cfg) if is_dataclass(cfg) else dict(cfg or {})
-    return json.loads(json.dumps(d, default=str))  # tuples -> lists, so the hash equals the reloaded form
-
-
 def check_model(name: str) -> dict | None:
     """Raise ValueError for a model that cannot be found; return its config.json when it is at hand."""
     from quant import zoo
@@ -334,13 +268,6 @@ def check_model(name: str) -> dict | None:
                      "not a local transformers folder and not a hub id (owner/name)")
 
 
-def harness_module():
-    """quant.eval.harness (lm-eval tasks) when it exists, else None."""
-    if importlib.util.find_spec("quant.eval.harness") is None:
-        return None
-    return importlib.import_module("quant.eval.harness")
-
-
 # ---------------------------------------------------------------- expansion
 
 def _check_devices(loc: Located, spec: SweepFile) -> None:
@@ -348,7 +275,7 @@ def _check_devices(loc: Located, spec: SweepFile) -> None:
     from devicelab.inventory import InventoryError
     from devicelab.pool import PoolError
 
-    from .device_stage import plan_jobs
+    from .devices import plan_jobs
 
     for i, d in enumerate(spec.devices):
         try:

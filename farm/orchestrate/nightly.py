@@ -1,4 +1,4 @@
-"""`farm nightly`: the nightly device-lab regression run (wired into farm/cli.py).
+"""`farm nightly`: the nightly device-lab regression run (the subcommand: farm/cli/nightly_cmd.py).
 
     farm nightly [sweeps/nightly.yaml] [--accept] [--baseline ALIAS] [--device NAME|KIND] [--pairs N]
                  [--threshold 0.05] [--ppl-tolerance 0.01] [--devices FILE] [--data DIR] [--tracking-uri URI]
@@ -8,7 +8,7 @@ unchanged night is all cache hits; then compare every trial of the suite with th
 baseline night:
 
 * latency: the baseline's and the candidate's export measured on ONE device in one session, interleaved
-  A/B/A/B (``Pool.compare``, one timed run per variant per round), decided by ``farm.regression``;
+  A/B/A/B (``Pool.compare``, one timed run per variant per round), decided by ``farm.orchestrate.regression``;
 * accuracy: each perplexity against a relative tolerance.
 
 Trials are matched by their *slot*, ``<model>.L<layers>.<scheme>.<method>`` (the scheme without role
@@ -60,38 +60,6 @@ EXIT_PASS, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
 
 class NightlyError(ValueError):
     """The night could not run (exit 2); the message names the suite, trial, device or file at fault."""
-
-
-def add_commands(sub) -> dict:
-    n = sub.add_parser("nightly", help="the nightly regression run: suite, then A/B latency and perplexity "
-                       "against the last accepted night (exit 0 pass, 1 regression, 2 could not run)")
-    n.add_argument("suite", nargs="?", default=DEFAULT_SUITE, help=f"suite sweep file (default {DEFAULT_SUITE})")
-    n.add_argument("--accept", action="store_true", help="make tonight the baseline (also after a regression)")
-    n.add_argument("--baseline", default=DEFAULT_ALIAS, metavar="ALIAS",
-                   help=f"alias of the registered model nightly.<suite> to compare with (default {DEFAULT_ALIAS})")
-    n.add_argument("--device", default=None, metavar="NAME|KIND",
-                   help="measure on this device (name or kind) instead of the suite's devices: entries")
-    n.add_argument("--pairs", type=int, default=DEFAULT_PAIRS,
-                   help=f"interleaved A/B pairs per workload (default {DEFAULT_PAIRS})")
-    n.add_argument("--threshold", type=float, default=regression.DEFAULT_THRESHOLD,
-                   help="latency: flag a median slowdown above this fraction (default 0.05)")
-    n.add_argument("--ppl-tolerance", type=float, default=regression.DEFAULT_PPL_TOLERANCE,
-                   help="accuracy: flag a perplexity rise above this fraction (default 0.01)")
-    n.add_argument("--devices", default=None, help="devices file (default $MQFARM_DEVICES or ./devices.yaml)")
-    n.add_argument("--out", default=None, help="report folder (default DATA/reports/<suite>.nightly)")
-    n.add_argument("--data", default=None,
-                   help="farm data folder: MLflow store, stage cache, results (default runs/farm or $MQFARM_FARM_DIR)")
-    n.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite file in --data)")
-    return {"nightly": cmd_nightly}
-
-
-def cmd_nightly(args) -> int:
-    from .sweep import Options, data_dir_default
-
-    opts = Options(data_dir=Path(args.data) if args.data else data_dir_default(), tracking_uri=args.tracking_uri)
-    return run_nightly(args.suite, opts, accept=args.accept, alias=args.baseline, device=args.device,
-                       pairs=args.pairs, threshold=args.threshold, ppl_tolerance=args.ppl_tolerance,
-                       devices_file=args.devices, out_dir=args.out)
 
 
 # ---------------------------------------------------------------- names
@@ -181,7 +149,7 @@ def _load_suite(suite_file: str, device: str | None):
     from devicelab.inventory import InventoryError
     from devicelab.pool import PoolError
 
-    from .spec import SpecError, load_sweep
+    from ..plan.spec import SpecError, load_sweep
 
     if not Path(suite_file).exists():
         raise NightlyError(f"suite file {suite_file} does not exist")
@@ -191,7 +159,7 @@ def _load_suite(suite_file: str, device: str | None):
         raise NightlyError(str(e)) from None
     if device:
         if not sweep.spec.devices:
-            from .spec import DeviceSpec
+            from ..plan.spec import DeviceSpec
 
             sweep.spec.devices = [DeviceSpec(device=device)]
         else:
@@ -294,7 +262,7 @@ class Night:
     def _devices_of(self, result: dict) -> dict:
         out = {}
         for d in self.sweep.spec.devices:
-            from .device_stage import label
+            from ..plan.devices import label
 
             summary = (result.get("devices") or {}).get(label(d.device))
             if not summary or not summary.get("ok") or not result.get("artifact_dir"):

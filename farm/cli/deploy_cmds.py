@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from .printing import report
+
 
 def add_commands(sub) -> dict:
     e = sub.add_parser("export", help="write an artifact's deployable ONNX QDQ graphs (prefill, decode) + encodings")
@@ -104,7 +106,5 @@ def eval_export(args, progress: bool) -> int:
                      progress=progress)
     label = {"model": exp.index.get("model"), "scheme": exp.index.get("scheme"), "method": exp.index.get("method"),
              "runtime": runtime}
-    from .cli import _report
-
-    _report(label, res, args.json, {"export": str(exp.root), "export_hash": exp.content_hash})
+    report(label, res, args.json, {"export": str(exp.root), "export_hash": exp.content_hash})
     return 0

@@ -1,5 +1,5 @@
 """Shared stages: work that many trials of a grid need with the same inputs, run once per key before
-those trials start, and cached on disk (``farm.cache``) so a re-run or a later sweep reuses it.
+those trials start, and cached on disk (``farm.core.cache``) so a re-run or a later sweep reuses it.
 
 A stage is ``Stage(name, inputs(config) -> dict | None, run(inputs, workdir) -> dict)``: ``inputs`` says
 whether a trial needs the stage and with what key (None: not needed); ``run`` does the work inside a
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .spec import FLOAT_METHOD, config_hash
+from ..core.cache import StageCache
+from ..core.ids import FLOAT_METHOD, config_hash
 
 # Methods whose start is SmoothQuant, so they read activation statistics of the float model. A method
 # module can say so itself with USES_ACTIVATION_STATS = True/False.
@@ -102,8 +103,6 @@ def plan(config: dict) -> list[tuple[str, str, dict]]:
 
 def run_stage(name: str, key: str, inputs: dict, data_dir: str | Path) -> dict:
     """Compute a shared stage unless its cache entry exists (the lock makes racing callers wait)."""
-    from .cache import StageCache
-
     cache = StageCache(Path(data_dir) / "stages")
     with cache.entry(name, key) as e:
         if e.hit:

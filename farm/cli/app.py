@@ -19,11 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-from . import method_args
-
-
-class UsageError(Exception):
-    pass
+from . import deploy_cmds, device_cmds, method_args, nightly_cmd, sweep_cmds
+from .errors import UsageError
+from .printing import print_table, report
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -95,40 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--sizes-only", action="store_true",
                    help="check sizes only, as every load does (the default hashes every file)")
 
-    from . import sweep_cli  # sweep, status, report, ui
-
-    COMMANDS.update(sweep_cli.add_commands(sub))
-    from . import deploy_cli, device_cli  # export, compile; devices, bench
-
-    COMMANDS.update(deploy_cli.add_commands(sub))
-
-    COMMANDS.update(device_cli.add_commands(sub))
-    from . import nightly  # nightly
-
-    COMMANDS.update(nightly.add_commands(sub))
+    COMMANDS.update(sweep_cmds.add_commands(sub))  # sweep, status, report, gc, ui
+    COMMANDS.update(deploy_cmds.add_commands(sub))  # export, compile
+    COMMANDS.update(device_cmds.add_commands(sub))  # devices, bench
+    COMMANDS.update(nightly_cmd.add_commands(sub))  # nightly
     return parser
-
-
-def _print_table(rows: list[dict], columns: list[str], out=None) -> None:
-    out = out or sys.stdout
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=out)
-    print("  ".join("-" * w for w in widths), file=out)
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=out)
-
-
-def _metrics_row(label: dict, ppl) -> dict:
-    return {**label, "ppl": f"{ppl.ppl:.3f}", "windows": ppl.windows, "seqlen": ppl.seqlen,
-            "tokens/s": f"{ppl.tokens_per_s:.0f}", "eval_s": f"{ppl.seconds:.1f}"}
-
-
-def _report(label: dict, ppl, as_json: bool, extra: dict | None = None) -> None:
-    if as_json:
-        print(json.dumps({**label, **(extra or {}), "perplexity": ppl.to_dict()}, sort_keys=True))
-    else:
-        _print_table([_metrics_row(label, ppl)], list(label) + ["ppl", "windows", "seqlen", "tokens/s", "eval_s"])
 
 
 def _check_suite(args) -> None:
@@ -149,7 +118,7 @@ def _run_suite(lm, label: dict, args, progress: bool, extra: dict | None = None)
     if args.json:
         print(json.dumps({**label, **(extra or {}), "suite": args.suite, "lmeval": metrics}, sort_keys=True))
     else:
-        _print_table(harness.table_rows(metrics), ["task", "metric", "value", "n"])
+        print_table(harness.table_rows(metrics), ["task", "metric", "value", "n"])
         where = ", ".join(f"{k}={v}" for k, v in label.items())
         print(f"\n{where}  suite {metrics['lmeval/suite_s']:.1f}s")
 
@@ -189,7 +158,7 @@ def cmd_quantize(args) -> int:
         _run_suite(lm, label, args, progress, {"artifact": str(path)})
     elif args.eval:
         ppl = evaluate_perplexity(lm, seqlen, args.corpus, args.limit, args.batch_size or 1, progress=progress)
-        _report(label, ppl, args.json, {"artifact": str(path)})
+        report(label, ppl, args.json, {"artifact": str(path)})
     elif args.json:
         print(json.dumps({**label, "artifact": str(path), "recipe": res.recipe}, sort_keys=True, default=str))
     return 0
@@ -224,11 +193,9 @@ def _model_for_eval(args, progress: bool):
 def cmd_eval(args) -> int:
     from quant import evaluate_perplexity
 
-    from . import deploy_cli
-
     progress = not args.json
-    if deploy_cli.is_export(args.artifact):
-        return deploy_cli.eval_export(args, progress)
+    if deploy_cmds.is_export(args.artifact):
+        return deploy_cmds.eval_export(args, progress)
     if args.runtime:
         raise UsageError(f"--runtime needs an export folder (written by `farm export`); {args.artifact} has no export.json")
     _check_suite(args)
@@ -237,7 +204,7 @@ def cmd_eval(args) -> int:
         _run_suite(lm, label, args, progress)
         return 0
     ppl = evaluate_perplexity(lm, seqlen, args.corpus, args.limit, args.batch_size or 1, progress=progress)
-    _report(label, ppl, args.json)
+    report(label, ppl, args.json)
     return 0
 
 
@@ -263,7 +230,7 @@ def cmd_sensitivity(args) -> int:
         return 0
     rows = [{args.by: r.group, "sites": r.quantizers, "ppl in float": f"{r.ppl:.3f}",
              "share of gap": f"{100 * r.share:.1f}%"} for r in budget.rows]
-    _print_table(rows, [args.by, "sites", "ppl in float", "share of gap"])
+    print_table(rows, [args.by, "sites", "ppl in float", "share of gap"])
     print(f"\n{', '.join(f'{k}={v}' for k, v in label.items())}: fp {budget.fp_ppl:.3f}, quantized "
           f"{budget.quant_ppl:.3f} on {budget.windows} windows of {budget.seqlen}")
     return 0
@@ -278,7 +245,7 @@ def cmd_models(args) -> int:
             cached = (zoo.model_dir(name) / zoo.MANIFEST).exists()
             rows.append({"name": name, "cached": "yes" if cached else "no", "license": e.license,
                          "description": e.description})
-        _print_table(rows, ["name", "cached", "license", "description"])
+        print_table(rows, ["name", "cached", "license", "description"])
         print(f"\ncache: {zoo.cache_root()} (set MQFARM_CACHE to move it)")
         return 0
     if not args.name:
@@ -334,6 +301,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"farm {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

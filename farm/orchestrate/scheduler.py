@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import ray
 
-from . import stages as stages_mod
-from .trial import execute_trial, format_exception
+from ..core.errors import format_exception
+from ..work import stages as stages_mod
+from ..work.trial import execute_trial
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -139,7 +140,7 @@ class Runner:
         return opts
 
     def add(self, jobs: list[Job]) -> None:
-        from .cache import StageCache
+        from ..core.cache import StageCache
 
         cache = StageCache(os.path.join(self.data_dir, "stages"))
         for job in jobs:

@@ -23,7 +23,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
-from .spec import FLOAT_METHOD, Sweep, Trial, flatten  # noqa: E402
+from ..core.ids import FLOAT_METHOD, flatten  # noqa: E402
+from ..plan.spec import Sweep, Trial  # noqa: E402
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -214,9 +215,9 @@ class Tracker:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def log_devices(self, run_id: str, devices: dict) -> None:
-        """Device-stage results (label -> summary, farm.device_stage) into a trial's run as metrics and
+        """Device-stage results (label -> summary, farm.orchestrate.device_tasks) into a trial's run as metrics and
         tags; the run may already be FINISHED, since device stages end after the trial."""
-        from .device_stage import metrics_and_tags
+        from .device_metrics import metrics_and_tags
 
         now = int(time.time() * 1000)
         for summary in devices.values():

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .progress import Progress, fmt_duration, table
-from .spec import FLOAT_METHOD, Sweep, Trial, flatten
+from ..core.ids import FLOAT_METHOD, flatten
+from ..plan.spec import Sweep, Trial
 
 DEFAULT_DATA = "runs/farm"
 
@@ -208,7 +209,8 @@ def _check_local_resources(sweep: Sweep, opts: Options) -> None:
 
 
 def _run(sweep: Sweep, opts: Options, tracker, outcome: Outcome, runs: dict, out) -> None:
-    from . import scheduler, stages
+    from ..work import stages
+    from . import scheduler
 
     data = Path(opts.data_dir)
     spec = sweep.spec
@@ -251,7 +253,8 @@ def _run(sweep: Sweep, opts: Options, tracker, outcome: Outcome, runs: dict, out
               f"{f' / {gpus:g} GPU' if gpus else ''}; MLflow {opts.uri}", file=out)
         state.progress = Progress(len(sweep.trials), len(outcome.results), slots, out, opts.live)
         if spec.devices:
-            from .device_stage import DeviceJobs, plan_jobs
+            from ..plan.devices import plan_jobs
+            from .device_tasks import DeviceJobs
 
             state.device_jobs = DeviceJobs(plan_jobs(spec.devices), str(data), spec.retries, opts.exporter,
                                            opts.compiler)
@@ -285,8 +288,8 @@ class SweepRun:
     each attempt in flight (``runs``) and of each finished trial (``finished_runs``), what was logged of
     each attempt, the outcome, the progress line and the device stages in flight.
 
-    Events: ``started``, ``step``, ``finished``, ``failed`` from trials (farm.scheduler), ``device`` from a
-    device stage (farm.device_stage), whose metrics go into the finished trial's run."""
+    Events: ``started``, ``step``, ``finished``, ``failed`` from trials (farm.orchestrate.scheduler), ``device`` from a
+    device stage (farm.work.device_job, farm.orchestrate.device_tasks), whose metrics go into the finished trial's run."""
 
     def __init__(self, sweep: Sweep, tracker, outcome: Outcome, runs: dict, data: Path, resources: dict):
         self.sweep, self.tracker, self.outcome, self.runs, self.data = sweep, tracker, outcome, runs, data
@@ -295,7 +298,7 @@ class SweepRun:
         self.attempts: dict = {}  # trial id -> (attempt key, steps logged for it, attempt count)
         self.finished_runs: dict = {}  # trial id -> MLflow run id of its finished run
         self.progress: Progress | None = None
-        self.device_jobs = None  # farm.device_stage.DeviceJobs when the sweep has devices:
+        self.device_jobs = None  # farm.orchestrate.device_tasks.DeviceJobs when the sweep has devices:
 
     @property
     def devices_active(self) -> bool:
@@ -361,7 +364,7 @@ class SweepRun:
     # ------------------------------------------------------------ device stages
     def devices_missing(self) -> dict:
         """Finished trials with an artifact whose device results are missing: trial id -> labels."""
-        from .device_stage import label
+        from ..plan.devices import label
 
         want = {label(d.device) for d in self.sweep.spec.devices}
         out = {}
@@ -372,7 +375,7 @@ class SweepRun:
         return out
 
     def submit_devices(self, tid: str, result: dict, only: set | None = None) -> None:
-        from .trial import quant_key
+        from ..core.ids import quant_key
 
         art = result.get("artifact_dir")
         if not art:
@@ -383,7 +386,7 @@ class SweepRun:
         self.progress.note(f"device {self.label(tid)}: {n} device stage(s) queued (export, compile, bench)")
 
     def _on_device(self, tid: str, summary: dict) -> None:
-        from .device_stage import metrics_and_tags
+        from .device_metrics import metrics_and_tags
 
         res = self.outcome.results[tid]
         res.setdefault("devices", {})[summary["label"]] = summary

@@ -1,4 +1,4 @@
-"""The `farm devices` and `farm bench` subcommands (wired into farm/cli.py).
+"""The `farm devices` and `farm bench` subcommands (wired into farm/cli/app.py).
 
     farm devices [--devices FILE] [--json]               # every device of the pool with its health
     farm bench EXPORT --device NAME|KIND [--graph prefill|decode] [--repeats N] [--warmup N] [--tokens N]
@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import sys
 
+from .printing import print_table
+
 GRAPHS = ("prefill", "decode")
 
 
 class BenchError(ValueError):
-    """Bad input or a refusing device: `farm` prints it as one line and exits 2. A ValueError, so that
-    farm.cli's handler catches it also when farm.cli runs as ``python -m farm.cli`` (then __main__'s
-    UsageError is another class than farm.cli's)."""
+    """Bad input or a refusing device: `farm` prints it as one line and exits 2 (a ValueError, which the
+    command line's handler turns into that line)."""
 
 
 def add_commands(sub) -> dict:
@@ -63,8 +64,6 @@ def cmd_devices(args) -> int:
     from devicelab import inventory
     from devicelab.pool import Pool
 
-    from .cli import _print_table
-
     inv = inventory.load(args.devices)
     pool = Pool(inv)
     rows = []
@@ -77,7 +76,7 @@ def cmd_devices(args) -> int:
             print(json.dumps({"name": e.name, "kind": e.kind, "source": e.source, **h.to_dict()}, sort_keys=True))
         rows.append(row)
     if not args.json:
-        _print_table(rows, ["name", "kind", "online", "battery", "temp", "charging", "free", "detail"])
+        print_table(rows, ["name", "kind", "online", "battery", "temp", "charging", "free", "detail"])
         print(f"\ndevices file: {inv.path or 'none (defaults); see docs/devices.md'}; locks in {inv.lock_dir}")
     return 0
 

@@ -1,4 +1,4 @@
-"""The `farm sweep`, `farm status` and `farm ui` subcommands (wired into farm/cli.py).
+"""The `farm sweep`, `farm status` and `farm ui` subcommands (wired into farm/cli/app.py).
 
     farm sweep sweeps/demo.yaml [--dry-run] [--yes] [--address ADDR] [--tracking-uri URI] [--data DIR]
     farm status sweeps/demo.yaml            # or a sweep name: what MLflow knows about it
@@ -64,22 +64,22 @@ def add_commands(sub) -> dict:
 
 
 def _options(args):
-    from .sweep import Options, data_dir_default
+    from ..orchestrate.sweep import Options, data_dir_default
 
     return Options(data_dir=Path(args.data) if args.data else data_dir_default(), tracking_uri=args.tracking_uri)
 
 
 def cmd_sweep(args) -> int:
-    from .progress import table
-    from .spec import GRID_LIMIT, load_sweep
-    from .sweep import load_result, print_summary, run_sweep, summary_rows
+    from ..orchestrate.progress import table
+    from ..plan.spec import GRID_LIMIT, load_sweep
+    from ..orchestrate.sweep import load_result, print_summary, run_sweep, summary_rows
 
     sweep = load_sweep(args.file, max_trials=None if args.yes or args.dry_run else GRID_LIMIT)
     if args.resources:
         sweep.spec.resources = override_resources(sweep.spec.resources, args.resources)
     opts = _options(args)
     if args.dry_run:
-        from .stages import plan
+        from ..work.stages import plan
 
         results = {t.id: r for t in sweep.trials if (r := load_result(opts.data_dir, t.id)) is not None}
         rows, cols = summary_rows(sweep, results, {})
@@ -118,7 +118,7 @@ def override_resources(current, text: str):
     """``cpu=1,gpu=0,custom.phone:sm8650=1`` over a sweep's ``resources:``; errors name the flag and key."""
     from pydantic import ValidationError
 
-    from .spec import Resources
+    from ..plan.spec import Resources
 
     merged = current.model_dump()
     merged["custom"] = dict(merged.get("custom") or {})
@@ -162,7 +162,7 @@ def cmd_report(args) -> int:
     opts = _options(args)
     name = args.sweep
     if Path(args.sweep).exists() or args.sweep.endswith((".yaml", ".yml")):
-        from .spec import load_sweep
+        from ..plan.spec import load_sweep
 
         name = load_sweep(args.sweep, max_trials=None).name
     out = Path(args.out) if args.out else Path(opts.data_dir) / "reports" / name
@@ -173,7 +173,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from .gc import collect
+    from ..orchestrate.gc import collect
 
     opts = _options(args)
     uri = opts.uri if (args.tracking_uri or (Path(opts.data_dir) / "mlflow.db").exists()) else None
@@ -188,9 +188,9 @@ def cmd_gc(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .progress import table
-    from .spec import load_sweep
-    from .sweep import numerics_mismatch, numerics_note, sweep_status
+    from ..orchestrate.progress import table
+    from ..plan.spec import load_sweep
+    from ..orchestrate.sweep import numerics_mismatch, numerics_note, sweep_status
 
     opts = _options(args)
     if Path(args.sweep).exists() or args.sweep.endswith((".yaml", ".yml")):
@@ -203,7 +203,7 @@ def cmd_status(args) -> int:
         if numerics_note(other):
             print(numerics_note(other))
         return 0
-    from .tracking import Tracker
+    from ..orchestrate.tracking import Tracker
 
     tracker = Tracker(opts.uri, args.sweep)
     if tracker.experiment(create=False) is None:
@@ -230,7 +230,7 @@ def cmd_status(args) -> int:
 
 def ui_command(data_dir: Path, tracking_uri: str | None, host: str, port: int) -> tuple[list[str], dict]:
     """The lean MLflow server command (STACK.md): one worker, no job runners, no telemetry."""
-    from .tracking import default_uri
+    from ..orchestrate.tracking import default_uri
 
     data_dir = Path(data_dir)
     (data_dir / "mlartifacts").mkdir(parents=True, exist_ok=True)
