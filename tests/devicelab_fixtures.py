@@ -229,7 +229,7 @@ def _encodings(model: onnx.ModelProto) -> dict:
                     "is_symmetric": str(bool(zp.dtype.kind == "i" and int(z) == 0))}
                    for s, z in zip(np.atleast_1d(scale), np.atleast_1d(zp))]
         if nd.op_type == "DequantizeLinear" and nd.input[0] in inits:
-            params[nd.output[0].removesuffix("_DequantizeLinear_Output")] = entries
+            params[nd.output[0]] = entries  # the float tensor the folded graph (devicelab.qdq) holds
         elif nd.op_type == "QuantizeLinear":
             acts[tensor] = entries
     return {"version": "0.6.1", "activation_encodings": acts, "param_encodings": params}

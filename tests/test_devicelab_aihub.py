@@ -173,8 +173,25 @@ class FakeClient:
         return [d for d in self.devices if d.name == name]
 
     def upload_model(self, model, name=None, project=None):
+        """Refuses an AIMET folder AI Hub would quantize wrongly: ai-hub-models uploads the UNQUANTIZED ONNX
+        beside the encodings that quantize it (``qai_hub_models/utils/quantization_aimet_onnx.py``,
+        ``convert_to_onnx_and_aimet_encodings``), so a graph that already holds QuantizeLinear /
+        DequantizeLinear nodes, or an encodings key that names none of the graph's tensors, is refused as
+        AI Hub's compile refuses encodings it cannot attach."""
+        import onnx
+
         folder = Path(model)
         files = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+        onnx_file = next(p for p in folder.iterdir() if p.suffix == ".onnx")
+        g = onnx.load(str(onnx_file)).graph
+        if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node):
+            raise hub.client.UserError(f"{onnx_file.name}: an AIMET model's ONNX must be the float graph (QDQ found)")
+        tensors = {t.name for t in g.initializer} | {v.name for v in g.input} | {
+            x for n in g.node for x in (*n.input, *n.output)}
+        enc = json.loads(next(p for p in folder.iterdir() if p.suffix == ".encodings").read_text())
+        stray = [k for part in ("activation_encodings", "param_encodings") for k in enc[part] if k not in tensors]
+        if stray:
+            raise hub.client.UserError(f"encodings name tensors not in the graph: {stray[:3]}")
         zipped = zip_model(str(folder.parent / "zip"), str(folder))  # what qai-hub itself would send
         with zipfile.ZipFile(zipped) as z:
             zip_names = sorted(z.namelist())
@@ -220,10 +237,19 @@ def test_prepare_uploads_the_export_as_aimet_folders_and_compiles_for_the_s24(ex
     prepared = dev.prepare(export)
     try:
         assert [u["folder"] for u in fake.uploads] == ["prefill.aimet", "decode.aimet"]
+        import onnx
+
         for up, graph in zip(fake.uploads, ("prefill", "decode")):
-            # the export's own graph and encodings, byte for byte, under the names AI Hub reads
-            assert up["files"] == {f"{graph}.encodings": (export / f"{graph}.encodings").read_bytes(),
-                                   f"{graph}.onnx": (export / f"{graph}.onnx").read_bytes()}
+            # the export's encodings byte for byte, beside the FLOAT graph (QDQ folded) they are keyed by
+            assert sorted(up["files"]) == [f"{graph}.encodings", f"{graph}.onnx"]
+            assert up["files"][f"{graph}.encodings"] == (export / f"{graph}.encodings").read_bytes()
+            g = onnx.load_model_from_string(up["files"][f"{graph}.onnx"]).graph
+            assert not [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+            tensors = {t.name for t in g.initializer} | {v.name for v in g.input} | {
+                x for n in g.node for x in (*n.input, *n.output)}
+            enc = json.loads(up["files"][f"{graph}.encodings"])
+            keys = set(enc["activation_encodings"]) | set(enc["param_encodings"])
+            assert keys and keys <= tensors
             assert up["type"] == SourceModelType.AIMET_ONNX  # qai-hub's own reading of the folder
             assert up["zip"] == [f"{graph}.aimet/", f"{graph}.aimet/{graph}.encodings", f"{graph}.aimet/{graph}.onnx"]
         assert len(fake.compiles) == 2
@@ -343,8 +369,9 @@ def test_unknown_device_and_missing_encodings_are_clear_errors(export, tmp_path)
 
 
 def test_external_weights_travel_in_the_aimet_folder_and_one_graph_can_be_prepared(export, tmp_path):
-    """A graph over 2 GB keeps its weights in an external data file; it goes into the .aimet folder under
-    the name the ONNX refers to. Preparing ``EXPORT/prefill.onnx`` compiles that graph only."""
+    """An export graph that keeps its weights in an external data file is read with them; the float graph
+    written for AI Hub (under 2 GB) holds them inline, so the folder is one .onnx and one .encodings.
+    Preparing ``EXPORT/prefill.onnx`` compiles that graph only."""
     import shutil
 
     import onnx
@@ -359,8 +386,9 @@ def test_external_weights_travel_in_the_aimet_folder_and_one_graph_can_be_prepar
     dev.close()
     assert list(prepared.graphs) == ["prefill"] and len(fake.compiles) == 1
     up = fake.uploads[0]
-    assert sorted(up["files"]) == ["prefill.encodings", "prefill.onnx", "prefill.onnx.data"]
-    assert up["files"]["prefill.onnx.data"] == (big / "prefill.onnx.data").read_bytes()
+    assert sorted(up["files"]) == ["prefill.encodings", "prefill.onnx"]
+    inits = {t.name for t in onnx.load_model_from_string(up["files"]["prefill.onnx"]).graph.initializer}
+    assert "wlm_DequantizeLinear_Output" in inits  # the LM head's weight, read from the external file and folded to float
     assert up["type"] == SourceModelType.AIMET_ONNX
     assert lines == [f"aihub:{DEFAULT_DEVICE}: prefill: compile job jc1 submitted ({COMPILE_OPTIONS} "
                      f"--truncate_64bit_io): http://127.0.0.1:9/jobs/jc1/",
