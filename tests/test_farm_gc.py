@@ -60,3 +60,66 @@ def test_gc_removes_unregistered_artifacts_and_refuses_during_a_sweep(tmp_path):
     everything = _farm("gc", "--data", str(tmp_path), "--all", "--stage", "quantize", "--stage", "activation_stats")
     assert everything.returncode == 0 and "removed 2 cache entries" in everything.stdout
     assert not best.exists() and not stats.exists()
+
+
+def _tree(root):
+    """Every path under ``root`` with its bytes (files) or link target: for byte-for-byte comparisons."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = ("link", str(p.readlink())) if p.is_symlink() else ("dir",) if p.is_dir() else p.read_bytes()
+    return out
+
+
+def test_gc_never_removes_outside_the_data_folder(tmp_path, capsys):
+    """The user's folder beside the data folder survives every path gc can be given, byte for byte: a stage
+    that is a path, an unknown stage, a symlinked entry or stage folder pointing at it. In this process
+    (farm.cli.main), but for the symlinked entry, run as the real command."""
+    from farm.cli import main
+
+    def farm(*args):
+        capsys.readouterr()
+        rc = main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, rc, out.out, out.err)
+
+    data = tmp_path / "data"
+    victim = tmp_path / "victim"
+    (victim / "chapter1").mkdir(parents=True)
+    (victim / "chapter2").mkdir()
+    (victim / "thesis.tex").write_text("\\chapter{Results}\n" * 100)
+    (victim / "chapter1" / "draft.tex").write_text("draft")
+    keep = _entry(data, "quantize", "a1", 100)
+    before = _tree(tmp_path)
+
+    cases = [
+        (["--stage", "../../victim"], "--stage '../../victim' is not a stage of the cache; known stages: quantize"),
+        (["--stage", str(victim)], "is not a stage of the cache"),
+        (["--stage", "nosuchstage"], "--stage 'nosuchstage' is not a stage of the cache"),
+    ]
+    for extra, want in cases:
+        r = farm("gc", "--data", str(data), *extra)
+        assert r.returncode == 2 and want in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.stderr
+        assert _tree(tmp_path) == before
+
+    r = farm("gc", "--data", str(tmp_path / "nonexistent"))
+    assert r.returncode == 2 and f"farm data folder {tmp_path / 'nonexistent'} does not exist" in r.stderr
+
+    link = data / "stages" / "quantize" / "b2"
+    link.symlink_to(victim, target_is_directory=True)
+    before = _tree(tmp_path)
+    r = _farm("gc", "--data", str(data))
+    assert r.returncode == 2 and f"cache entry {link} is a symbolic link (to {victim})" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert _tree(tmp_path) == before and keep.exists()  # refused before anything was removed
+    link.unlink()
+
+    stats = data / "stages" / "activation_stats"
+    stats.symlink_to(victim, target_is_directory=True)
+    r = farm("gc", "--data", str(data), "--stage", "activation_stats")
+    assert r.returncode == 2 and f"{stats} is a symbolic link" in r.stderr
+    stats.unlink()
+    assert _tree(victim) == {k[len("victim/"):]: v for k, v in before.items() if k.startswith("victim/")}
+    r = farm("gc", "--data", str(data))
+    assert r.returncode == 0 and "removed 1 cache entries" in r.stdout and not keep.exists()

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check an artifact folder against its manifest (every file's size and sha256)")
     v.add_argument("artifact", help="artifact folder written by `farm quantize` or a sweep")
     v.add_argument("--sizes-only", action="store_true",
-                   help="check sizes only, as every load does (the default hashes every file)")
+                   help="check sizes only (the default hashes every file; every load checks every size and the "
+                        "sha256 of the files under 64 MB, all but the weights)")
 
     COMMANDS.update(sweep_cmds.add_commands(sub))  # sweep, status, report, gc, ui
     COMMANDS.update(deploy_cmds.add_commands(sub))  # export, compile
@@ -130,13 +131,18 @@ def _quantize_in_memory(args, progress: bool):
 
     if not get_scheme(args.scheme).is_float:  # fail before loading anything
         get_method(args.method)
+    elif args.method not in ("rtn", "none"):  # rtn is the flag's default; anything else was asked for
+        raise UsageError(f"--scheme {args.scheme} is float: --method {args.method} would not run (drop --method, "
+                         "or choose a quantized scheme such as w8a8)")
+    if args.seqlen is not None and args.seqlen < 2:
+        raise UsageError(f"--seqlen must be at least 2, got {args.seqlen}")
     hp = method_args.overrides(args)
     if args.method == "mobilequant" and "checkpoint_dir" not in hp and getattr(args, "out", None):
         hp["checkpoint_dir"] = str(Path(args.out)) + ".checkpoint"  # rerunning the command resumes
     if not get_scheme(args.scheme).is_float:
         method_config(args.method, hp)  # unknown or mistyped hyper-parameters fail before loading the model
     lm = load_model(args.model, num_layers=args.layers, device=args.device)
-    seqlen = args.seqlen or 512  # quantize() checks it against the model's context
+    seqlen = 512 if args.seqlen is None else args.seqlen  # quantize() checks it against the model's context
     res = quantize(lm, scheme=args.scheme, method=args.method, method_config=hp,
                    calib=CalibConfig(args.calib_samples, seqlen, args.seed, args.calib_corpus), progress=progress)
     return lm, res, seqlen
@@ -145,9 +151,10 @@ def _quantize_in_memory(args, progress: bool):
 def cmd_quantize(args) -> int:
     from quant import artifact, evaluate_perplexity
 
+    from quant.files import check_replaceable
+
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"output folder {out} already exists; pass --overwrite to replace it")
+    check_replaceable(out, args.overwrite)  # before any work: only a folder this tool wrote is replaced
     _check_suite(args)
     progress = not args.json
     lm, res, seqlen = _quantize_in_memory(args, progress)
@@ -178,8 +185,10 @@ def _model_for_eval(args, progress: bool):
         else:
             lm = artifact.load(args.artifact, device=args.device)
         recipe = lm.recipe
-        seqlen = args.seqlen or recipe.get("calibration", {}).get("seqlen", 512)
-        if not args.seqlen and seqlen != 512:  # ppl at another window length is a different metric
+        if args.seqlen is not None and args.seqlen < 2:
+            raise UsageError(f"--seqlen must be at least 2, got {args.seqlen}")
+        seqlen = args.seqlen if args.seqlen is not None else recipe.get("calibration", {}).get("seqlen", 512)
+        if args.seqlen is None and seqlen != 512:  # ppl at another window length is a different metric
             print(f"evaluating at seqlen {seqlen}, the artifact's calibration window (--seqlen to change)",
                   file=sys.stderr)
         label = {"model": recipe.get("model"), "scheme": recipe.get("scheme"), "method": recipe.get("method")}
@@ -278,6 +287,12 @@ COMMANDS = {"verify": cmd_verify, "quantize": cmd_quantize, "eval": cmd_eval, "s
             "models": cmd_models}
 
 
+def one_line(e: BaseException) -> str:
+    """An error as the one line `farm` prints: continuation lines (YAML marks, server replies) joined."""
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    return text or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
@@ -290,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, ValueError, ArtifactError, CorpusError, ModelLoadError, FileNotFoundError, CompileError,
-            DeviceError) as e:
-        print(f"farm {args.command}: error: {e}", file=sys.stderr)
+    except (UsageError, ValueError, ArtifactError, CorpusError, ModelLoadError, OSError, CompileError,
+            DeviceError) as e:  # OSError: an unwritable or missing path, named by the error itself
+        print(f"farm {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"farm {args.command}: error: {e}", file=sys.stderr)

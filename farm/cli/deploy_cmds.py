@@ -45,7 +45,11 @@ def add_commands(sub) -> dict:
 
 def cmd_export(args) -> int:
     from quant.export import export_artifact
+    from quant.files import check_replaceable
 
+    suffix = ".device.export" if args.device_table else ".export"
+    dest = Path(args.out) if args.out else Path(str(Path(args.artifact)).rstrip("/") + suffix)
+    check_replaceable(dest, args.overwrite, "export folder")  # before loading: only an export of ours is replaced
     out = export_artifact(args.artifact, args.out, prefill=args.prefill, ctx=args.ctx, overwrite=args.overwrite,
                           device_table=args.device_table)
     index = json.loads((out / "export.json").read_text())
@@ -57,6 +61,10 @@ def cmd_export(args) -> int:
 
 def cmd_compile(args) -> int:
     from devicelab.compile import compile_export
+    from quant.files import check_replaceable
+
+    if args.out:  # the default lives inside the export folder; a folder of the user's is never replaced
+        check_replaceable(Path(args.out), args.overwrite, "compiled folder")
 
     graphs = tuple(g.strip() for g in args.graphs.split(",")) if args.graphs else None
     out = compile_export(args.export, args.target, args.out, graphs=graphs, route=args.route,
