@@ -17,6 +17,17 @@ torch.set_num_threads(int(os.environ.get("MQFARM_TEST_THREADS", 0)) or max(1, mi
 ARCH_MODELS = ["smollm2-135m", "gemma3-270m"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reverse", action="store_true",
+                     help="run the collected tests in reverse order (no test may rely on one that ran before it)")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
 @pytest.fixture(scope="session")
 def small_ids():
     """Two evaluation windows of 64 tokens per model, keyed by model name."""
@@ -28,3 +39,11 @@ def small_ids():
         out[name] = (data.eval_windows(lm.tokenizer, 64, limit=2, add_bos=lm.add_bos),
                      data.calibration_windows(lm.tokenizer, 4, 64, seed=0, add_bos=lm.add_bos))
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _basetemp_fixed_first(tmp_path_factory):
+    """pytest makes the root of every tmp_path under $TMPDIR the first time one is asked for. The farm
+    tests' contained_env points TMPDIR into a folder it deletes afterwards, so without this the root
+    depended on which test came first, and tests after such a module failed to make their tmp_path."""
+    tmp_path_factory.getbasetemp()

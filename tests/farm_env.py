@@ -21,24 +21,30 @@ HELPER = "tests.farm_helpers:fake_method"
 
 @contextmanager
 def contained_env():
-    """HOME, TMPDIR and RAY_TMPDIR in a short private folder (Ray's socket paths must stay short)."""
+    """HOME, TMPDIR and RAY_TMPDIR in a short private folder (Ray's socket paths must stay short).
+
+    On the way out the whole environment is put back as it was, not only the variables set here: what
+    runs inside (ray.init, a sweep, a nightly) may set others, and a later test must not inherit them."""
     root = Path(tempfile.mkdtemp(prefix="mqf-", dir="/tmp"))
-    keys = ("HOME", "TMPDIR", "RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-            "RAY_USAGE_STATS_ENABLED")
-    old = {k: os.environ.get(k) for k in keys}
+    old = dict(os.environ)
     os.environ.update(HOME=str(root), TMPDIR=str(root), RAY_TMPDIR=str(root), RAY_AUTH_MODE="disabled",
                       RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     tempfile.tempdir = None
     try:
         yield root
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_environ(old)
         tempfile.tempdir = None
         shutil.rmtree(root, ignore_errors=True)
+
+
+def restore_environ(old: dict) -> None:
+    """os.environ exactly as ``old``: variables added since removed, changed ones put back."""
+    for k in set(os.environ) - set(old):
+        del os.environ[k]
+    for k, v in old.items():
+        if os.environ.get(k) != v:
+            os.environ[k] = v
 
 
 def write_sweep(folder: Path, name: str, text: str) -> Path:

@@ -7,14 +7,20 @@ The suite is one SmolLM2 decoder layer, RTN W8A8 through tests.nightly_helpers (
 calibration windows of 32 tokens; its export step is the tiny QDQ export, narrow or wide. A slower
 candidate is slower through its model (the wide export: several times the work per token); a less
 accurate one has noise added to its weights. Both change a hyper-parameter only, so the trial id changes
-and the slot stays, as after a code change. The tests run in order: each night builds on the store the
-previous ones left.
+and the slot stays, as after a code change.
+
+The tests run in any order: each starts from a store restored from a snapshot (after the first night, or
+after a noisy night on top of it), made once per module by a fixture and never changed by a test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import shutil
+import sqlite3
 import subprocess
 import textwrap
 from pathlib import Path
@@ -22,8 +28,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from farm.nightly import DEFAULT_PAIRS, registered_name, run_nightly
-from farm.sweep import Options
+from farm.orchestrate.nightly import DEFAULT_PAIRS, registered_name, run_nightly
+from farm.orchestrate.sweep import Options
 from tests.farm_env import REPO, contained_env, farm_cmd
 from tests.nightly_helpers import nightly_exporter
 
@@ -50,35 +56,114 @@ def _suite(root: Path, noise: float = 0.0, wide: bool = False) -> Path:
     return p
 
 
+class Lab:
+    """A contained folder with Ray connected, the devices file, and snapshots of the data folder.
+
+    A snapshot is restored in place (the same absolute paths, which the MLflow store records for its
+    artifacts): the sqlite file through sqlite's backup API, so that connections MLflow keeps open see the
+    restored database; the other files copied, large ones hard-linked to the snapshot (the stage cache
+    writes a file once and never changes it), and hard links inside the folder kept as hard links."""
+
+    def __init__(self, root: Path):
+        self.root, self.data, self.devices = root, root / "data", root / "devices.yaml"
+        self.snapshots: dict[str, Path] = {}
+
+    def snapshot(self, name: str) -> None:
+        dst = self.root / "snapshots" / name
+        _clone(self.data, dst)
+        self.snapshots[name] = dst
+
+    def restore(self, name: str) -> None:
+        src = self.snapshots[name]
+        self.data.mkdir(exist_ok=True)
+        for child in self.data.iterdir():
+            if child.name != "mlflow.db":
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        _clone(src, self.data)
+
+
+def _clone(src: Path, dst: Path) -> None:
+    seen: dict[tuple, Path] = {}
+    for dirpath, _, files in os.walk(src):
+        out = dst / Path(dirpath).relative_to(src)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            f, g = Path(dirpath) / name, out / name
+            if name == "mlflow.db":
+                with sqlite3.connect(f) as a, sqlite3.connect(g) as b:
+                    a.backup(b)
+                continue
+            st = f.stat()
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                os.link(seen[key], g)
+            elif st.st_size >= 1 << 20:
+                os.link(f, g)
+            else:
+                shutil.copy2(f, g)
+            seen.setdefault(key, g)
+
+
 @pytest.fixture(scope="module")
-def env():
+def lab():
     import ray
 
-    from farm import scheduler
+    from farm.orchestrate import scheduler
 
     with contained_env() as root:
-        devices = root / "devices.yaml"
-        devices.write_text(f"host: {{threads: 1}}\nlock_dir: {root / 'locks'}\n")
+        lab = Lab(root)
+        lab.devices.write_text(f"host: {{threads: 1}}\nlock_dir: {root / 'locks'}\n")
         assert scheduler.connect(num_cpus=2)
         try:
-            yield root, root / "data", devices
+            yield lab
         finally:
             ray.shutdown()
 
 
-def _night(env, capsys, **kw) -> tuple[int, str, dict]:
+@pytest.fixture(scope="module")
+def first_night(lab):
+    """The first night on an empty store (it sets the baseline); the store after it is the snapshot
+    "baseline"."""
+    out = _night(lab)
+    lab.snapshot("baseline")
+    return out
+
+
+@pytest.fixture(scope="module")
+def noisy_night(lab, first_night):
+    """A less accurate candidate after the first night (a regression); the store after it is the snapshot
+    "regression" (its quantized model is in the stage cache from then on)."""
+    lab.restore("baseline")
+    out = _night(lab, noise=0.5)
+    lab.snapshot("regression")
+    return out
+
+
+@pytest.fixture
+def after_baseline(lab, first_night) -> Lab:
+    lab.restore("baseline")
+    return lab
+
+
+@pytest.fixture
+def after_regression(lab, noisy_night) -> Lab:
+    lab.restore("regression")
+    return lab
+
+
+def _night(lab: Lab, **kw) -> tuple[int, str, dict]:
     """One night in this process: (exit status, everything it printed, the night record from MLflow)."""
-    root, data, devices = env
-    suite = _suite(root, kw.pop("noise", 0.0), kw.pop("wide", False))
-    err = io.StringIO()
-    status = run_nightly(str(suite), Options(data_dir=data, live=False, exporter=nightly_exporter),
-                         devices_file=str(devices), out=err, **kw)
-    text = err.getvalue() + capsys.readouterr().out
-    c = _client(data)
+    suite = _suite(lab.root, kw.pop("noise", 0.0), kw.pop("wide", False))
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = run_nightly(str(suite), Options(data_dir=lab.data, live=False, exporter=nightly_exporter),
+                             devices_file=str(lab.devices), out=err, **kw)
+    text = err.getvalue() + out.getvalue()
+    c = _client(lab.data)
     exp = c.get_experiment_by_name(f"{SUITE}.nightly")
     run = c.search_runs([exp.experiment_id], "tags.farm_role = 'night'", order_by=["attributes.start_time DESC"],
                         max_results=1)[0]
-    record = json.loads(Path(c.download_artifacts(run.info.run_id, "night.json", str(root))).read_text())
+    record = json.loads(Path(c.download_artifacts(run.info.run_id, "night.json", str(lab.root))).read_text())
     return status, text, record
 
 
@@ -94,9 +179,9 @@ def _by_metric(record: dict) -> dict:
     return {(v["slot"], v["metric"]): v for v in record["verdicts"]}
 
 
-def test_first_night_sets_the_baseline_and_says_so(env, capsys):
-    root, data, _ = env
-    status, text, rec = _night(env, capsys)
+def test_first_night_sets_the_baseline_and_says_so(first_night, after_baseline):
+    data = after_baseline.data
+    status, text, rec = first_night
     assert status == 0, text
     assert "no baseline yet (alias 'baseline' of registered model nightly.nightsuite)" in text
     assert f"night run {rec['run_id']} is now the baseline" in text and "BASELINE SET" in text
@@ -119,10 +204,10 @@ def test_first_night_sets_the_baseline_and_says_so(env, capsys):
     assert (reports / "history.html").exists() and len(list(reports.glob("night-*/night.html"))) == 1
 
 
-def test_unchanged_candidate_passes(env, capsys):
-    root, data, _ = env
+def test_unchanged_candidate_passes(after_baseline):
+    root, data = after_baseline.root, after_baseline.data
     first = _alias(data).run_id
-    status, text, rec = _night(env, capsys)
+    status, text, rec = _night(after_baseline)
     assert status == 0, text
     assert rec["verdict"] == "pass" and rec["baseline"]["run_id"] == first and not rec["accepted"]
     v = _by_metric(rec)
@@ -138,9 +223,9 @@ def test_unchanged_candidate_passes(env, capsys):
     assert _alias(data).run_id == first  # a passing night does not move the baseline
 
 
-def test_slower_candidate_is_flagged_naming_the_latency_metric_and_device(env, capsys):
-    _, data, _ = env
-    status, text, rec = _night(env, capsys, wide=True)
+def test_slower_candidate_is_flagged_naming_the_latency_metric_and_device(after_baseline):
+    data = after_baseline.data
+    status, text, rec = _night(after_baseline, wide=True)
     assert status == 1, text
     v = _by_metric(rec)
     lat = v[(SLOT, "device/host/prefill_ms")]
@@ -155,10 +240,10 @@ def test_slower_candidate_is_flagged_naming_the_latency_metric_and_device(env, c
     assert "# Nightly nightsuite: REGRESSION" in html and "`device/host/prefill_ms` of `" + SLOT in html
 
 
-def test_less_accurate_candidate_is_flagged_naming_the_perplexity_metric(env, capsys):
-    _, data, _ = env
-    status, text, rec = _night(env, capsys, noise=0.5)
+def test_less_accurate_candidate_is_flagged_naming_the_perplexity_metric(noisy_night, after_regression):
+    status, text, rec = noisy_night
     assert status == 1, text
+    assert rec["baseline"]["run_id"] == _alias(after_regression.data).run_id  # the first night's
     v = _by_metric(rec)
     acc = v[(SLOT, PPL)]
     assert acc["regression"] and acc["change"] > 0.01
@@ -167,15 +252,15 @@ def test_less_accurate_candidate_is_flagged_naming_the_perplexity_metric(env, ca
     assert not v[("smollm2-135m.L1.fp.none", PPL)]["regression"]  # the FP trial did not change
 
 
-def test_accept_moves_the_alias(env, capsys):
-    _, data, _ = env
+def test_accept_moves_the_alias(after_regression):
+    data = after_regression.data
     before = _alias(data)
-    status, text, rec = _night(env, capsys, noise=0.5, accept=True)
+    status, text, rec = _night(after_regression, noise=0.5, accept=True)
     assert status == 1, text  # still a regression against the old baseline; accepted anyway
     after = _alias(data)
     assert after.run_id == rec["run_id"] != before.run_id and int(after.version) == int(before.version) + 1
     assert f"alias 'baseline' now points at night run {rec['run_id']} (was {before.run_id})" in text
-    status, text, rec2 = _night(env, capsys, noise=0.5)
+    status, text, rec2 = _night(after_regression, noise=0.5)
     assert status == 0, text  # the noisy model is the baseline now
     assert rec2["baseline"]["run_id"] == rec["run_id"]
     history = (data / "reports" / f"{SUITE}.nightly" / "history.md").read_text()
@@ -183,9 +268,9 @@ def test_accept_moves_the_alias(env, capsys):
     assert "history.png" in history
 
 
-def test_a_pool_with_nothing_available_exits_2(env):
+def test_a_pool_with_nothing_available_exits_2(after_baseline):
     """Through the real CLI: the only device of the asked kind is an AI Hub device without credentials."""
-    root, data, _ = env
+    root, data = after_baseline.root, after_baseline.data
     devices = root / "aihub-only.yaml"
     devices.write_text(f"aihub: {{devices: ['Samsung Galaxy S24 (Family)']}}\nlock_dir: {root / 'locks'}\n")
     c = _client(data)
@@ -200,8 +285,8 @@ def test_a_pool_with_nothing_available_exits_2(env):
 
 
 def test_latency_decision_is_material_and_significant():
-    """farm.regression on constructed pairs: exact ratios, the bootstrap CI around them, the two conditions."""
-    from farm.regression import accuracy_decision, latency_decision
+    """farm.orchestrate.regression on constructed pairs: exact ratios, the bootstrap CI around them, the two conditions."""
+    from farm.orchestrate.regression import accuracy_decision, latency_decision
 
     base = [10.0, 12.0, 11.0, 10.5, 13.0, 10.2, 11.5, 12.5]
     same = latency_decision(base, base)
@@ -223,8 +308,8 @@ def test_latency_decision_is_material_and_significant():
         latency_decision(base, base[:3])
 
 
-def test_bad_arguments_exit_2_naming_the_flag(env, capsys):
-    root, data, devices = env
+def test_bad_arguments_exit_2_naming_the_flag(lab):
+    root, data, devices = lab.root, lab.root / "bad-arguments", lab.devices
     for kw, words in (({"pairs": 1}, "--pairs must be at least 2"), ({"threshold": 5.0}, "--threshold is a fraction"),
                       ({"alias": "v3"}, "--baseline 'v3' is not an MLflow alias")):
         err = io.StringIO()
@@ -236,16 +321,19 @@ def test_bad_arguments_exit_2_naming_the_flag(env, capsys):
     assert "suite file " + str(root / "nope.yaml") + " does not exist" in err.getvalue()
 
 
-def test_history_page_in_a_real_browser(env):
+def test_history_page_in_a_real_browser(after_regression):
     """history.html in Debian's headless chromium (reports.browser): one table row per night run in MLflow with
-    its verdict, and the plot an embedded PNG of real size (a missing chromium fails: .ci/run installs it)."""
+    its verdict, and the plot an embedded PNG of real size (a missing chromium fails: scripts/setup.sh
+    installs it)."""
     import base64
     import re
     import struct
 
     from reports.browser import dump_dom
 
-    _, data, _ = env
+    data = after_regression.data
+    status, text, _ = _night(after_regression)  # the unchanged model again: a pass after the regression
+    assert status == 0, text
     c = _client(data)
     runs = c.search_runs([c.get_experiment_by_name(f"{SUITE}.nightly").experiment_id], "tags.farm_role = 'night'",
                          order_by=["attributes.start_time DESC"])
@@ -254,22 +342,23 @@ def test_history_page_in_a_real_browser(env):
     rows = re.findall(r"<tr>(.*?)</tr>", table.split("<tbody>", 1)[1], re.S)
     cells = [re.findall(r"<td[^>]*>(.*?)</td>", r, re.S) for r in rows]
     assert [(r[1], r[2]) for r in cells] == [(run.info.run_id[:8], run.data.tags["nightly.verdict"]) for run in runs]
-    assert [r[2] for r in cells] == ["pass", "regression", "regression", "regression", "pass", "baseline"]
+    assert [r[2] for r in cells] == ["pass", "regression", "baseline"]
     src = re.search(r'<img src="data:image/png;base64,([^"]+)"', dom).group(1)
     png = base64.b64decode(src)
     width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and width > 500 and height > 300
 
 
-def test_a_baseline_export_gone_exits_2_and_records_a_failed_night(env, capsys):
-    _, data, _ = env
+def test_a_baseline_export_gone_exits_2_and_records_a_failed_night(after_regression):
+    data = after_regression.data
     mv = _alias(data)
-    base = json.loads(Path(_client(data).download_artifacts(mv.run_id, "night.json", str(env[0] / "b"))).read_text())
+    base = json.loads(Path(_client(data).download_artifacts(mv.run_id, "night.json",
+                                                            str(after_regression.root / "b"))).read_text())
     pinned = Path(base["slots"][SLOT]["devices"]["host"]["pinned"])
     moved = pinned.with_name("moved-away")
     pinned.rename(moved)
     try:
-        status, text, rec = _night(env, capsys, noise=0.5)
+        status, text, rec = _night(after_regression, noise=0.5)
     finally:
         moved.rename(pinned)
     assert status == 2, text
