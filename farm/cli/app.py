@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--runtime", default=None, choices=["onnx", "qnn-htp"],
                    help="for an export folder: onnx = onnxruntime CPU (QDQ semantics), qnn-htp = the QNN HTP "
                         "emulator of onnxruntime-qnn (slow); default onnx")
+    e.add_argument("--devices", default=None, help="for an export folder with --device PHONE (a phone of the pool, "
+                                                   "not cpu/cuda): the devices file; the phone's logits are scored "
+                                                   "against onnxruntime CPU (default $MQFARM_DEVICES or ./devices.yaml)")
     e.add_argument("--device-table", action="store_true",
                    help="for an artifact folder: simulate it as the phone runs it (its scheme plus the device overrides: "
                         "16-bit residual stream, quantized final norm and lm_head; learned ranges kept)")
@@ -199,10 +202,19 @@ def _model_for_eval(args, progress: bool):
     raise UsageError(f"farm {args.command} needs an artifact folder or --model")
 
 
+def _is_phone(device) -> bool:
+    """For an export folder, ``--device`` names a phone of the pool unless it is a torch device."""
+    return bool(device) and device not in ("cpu", "auto") and not str(device).startswith("cuda")
+
+
 def cmd_eval(args) -> int:
     from quant import evaluate_perplexity
 
     progress = not args.json
+    if deploy_cmds.is_export(args.artifact) and _is_phone(args.device):
+        from . import device_cmds
+
+        return device_cmds.cmd_eval_device(args)
     if deploy_cmds.is_export(args.artifact):
         return deploy_cmds.eval_export(args, progress)
     if args.runtime:
@@ -315,4 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"farm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if type(e).__module__.split(".")[0] != "mlflow":  # a store that refuses: its message, one line
+            raise
+        print(f"farm {args.command}: error: MLflow: {one_line(e)}", file=sys.stderr)
+        return 2
 

@@ -15,6 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .checks import check_listen, check_store
+from .errors import UsageError
+
 
 def _add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
@@ -63,10 +66,15 @@ def add_commands(sub) -> dict:
     return {"sweep": cmd_sweep, "status": cmd_status, "report": cmd_report, "gc": cmd_gc, "ui": cmd_ui}
 
 
-def _options(args):
+def _options(args, read_only: bool = False, store_needed: bool = True):
+    """The data folder and store of a command; the store checked first (checks.check_store): a read-only
+    command never creates one, and an unreachable server is one line, not a hang."""
     from ..orchestrate.sweep import Options, data_dir_default
 
-    return Options(data_dir=Path(args.data) if args.data else data_dir_default(), tracking_uri=args.tracking_uri)
+    opts = Options(data_dir=Path(args.data) if args.data else data_dir_default(), tracking_uri=args.tracking_uri)
+    if args.tracking_uri or store_needed:
+        check_store(opts.uri, read_only=read_only)
+    return opts
 
 
 def cmd_sweep(args) -> int:
@@ -77,7 +85,7 @@ def cmd_sweep(args) -> int:
     sweep = load_sweep(args.file, max_trials=None if args.yes or args.dry_run else GRID_LIMIT)
     if args.resources:
         sweep.spec.resources = override_resources(sweep.spec.resources, args.resources)
-    opts = _options(args)
+    opts = _options(args, store_needed=False)
     if args.dry_run:
         from ..work.stages import plan
 
@@ -159,7 +167,7 @@ def _report(sweep, opts) -> None:
 def cmd_report(args) -> int:
     from reports import sweep_report
 
-    opts = _options(args)
+    opts = _options(args, read_only=True)
     name = args.sweep
     if Path(args.sweep).exists() or args.sweep.endswith((".yaml", ".yml")):
         from ..plan.spec import load_sweep
@@ -175,7 +183,7 @@ def cmd_report(args) -> int:
 def cmd_gc(args) -> int:
     from ..orchestrate.gc import collect
 
-    opts = _options(args)
+    opts = _options(args, read_only=True, store_needed=False)
     uri = opts.uri if (args.tracking_uri or (Path(opts.data_dir) / "mlflow.db").exists()) else None
     rep = collect(opts.data_dir, uri, tuple(args.stage or ("quantize",)), keep_best=not args.all,
                   dry_run=args.dry_run)
@@ -192,8 +200,10 @@ def cmd_status(args) -> int:
     from ..plan.spec import load_sweep
     from ..orchestrate.sweep import numerics_mismatch, numerics_note, sweep_status
 
-    opts = _options(args)
-    if Path(args.sweep).exists() or args.sweep.endswith((".yaml", ".yml")):
+    is_file = Path(args.sweep).exists() or args.sweep.endswith((".yaml", ".yml"))
+    # a sweep file's status needs no store yet (every trial pending); a sweep name does
+    opts = _options(args, read_only=True, store_needed=not is_file)
+    if is_file:
         sweep = load_sweep(args.sweep, max_trials=None)
         rows, cols, counts = sweep_status(sweep, opts)
         other = counts.pop("other_numerics", {})
@@ -242,7 +252,10 @@ def ui_command(data_dir: Path, tracking_uri: str | None, host: str, port: int) -
 
 
 def cmd_ui(args) -> int:
-    opts = _options(args)
+    warning = check_listen(args.host, args.port)  # a taken port or a bad host fails here, not in the server
+    opts = _options(args)  # not read-only: the server is also where sweeps on other machines log to
+    if warning:
+        print(warning, file=sys.stderr)
     cmd, env = ui_command(opts.data_dir, args.tracking_uri, args.host, args.port)
     print(f"MLflow UI on http://{args.host}:{args.port} (store {args.tracking_uri or opts.uri}); Ctrl-C stops it",
           file=sys.stderr)
@@ -254,7 +267,7 @@ def cmd_ui(args) -> int:
     signal.signal(signal.SIGINT, stop)
     proc = subprocess.Popen(cmd, env=env)
     try:
-        return proc.wait()
+        rc = proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
         try:
@@ -262,3 +275,6 @@ def cmd_ui(args) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
         return 0
+    if rc != 0:  # the server's own output is above; the exit status says it failed
+        raise UsageError(f"the MLflow server exited with status {rc} (its output is above)")
+    return 0
