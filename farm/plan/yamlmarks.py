@@ -71,13 +71,28 @@ def loads(text: str, name: str = "<string>") -> Located:
         if root is None:
             return Located(name, None, {(): 1})
         lines: dict = {(): root.start_mark.line + 1}
-        data = _convert(loader, root, (), lines, name)
+        try:
+            data = _convert(loader, root, (), lines, name)
+        except yaml.YAMLError as e:  # a tag the safe loader refuses (!!python/...): where, in one line
+            mark = getattr(e, "problem_mark", None)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            if "could not determine a constructor" in problem:
+                problem = problem.replace("could not determine a constructor for the tag",
+                                          "the tag is not allowed (only plain YAML is read):")
+            raise LocatedError(name, mark.line + 1 if mark else None, (), f"not valid YAML: {problem}") from None
         return Located(name, data, lines)
     finally:
         loader.dispose()
 
 
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
 def _convert(loader, node, path, lines, name):
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")  # a !!python/... tag: refused, never dropped
+        raise LocatedError(name, node.start_mark.line + 1, path, f"the tag {tag} is not allowed (only plain YAML "
+                           "is read)")
     if isinstance(node, yaml.MappingNode):
         out = {}
         for knode, vnode in node.value:
