@@ -103,6 +103,8 @@ def cmd_sweep(args) -> int:
         r = sweep.spec.resources
         print(f"\nper trial: {r.cpu:g} CPU, {r.gpu:g} GPU; retries on worker death: {sweep.spec.retries}; "
               f"max in flight: {sweep.spec.concurrency.max_trials or 'as resources allow'}")
+        if not args.address and len(results) < len(sweep.trials):
+            _warn_unrunnable(r, args.num_cpus)
         if shared:
             print("shared stages to run once per key: " + ", ".join(f"{n} x{len(k)}" for n, k in shared.items()))
         if sweep.spec.devices:
@@ -120,6 +122,30 @@ def cmd_sweep(args) -> int:
     if outcome.interrupted:
         return 130
     return 0 if outcome.ok else 1
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def _warn_unrunnable(r, num_cpus: int | None) -> None:
+    """A dry run on local Ray: say when no trial could start on this machine (they would wait forever,
+    listed as pending)."""
+    from .checks import cpu_limit
+
+    cpus = num_cpus or cpu_limit()
+    gpus = _local_gpus() if r.gpu else 0
+    short = [f"{need:g} {what} (this machine has {have})" for need, have, what in
+             ((r.cpu, cpus, "CPU"), (r.gpu, gpus, "GPU")) if need > have]
+    if short:
+        print(f"warning: no trial can run here: each needs {' and '.join(short)}; the pending trials would wait "
+              "forever on local Ray (join a cluster with --address, or lower them with --resources)",
+              file=sys.stderr)
 
 
 def override_resources(current, text: str):
@@ -164,6 +190,27 @@ def _report(sweep, opts) -> None:
     print(f"report: {path}")
 
 
+def _check_axes(sweep: str, uri: str, flags: dict) -> None:
+    """A --columns / --x param that no trial has is refused (the report would silently leave its table
+    out); one that does not vary between the trials is a warning."""
+    asked = {flag: key for flag, key in flags.items() if key}
+    if not asked:
+        return
+    from reports.runs import load_trials
+    from reports.sweep_report import varying
+
+    trials = load_trials(sweep, uri)
+    params = sorted({k for t in trials for k in t.params})
+    axes = varying(trials)
+    for flag, key in asked.items():
+        if key not in params:
+            raise UsageError(f"{flag} {key!r}: no trial of sweep {sweep!r} has that param; params that vary: "
+                             f"{', '.join(axes) or 'none'}")
+        if key not in axes:
+            print(f"warning: {flag} {key!r} has one value in every trial of sweep {sweep!r}: the report has no "
+                  f"table or plot by it (params that vary: {', '.join(axes) or 'none'})", file=sys.stderr)
+
+
 def cmd_report(args) -> int:
     from reports import sweep_report
 
@@ -174,6 +221,7 @@ def cmd_report(args) -> int:
 
         name = load_sweep(args.sweep, max_trials=None).name
     out = Path(args.out) if args.out else Path(opts.data_dir) / "reports" / name
+    _check_axes(name, opts.uri, {"--columns": args.columns, "--x": args.x})
     path = sweep_report(name, tracking_uri=opts.uri, out_dir=out, columns=args.columns, x=args.x)
     print(path.read_text())
     print(f"report: {path}", file=sys.stderr)
