@@ -81,7 +81,7 @@ _HOST_KEYS = {"threads": int, "pin": bool}
 _QNN_KEYS = {"enabled": bool, "soc_model": str, "htp_arch": str}
 _PHONE_KEYS = {"name": str, "serial": str, "soc": str, "runtime_dir": str, "runtime_cmd": str,
                "allow_charging": bool, "min_battery_pct": (int, float), "max_temp_c": (int, float),
-               "cooldown_timeout_s": (int, float), "current_unit": str}
+               "cooldown_timeout_s": (int, float), "current_unit": str, "baseline_s": (int, float)}
 _AIHUB_KEYS = {"devices": list, "compile_options": str, "profile_options": str, "job_timeout_s": (int, float)}
 _TOP_KEYS = ("host", "qnn_sim", "phones", "aihub", "lock_dir")
 

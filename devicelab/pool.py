@@ -249,7 +249,13 @@ class Pool:
 
 
 def _prepare(dev: Device, export: Path, windows):
-    return dev.prepare(export, windows=windows) if windows is not None else dev.prepare(export)
+    """``windows`` go to the devices whose inputs are files (their ``prepare`` takes them); the others
+    synthesize inputs from export.json."""
+    import inspect
+
+    if windows is not None and "windows" in inspect.signature(dev.prepare).parameters:
+        return dev.prepare(export, windows=windows)
+    return dev.prepare(export)
 
 
 def _safe_info(dev: Device, entry: DeviceEntry) -> DeviceInfo:

@@ -22,7 +22,6 @@ import pytest
 
 from devicelab import net_inputs, preflight
 from devicelab.backends.adb import AdbDevice, AdbOptions
-from devicelab.device_eval import evaluate_on_device
 from devicelab.exported import read_export
 from devicelab.protocol import DeviceError, Workload
 from tests.adb_standin import AdbServer, Phone, PhoneStandIn
@@ -90,15 +89,32 @@ def _netruns(standin):
     return [p for p in standin.phases() if p[0] == "load"]
 
 
-def test_bench_and_eval_on_a_compiled_smollm2_w8a8(adb_server, sdk, smol, tmp_path):
-    """Inputs have exactly the graph's sizes (float32 raw, 4 x numel, as qnn-net-run reads them by default)
-    and one input-list line per window; a block is ONE qnn-net-run process (the first inference left out,
-    the context load its own metric); the logits pulled back from the phone agree with onnxruntime's CPU on
-    the same export at top-1 >= 99% and give the same perplexity on those windows."""
+def test_bench_and_eval_on_a_compiled_smollm2_w8a8(adb_server, sdk, smol, tmp_path, capsys):
+    """`farm eval EXPORT --device s24` and `farm bench EXPORT --device s24` through the command line, the
+    devices file and the real adb server. Inputs have exactly the graph's sizes (float32 raw, 4 x numel,
+    as qnn-net-run reads them by default) and one input-list line per window of real text; a bench block
+    is ONE qnn-net-run process (the first inference left out, the context load its own metric); the
+    logits pulled back from the phone agree with onnxruntime's CPU on the same export at top-1 >= 99% and
+    give the same perplexity on those windows."""
+    from farm.cli.app import main
+
     export, windows = smol
     exp = read_export(export)
     with phone(adb_server, tmp_path, sdk, exports=[export], ms=5.0) as (standin, dev):
-        prepared = dev.prepare(export, windows=windows)
+        (tmp_path / "devices.yaml").write_text(json.dumps({
+            "phones": [{"name": "s24", "serial": standin.address, "soc": "SM8650", "runtime_dir": str(sdk),
+                        "baseline_s": 0.3}], "lock_dir": str(tmp_path / "locks")}))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("ANDROID_ADB_SERVER_PORT", str(adb_server.port))
+            mp.setenv("MQFARM_DEVICES", str(tmp_path / "devices.yaml"))
+            assert main(["eval", str(export), "--device", "s24", "--limit", "3", "--json"]) == 0
+            result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            assert len(_netruns(standin)) == 1  # the three windows in one process
+            assert main(["bench", str(export), "--device", "s24", "--graph", "prefill", "--repeats", "6",
+                         "--warmup", "1", "--json"]) == 0
+            bench = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            assert len(_netruns(standin)) == 2  # one more for the whole bench block
+        prepared = dev.prepare(export, windows=windows)  # what the CLI pushed: same windows, same files
         on_phone = standin.host_path(prepared.remote_dir)
         gi = prepared.inputs["prefill"]
         assert gi.lines == 3 and len((on_phone / gi.list_file).read_text().splitlines()) == 3
@@ -108,19 +124,14 @@ def test_bench_and_eval_on_a_compiled_smollm2_w8a8(adb_server, sdk, smol, tmp_pa
             assert (on_phone / f).stat().st_size == int(np.prod(spec["shape"])) * 4 == net_inputs.expected_bytes(spec)
         first = np.fromfile(on_phone / gi.files[0], dtype="<f4")
         assert np.array_equal(first.astype(np.int64), windows[0])  # real token ids, not zeros
-
-        rec = dev.run(prepared, Workload(graph="prefill", warmup=1, repeats=6, measure_power=False))
-        assert len(_netruns(standin)) == 1  # one process for the whole block
-        assert len(rec.samples_ms) == 6 and rec.extra["inferences"] == 7 and rec.extra["left_out"] == 1
-        assert rec.extra["context_load_ms"] > 0 and rec.extra["built_by_qnn"] == "2.51.0"
-        assert rec.device.runtime_version == "2.51.0"
-        assert min(rec.samples_ms) >= 5.0
-
-        result = evaluate_on_device(dev, export, windows, prepared=prepared)
-    assert result["windows"] == 3 and result["positions"] == 96
+    assert result["device"] == "s24" and result["windows"] == 3 and result["positions"] == 96
     assert result["top1_agreement"] >= 0.99
     assert result["ppl_device"] == pytest.approx(result["ppl_cpu"], rel=1e-3)
     assert result["mean_abs_logit_diff"] < 1e-3
+    x = bench["extra"]
+    assert len(bench["samples_ms"]) == 6 and x["inferences"] == 7 and x["left_out"] == 1 and x["processes"] == 1
+    assert x["context_load_ms"] > 0 and x["built_by_qnn"] == "2.51.0" and bench["device"]["runtime_version"] == "2.51.0"
+    assert min(bench["samples_ms"]) >= 5.0 and "caller-given token ids" in x["inputs"]
 
 
 def test_energy_over_execute_only_with_a_lagging_gauge(adb_server, sdk, tiny, tmp_path):

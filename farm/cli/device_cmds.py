@@ -29,6 +29,10 @@ def add_commands(sub) -> dict:
     d = sub.add_parser("devices", help="list the device pool with each device's health")
     d.add_argument("--devices", default=None, help="devices file (default $MQFARM_DEVICES or ./devices.yaml)")
     d.add_argument("--json", action="store_true", help="one JSON object per device")
+    d.add_argument("--check", default=None, metavar="NAME",
+                   help="preflight one phone: SoC, SDK files, battery nodes, charging, thermal, storage, runtime "
+                        "version, and a tiny known graph run on it (with --export EXPORT: its compiled folder too)")
+    d.add_argument("--export", default=None, help="with --check: the export the night will measure")
 
     b = sub.add_parser("bench", help="measure an export folder on a device (latency, tokens/s, energy)")
     b.add_argument("export", nargs="+", help="export folder (written by `farm export`); two or more are "
@@ -60,10 +64,82 @@ def _gib(n) -> str:
     return "-" if n is None else f"{n / 2**30:.1f} GiB"
 
 
+def cmd_check(args) -> int:
+    """`farm devices --check NAME`: devicelab.preflight's checks, one line each; exit 1 when one fails."""
+    from devicelab import inventory, preflight
+    from devicelab.pool import Pool
+
+    inv = inventory.load(args.devices)
+    entry = inv.get(args.check)
+    if entry is None or entry.kind != "adb":
+        raise BenchError(f"--check {args.check!r}: not a phone of the pool (phones: "
+                         f"{', '.join(e.name for e in inv.entries if e.kind == 'adb') or 'none'})")
+    checks = preflight.run_checks(Pool(inv).device(entry), args.export)
+    for c in checks:
+        if args.json:
+            print(json.dumps(c.to_dict(), sort_keys=True))
+        else:
+            print(f"{'ok  ' if c.ok else 'FAIL'}  {c.check:<16} {c.detail}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def eval_windows(export, limit: int):
+    """Token ids of the evaluation corpus at the export's prompt length, with the export's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from quant import data
+
+    t = int(export.graph("prefill").meta.get("prompt_len", export.graph("prefill").inputs[0]["shape"][1]))
+    tok = AutoTokenizer.from_pretrained(str(export.root / "tokenizer"))
+    return data.eval_windows(tok, t, limit=limit, add_bos=bool(export.index.get("add_bos"))).numpy()
+
+
+def _phone_windows(pool, args):
+    """Four windows of real text when the target is a phone and the export carries its tokenizer, else None."""
+    from devicelab.exported import read_export
+
+    try:
+        phones = any(e.kind == "adb" for e in pool.resolve(args.device))
+    except ValueError:  # an unknown target: pool.bench names it
+        return None
+    exp = read_export(args.export[0])
+    return eval_windows(exp, 4) if phones and (exp.root / "tokenizer").is_dir() else None
+
+
+def cmd_eval_device(args) -> int:
+    """`farm eval EXPORT --device NAME`: the phone's logits for real text against onnxruntime's CPU."""
+    from devicelab import inventory
+    from devicelab.device_eval import evaluate_on_device
+    from devicelab.exported import read_export
+    from devicelab.pool import Pool
+    from devicelab.protocol import DeviceError
+
+    exp = read_export(args.artifact)
+    inv = inventory.load(getattr(args, "devices", None))
+    entry = inv.get(args.device)
+    if entry is None or entry.kind != "adb":
+        raise BenchError(f"--device {args.device!r}: not a phone of the pool (phones: "
+                         f"{', '.join(e.name for e in inv.entries if e.kind == 'adb') or 'none'})")
+    try:
+        res = evaluate_on_device(Pool(inv).device(entry), exp.root, eval_windows(exp, args.limit or 8))
+    except DeviceError as e:
+        raise BenchError(str(e)) from None
+    if args.json:
+        print(json.dumps(res, sort_keys=True))
+    else:
+        print(f"{res['device']}: {res['windows']} windows, top-1 agreement with onnxruntime CPU "
+              f"{res['top1_agreement']:.2%} (worst window {res['worst_window_top1']:.2%}); perplexity "
+              f"{res['ppl_device']:.3f} on the phone, {res['ppl_cpu']:.3f} on the CPU; mean |logit diff| "
+              f"{res['mean_abs_logit_diff']:.3g}")
+    return 0
+
+
 def cmd_devices(args) -> int:
     from devicelab import inventory
     from devicelab.pool import Pool
 
+    if args.check:
+        return cmd_check(args)
     inv = inventory.load(args.devices)
     pool = Pool(inv)
     rows = []
@@ -136,8 +212,8 @@ def cmd_bench(args) -> int:
                           threads=args.threads or 1, allow_charging=args.allow_charging) for g in graphs]
     if len(args.export) > 1:
         return _compare(pool, args, workloads)
-    try:
-        result = pool.bench(args.export[0], args.device, workloads)
+    try:  # phones read their inputs from files: real text of the evaluation corpus, not synthetic ids
+        result = pool.bench(args.export[0], args.device, workloads, windows=_phone_windows(pool, args))
     except DeviceError as e:  # the device refused (storage, busy, backend missing): one line, exit 2
         raise BenchError(str(e)) from None
     for rec in result.failed + result.records:
