@@ -3,7 +3,7 @@ with :func:`time_runs` on a session from :func:`cpu_session`, so their numbers a
 
 Why pinned: on a shared machine the scheduler migrates a benchmark between cores and intra-op thread
 pools spin against other work; one intra-op thread on a fixed core gave the stablest timings here
-(STACK.md: two threads made int8 slower and added spikes). Pinning uses ``os.sched_setaffinity`` where the
+(two threads made int8 slower and added spikes on this project's 2-core machine). Pinning uses ``os.sched_setaffinity`` where the
 platform and the container allow it, and says which cores it got (an empty list: not pinned).
 """
 

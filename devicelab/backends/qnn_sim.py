@@ -6,7 +6,7 @@ ms for a tiny MatMul): every record says ``latency_meaningful=False`` and report
 latency. CPU fallback is disabled, so a graph that the HTP cannot take fully fails at prepare, naming the
 device, instead of silently running partly on the CPU.
 
-Registration (STACK.md): ``register_execution_provider_library("QNNExecutionProvider", path)`` once per
+Registration (onnxruntime's plug-in EP API): ``register_execution_provider_library("QNNExecutionProvider", path)`` once per
 process, then ``SessionOptions.add_provider_for_devices(qnn_devices, {"backend_type": "htp",
 "soc_model": "57", "htp_arch": "75"})``; 57/v75 is SM8650 (Snapdragon 8 Gen 3).
 """
