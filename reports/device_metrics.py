@@ -22,14 +22,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-PREFIX = "device/"
-PREFILL_MS, PREFILL_CI_LOW, PREFILL_CI_HIGH = "prefill_ms", "prefill_ms_ci_low", "prefill_ms_ci_high"
-DECODE_TOK_S = "decode_tok_s"
-ENERGY_MJ_PER_TOK = "energy_mj_per_tok"
-METRICS = (PREFILL_MS, PREFILL_CI_LOW, PREFILL_CI_HIGH, DECODE_TOK_S, ENERGY_MJ_PER_TOK)
-IDENTITY_TAGS = ("model", "soc", "os_build", "runtime", "runtime_version", "name", "kind")
-LATENCY_MEANINGFUL = "latency_meaningful"
-ERROR = "error"
+# the names farm writes (farm.core.vocab, the one farm module a report imports: docs/architecture.md)
+from farm.core.vocab import (DECODE_TOK_S, DEVICE_PREFIX, ENERGY_MJ_PER_TOK, ERROR, IDENTITY_TAGS,
+                             LATENCY_MEANINGFUL, PREFILL_CI_HIGH, PREFILL_CI_LOW, PREFILL_MS, device_key)
+
+PREFIX = DEVICE_PREFIX
+METRICS = (PREFILL_MS, PREFILL_CI_LOW, PREFILL_CI_HIGH, DECODE_TOK_S, ENERGY_MJ_PER_TOK)  # the ones shown
 
 # the device name may hold "/" or ":" ("aihub:Galaxy S24"), so the known suffix anchors the split
 _METRIC = re.compile(rf"^{re.escape(PREFIX)}(?P<device>.+)/(?P<name>{'|'.join(METRICS)})$")
@@ -38,7 +36,7 @@ _TAG = re.compile(rf"^{re.escape(PREFIX)}(?P<device>.+)/(?P<name>{'|'.join(IDENT
 
 def metric_key(device: str, name: str) -> str:
     """The MLflow metric (or tag) key of ``name`` on ``device``."""
-    return f"{PREFIX}{device}/{name}"
+    return device_key(device, name)
 
 
 @dataclass

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from farm.core.vocab import ROLE, ROLE_NIGHT
+
 from . import fmt
 from .plots import DPI, _pyplot
 from .render import Heading, Image, Link, Para, Table, to_html, to_markdown
@@ -128,7 +130,7 @@ def load_history(suite: str, tracking_uri: str, alias: str = "baseline") -> tupl
     exp = client.get_experiment_by_name(f"{suite}.nightly")
     if exp is None:
         raise ValueError(f"no nightly runs of suite {suite!r} in the MLflow store {tracking_uri}")
-    runs = search_all(client, exp.experiment_id, "tags.farm_role = 'night'", "attributes.start_time ASC")
+    runs = search_all(client, exp.experiment_id, f"tags.{ROLE} = '{ROLE_NIGHT}'", "attributes.start_time ASC")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"nightly.{suite}")
     accepted, current = {}, None
     try:

@@ -13,9 +13,11 @@ import json
 import tempfile
 from pathlib import Path
 
+from farm.core.vocab import FLOAT_METHOD
+
 from .render import Heading, Para, Table
 from .runs import TrialRun
-from .summary import FLOAT_METHOD, device_identities
+from .summary import device_identities
 
 CALIB_KEYS = ("calib.corpus", "calib.samples", "calib.seqlen", "calib.seed")
 RECIPE = "trial/recipe.json"

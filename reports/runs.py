@@ -7,6 +7,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from farm.core.vocab import ROLE, ROLE_TRIAL
+
 from .device_metrics import DeviceResult, device_results
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -75,7 +77,7 @@ def load_trials(sweep: str, tracking_uri: str) -> list[TrialRun]:
     exp = client.get_experiment_by_name(sweep)
     if exp is None:
         raise ValueError(f"no sweep named {sweep!r} in the MLflow store {tracking_uri}")
-    runs = search_all(client, exp.experiment_id, "tags.farm_role = 'trial'", "attributes.start_time DESC")
+    runs = search_all(client, exp.experiment_id, f"tags.{ROLE} = '{ROLE_TRIAL}'", "attributes.start_time DESC")
     by_trial: dict[str, TrialRun] = {}
     for r in runs:  # newest first
         tid = r.data.tags.get("trial_id", r.info.run_id)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from farm.core.vocab import FLOAT_METHOD  # the one farm module a report imports (docs/architecture.md)
+
 from . import fmt
 from .pareto import frontier
 from .render import Link, Table
 from .runs import TrialRun
 from .tables import sort_key
 
-FLOAT_METHOD = "none"
 GROUP = ("model", "layers", "scheme", "method")
 RATIO = "vs fp"
 # (DeviceResult field, header suffix, formatter, best)

@@ -17,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+from farm.core.vocab import FLOAT_METHOD
+
 from . import fmt
 from . import plots
 from .numerics import numerics_blocks
@@ -28,7 +30,6 @@ from .tables import cell, pivot, sort_key
 from .training import load_curves
 from .training import plot as plot_curves
 
-FLOAT_METHOD = "none"
 BUDGET_COLUMNS = ("method_config.epochs", "method_config.iterations", "method_config.steps")
 SAMPLES = "calib.samples"
 SEED_KEYS = ("calib.seed", "seed")

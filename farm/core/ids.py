@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-FLOAT_METHOD = "none"  # the method of a float (scheme fp) trial: no method, no calibration
+from .vocab import FLOAT_METHOD
+
+__all__ = ["FLOAT_METHOD", "config_hash", "flatten", "quant_key"]
 
 
 def config_hash(obj) -> str:

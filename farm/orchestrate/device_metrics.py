@@ -11,35 +11,38 @@ tags: device/<label>/{name,kind,model,soc,os_build,runtime,runtime_version,laten
 
 from __future__ import annotations
 
+from ..core import vocab as v
+
 
 def metrics_and_tags(summary: dict) -> tuple[dict, dict]:
-    """The trial-run metrics and tags of one device job's summary (see the module docstring)."""
+    """The trial-run metrics and tags of one device job's summary (see the module docstring; the names are
+    farm.core.vocab's, which the reports read)."""
     from devicelab.protocol import Measurement
 
-    p = f"device/{summary['label']}"
+    def key(name: str) -> str:
+        return v.device_key(summary["label"], name)
+
     metrics, tags = {}, {}
     for d in summary.get("records", []):
         rec = Measurement.from_dict(d)
         dev = rec.device
-        tags.update({f"{p}/name": dev.name, f"{p}/kind": dev.kind, f"{p}/model": dev.model, f"{p}/soc": dev.soc,
-                     f"{p}/os_build": dev.os_build, f"{p}/runtime": dev.runtime,
-                     f"{p}/runtime_version": dev.runtime_version,
-                     f"{p}/latency_meaningful": str(rec.latency_meaningful).lower()})
+        tags.update({key(t): getattr(dev, t) for t in v.IDENTITY_TAGS})
+        tags[key(v.LATENCY_MEANINGFUL)] = str(rec.latency_meaningful).lower()
         if rec.workload.graph == "prefill":
-            metrics.update({f"{p}/prefill_ms": rec.median_ms, f"{p}/prefill_ms_ci_low": rec.ci_low_ms,
-                            f"{p}/prefill_ms_ci_high": rec.ci_high_ms, f"{p}/prefill_ms_p90": rec.p90_ms})
-            tags[f"{p}/prompt_len"] = str(rec.workload.prompt_len)
+            metrics.update({key(v.PREFILL_MS): rec.median_ms, key(v.PREFILL_CI_LOW): rec.ci_low_ms,
+                            key(v.PREFILL_CI_HIGH): rec.ci_high_ms, key(v.PREFILL_P90): rec.p90_ms})
+            tags[key(v.PROMPT_LEN)] = str(rec.workload.prompt_len)
         else:
-            metrics[f"{p}/decode_tok_s"] = rec.tokens_per_s
+            metrics[key(v.DECODE_TOK_S)] = rec.tokens_per_s
             if rec.ci_high_ms and rec.ci_low_ms:  # tokens/s = 1000 / (ms per token): the bounds swap
-                metrics[f"{p}/decode_tok_s_ci_low"] = 1000.0 / rec.ci_high_ms
-                metrics[f"{p}/decode_tok_s_ci_high"] = 1000.0 / rec.ci_low_ms
+                metrics[key(v.DECODE_CI_LOW)] = 1000.0 / rec.ci_high_ms
+                metrics[key(v.DECODE_CI_HIGH)] = 1000.0 / rec.ci_low_ms
         if rec.energy_mj_per_token is not None:
-            metrics[f"{p}/energy_mj_per_tok"] = rec.energy_mj_per_token
+            metrics[key(v.ENERGY_MJ_PER_TOK)] = rec.energy_mj_per_token
         if rec.power_mw is not None:
-            metrics[f"{p}/power_mw"] = rec.power_mw
+            metrics[key(v.POWER_MW)] = rec.power_mw
     if summary.get("failed"):
-        tags[f"{p}/lost"] = "; ".join(f"{f['device']['name']}: {f['error']}" for f in summary["failed"])[:4900]
+        tags[key(v.LOST)] = "; ".join(f"{f['device']['name']}: {f['error']}" for f in summary["failed"])[:4900]
     if not summary.get("ok", False):
-        tags[f"{p}/error"] = summary.get("error") or "every device of the target was lost"
-    return {k: float(v) for k, v in metrics.items() if v is not None}, tags
+        tags[key(v.ERROR)] = summary.get("error") or "every device of the target was lost"
+    return {k: float(x) for k, x in metrics.items() if x is not None}, tags

@@ -47,11 +47,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..core.vocab import ROLE, ROLE_NIGHT, ROLE_NIGHTLY
 from . import regression
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small night.json per night
 
-ROLE = "farm_role"
 DEFAULT_SUITE = "sweeps/nightly.yaml"
 DEFAULT_ALIAS = "baseline"
 DEFAULT_PAIRS = 128  # A/B pairs per graph: 96% of 10% slowdowns caught on this loaded machine (docs/nightly.md)
@@ -300,12 +300,12 @@ class Night:
             location = None
             if is_local_store(self.uri):
                 location = (self.data / "mlartifacts" / name).resolve().as_uri()
-            exp_id = self.client.create_experiment(name, artifact_location=location, tags={ROLE: "nightly"})
+            exp_id = self.client.create_experiment(name, artifact_location=location, tags={ROLE: ROLE_NIGHTLY})
         else:
             exp_id = exp.experiment_id
         stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime(self.started))
         run = self.client.create_run(exp_id, run_name=f"night {stamp}",
-                                     tags={ROLE: "night", "sweep": self.sweep.name, "git_commit": git_commit(),
+                                     tags={ROLE: ROLE_NIGHT, "sweep": self.sweep.name, "git_commit": git_commit(),
                                            "suite_file": str(self.sweep.file), "suite_hash": self.sweep.hash})
         self.run_id = run.info.run_id
         self.note(f"night run {self.run_id} in MLflow experiment {name!r} ({self.uri})")

@@ -24,12 +24,13 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
 from ..core.ids import FLOAT_METHOD, flatten  # noqa: E402
+from ..core.vocab import ROLE, ROLE_PARENT, ROLE_SWEEP, ROLE_TRIAL, TRIAL_ID  # noqa: E402
 from ..plan.spec import Sweep, Trial  # noqa: E402
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
-ROLE, TRIAL_ID, SWEEP = "farm_role", "trial_id", "sweep"
+SWEEP = "sweep"
 PARENT = "mlflow.parentRunId"
 BEST_ALIAS = "best"
 
@@ -98,7 +99,7 @@ class Tracker:
             if self.artifact_root is not None and is_local_store(self.uri):
                 location = (self.artifact_root / self.sweep_name).resolve().as_uri()
             self.experiment_id = self.client.create_experiment(self.sweep_name, artifact_location=location,
-                                                               tags={ROLE: "sweep"})
+                                                               tags={ROLE: ROLE_SWEEP})
         else:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
@@ -109,14 +110,14 @@ class Tracker:
         self.experiment()
         self.common_tags = {SWEEP: sweep.name, "git_commit": git_commit(),
                             **{f"version.{k}": str(v) for k, v in package_versions().items()}}
-        found = self.client.search_runs([self.experiment_id], f"tags.{ROLE} = 'parent'",
+        found = self.client.search_runs([self.experiment_id], f"tags.{ROLE} = '{ROLE_PARENT}'",
                                         order_by=["attributes.start_time DESC"], max_results=1)
         if found:
             self.parent_id = found[0].info.run_id
             self.client.update_run(self.parent_id, status="RUNNING")
         else:
             run = self.client.create_run(self.experiment_id, run_name=sweep.name,
-                                         tags={ROLE: "parent", **self.common_tags})
+                                         tags={ROLE: ROLE_PARENT, **self.common_tags})
             self.parent_id = run.info.run_id
         tags = {"sweep_file": str(sweep.file), "sweep_hash": sweep.hash, "trials": str(len(sweep.trials)),
                 "mlflow.note.content": sweep.spec.description or f"farm sweep {sweep.file}", **self.common_tags}
@@ -137,7 +138,7 @@ class Tracker:
         """Every trial run of this sweep's experiment (optionally with one status), newest first."""
         if self.experiment_id is None and self.experiment(create=False) is None:
             return []
-        flt = f"tags.{ROLE} = 'trial'"
+        flt = f"tags.{ROLE} = '{ROLE_TRIAL}'"
         if status:
             flt += f" and attributes.status = '{status}'"
         out, token = [], None
@@ -163,7 +164,7 @@ class Tracker:
                     tags: dict | None = None) -> str:
         cfg = trial.config
         name = f"{cfg['scheme']}-{cfg['method']}-{trial.short}"
-        all_tags = {ROLE: "trial", TRIAL_ID: trial.id, PARENT: self.parent_id, **self.common_tags,
+        all_tags = {ROLE: ROLE_TRIAL, TRIAL_ID: trial.id, PARENT: self.parent_id, **self.common_tags,
                     "scheme": cfg["scheme"], "method": cfg["method"], "model": cfg["model"],
                     "numerics_version": str(cfg.get("numerics", "")),
                     **{k: str(v) for k, v in (tags or {}).items()}}
