@@ -23,7 +23,8 @@ class BrowserMissing(RuntimeError):
 def chromium() -> str:
     path = shutil.which("chromium")
     if path is None:
-        raise BrowserMissing("chromium is not installed: `apt-get install -y chromium` (Debian; .ci/run does it)")
+        raise BrowserMissing("chromium is not installed: `apt-get install -y chromium` (Debian; scripts/setup.sh "
+                             "does it)")
     return path
 
 

@@ -7,10 +7,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${MQ_VENV:-.venv}
 STAMP="$VENV/.mq-installed"
-want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
-  exit 0
-fi
 
 step() {  # step "what it does" command...: one line, and the command's full output only if it fails
   local what=$1 log rc t0=$SECONDS
@@ -28,6 +24,35 @@ step() {  # step "what it does" command...: one line, and the command's full out
     exit "$rc"
   fi
 }
+
+# The report tests open the HTML reports in a real headless browser, Debian's chromium (reports/browser.py).
+# Checked on every call: it lives outside the venv, so the venv's stamp says nothing about it.
+CHROMIUM=${MQ_CHROMIUM:-chromium}
+if ! command -v "$CHROMIUM" >/dev/null 2>&1; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] error: $CHROMIUM is missing and there is no apt-get here; install chromium, then run again" >&2
+    exit 1
+  fi
+  if [ "$(id -u)" = 0 ]; then
+    as_root=()
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
+    as_root=(sudo -n)
+  else
+    echo "[setup] error: $CHROMIUM is missing; run: sudo apt-get install -y chromium   (then this again)" >&2
+    exit 1
+  fi
+  step "chromium (Debian's, for the report tests)" ${as_root[@]+"${as_root[@]}"} env DEBIAN_FRONTEND=noninteractive \
+    sh -c 'apt-get update -qq && apt-get install -y -qq chromium'
+  if ! command -v "$CHROMIUM" >/dev/null 2>&1; then
+    echo "[setup] error: apt-get installed chromium but there is no $CHROMIUM on PATH" >&2
+    exit 1
+  fi
+fi
+
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
 
 if [ -x "$VENV/bin/python" ]; then
   echo "[setup] updating $VENV (pyproject.toml, constraints.txt or this script changed)" >&2

@@ -1,5 +1,5 @@
 """The HTML report in a real browser: Debian's headless ``chromium``, started by the test itself (no stand-in;
-if chromium is missing the test fails: .ci/run installs it). The page is the report of the synthetic sweep
+if chromium is missing the test fails: scripts/setup.sh installs it). The page is the report of the synthetic sweep
 of tests/report_store.py, so every number read back from the rendered DOM is checked against the values
 the store was written with. A copy of the page gets a small script that, after load, records each image's
 decoded size and its number of distinct pixel colours as the browser drew it onto a canvas."""
