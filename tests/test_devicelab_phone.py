@@ -100,6 +100,13 @@ def test_bench_and_eval_on_a_compiled_smollm2_w8a8(adb_server, sdk, smol, tmp_pa
 
     export, windows = smol
     exp = read_export(export)
+    # down_proj's 16-bit input has a tensor of its own in the graph and in the encodings (the converter
+    # stand-in refused any key that is no tensor of the float graph), and the compile asked for quantization
+    enc = json.loads((export / "prefill.encodings").read_text())["activation_encodings"]
+    entry = enc["model.layers.0.mlp.down_proj.input"]
+    assert (entry[0] if isinstance(entry, list) else entry)["bitwidth"] == 16
+    comp = json.loads((export / "compiled-sm8650" / "compile.json").read_text())
+    assert comp["graphs"]["prefill"]["quantization"]["mode"] == "calibrate"
     with phone(adb_server, tmp_path, sdk, exports=[export], ms=5.0) as (standin, dev):
         (tmp_path / "devices.yaml").write_text(json.dumps({
             "phones": [{"name": "s24", "serial": standin.address, "soc": "SM8650", "runtime_dir": str(sdk),
@@ -200,7 +207,9 @@ def test_refusals_name_the_fault_and_record_nothing(adb_server, sdk, tiny, tmp_p
 
 
 def test_strict_net_run_refuses_what_the_sdk_refuses(adb_server, sdk, tiny, tmp_path):
-    """The stand-in itself: no --input_list, a raw file of the wrong size, a relative ADSP_LIBRARY_PATH."""
+    """The stand-in itself: no --input_list, a raw file of the wrong size, a relative ADSP_LIBRARY_PATH are
+    refused; outputs are written only for the first --keep_num_outputs inferences, float32 unless
+    --use_native_output_files."""
     with phone(adb_server, tmp_path, sdk, exports=[tiny]) as (standin, dev):
         prepared = dev.prepare(tiny)
         d = prepared.remote_dir
@@ -217,6 +226,20 @@ def test_strict_net_run_refuses_what_the_sdk_refuses(adb_server, sdk, tiny, tmp_
                       f"--retrieve_context={d}/{prepared.contexts['prefill']} --input_list={d}/{gi.list_file}",
                       "run with a relative ADSP_LIBRARY_PATH", check=False)
         assert r.returncode == 6 and "libQnnHtpV75Skel.so not found in the absolute folders" in r.stderr
+        # outputs only as the flags say: 3 inferences, 2 kept; native uint8 K/V with --use_native_output_files
+        ok = (f"{base.replace('ADSP_LIBRARY_PATH=' + d, 'ADSP_LIBRARY_PATH=' + repr(d + ';/dsp'))} "
+              f"--input_list={d}/{gi.list_file} --num_inferences=3 --keep_num_outputs=2 --output_dir={d}/o")
+        dev.shell(ok, "run 3 inferences, keep 2")
+        dev.shell(ok.replace(f"{d}/o", f"{d}/n") + " --use_native_output_files", "run with native outputs")
+        o, n = standin.host_path(f"{d}/o"), standin.host_path(f"{d}/n")
+        assert sorted(p.name for p in o.glob("Result_*")) == ["Result_0", "Result_1"]
+        assert {p.name: p.stat().st_size for p in (o / "Result_0").iterdir()} == {
+            "logits.raw": 16 * 512 * 4, "k_out.raw": 16 * 32 * 4, "v_out.raw": 16 * 32 * 4}
+        assert (n / "Result_0" / "k_out.raw").stat().st_size == 16 * 32  # uint8, as the graph writes it
+        # other windows of the same size are pushed again, not taken for the ones already there
+        again = dev.prepare(tiny, windows=np.full((1, 16), 7))
+        raw = standin.host_path(f"{again.remote_dir}/{again.inputs['prefill'].files[0]}")
+        assert np.array_equal(np.fromfile(raw, dtype="<f4"), np.full(16, 7.0, np.float32))
 
 
 def test_preflight_passes_on_a_ready_phone(adb_server, sdk, tiny, tmp_path):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -264,12 +265,16 @@ class AdbDevice(Device):
                               f"runtime, inputs and {outputs} bytes of outputs), {free} bytes free (serial {self.serial})")
         self.shell(f"mkdir -p {remote}", f"create {remote}")
         pushed = 0
+        staged = {f.name for f in stage.iterdir()}
         for f in files:
-            if present.get(f.name) == sizes[f.name]:
+            # the runtime and the binaries are skipped when the phone has them at that size; inputs and
+            # configs are always sent (other windows have the same sizes)
+            if present.get(f.name) == sizes[f.name] and f.name not in staged:
                 continue
             self._progress(f"{self.name}: push {f.name} ({sizes[f.name]} bytes)")
             self.phone.push(f, f"{remote}/{f.name}", mode=0o755)
             pushed += sizes[f.name]
+        shutil.rmtree(stage, ignore_errors=True)
         version = self._probe_version(remote, "qnn-net-run")
         self._runtime_version = version
         built_by = {g: graphs.get(g, {}).get("qnn_version") or record.get("versions", {}).get("qnn", "")
@@ -394,7 +399,8 @@ class AdbDevice(Device):
         skip = max(1, workload.warmup)
         n = skip + workload.repeats
         tag = f"{workload.graph}_block"
-        got = self._session([(tag, prepared, workload.graph, n, 1)], self.options.baseline_s,
+        got = self._session([(tag, prepared, workload.graph, n, 1)],
+                            self.options.baseline_s if workload.measure_power else 0.0,
                             f"{workload.graph}: one qnn-net-run of {n} inferences ({skip} left out)")
         block = got["blocks"][tag]
         per = [t / 1000.0 for t in block["times_us"][skip:]]
