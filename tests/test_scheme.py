@@ -60,8 +60,8 @@ def test_role_overrides():
 
 
 def test_device_override_is_the_phone_table():
-    """``:device`` (MOBILEQUANT.md §1.5): the model-level roles the reference simulation leaves in float
-    become 16-bit (8-bit per-channel symmetric lm_head), per-channel weights become symmetric; the rest of
+    """``:device`` (docs/reference.md#simulation-against-device): the model-level roles the reference
+    simulation leaves in float become 16-bit (8-bit per-channel symmetric lm_head), per-channel weights become symmetric; the rest of
     the scheme is untouched, and it combines with other overrides in order."""
     base, dev = get_scheme("w8a8"), get_scheme("w8a8:device")
     assert all(base.spec(r) is None for r in MODEL_ROLES)  # the reference simulation: float

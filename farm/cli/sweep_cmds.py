@@ -287,7 +287,7 @@ def cmd_status(args) -> int:
 
 
 def ui_command(data_dir: Path, tracking_uri: str | None, host: str, port: int) -> tuple[list[str], dict]:
-    """The lean MLflow server command (STACK.md): one worker, no job runners, no telemetry."""
+    """The lean MLflow server command (docs/stack.md): one worker, no job runners, no telemetry."""
     from ..orchestrate.tracking import default_uri
 
     data_dir = Path(data_dir)

@@ -5,7 +5,7 @@ becomes a QuantizeLinear/DequantizeLinear pair with the quantizer's exact scale 
 quantized weight an integer initializer (the sim's own quantized weight, so the codes are the ones it
 used) behind a DequantizeLinear, and everything the scheme leaves in float stays float: with the
 reference schemes that is the embedding, the residual stream, the final norm and the lm_head
-(``MOBILEQUANT.md`` §1.2), the scaling by 1/sqrt(d), the mask add and the softmax.
+(``docs/reference.md#precision-table``), the scaling by 1/sqrt(d), the mask add and the softmax.
 
 The KV cache is what the simulation does not model (§1.4). As the reference device graph does, it is
 uint8 with one encoding for K and one for V shared by all layers (the union of the per-layer ``attn.k`` /
@@ -159,7 +159,7 @@ class DecoderExporter:
         """Re-express an 8-bit tensor on the 16-bit grid that contains it exactly: scale / 256 and zero point
         * 256 (256 * code lies in [0, 65280]), so no value moves. QNN's HTP takes a matmul with per-channel
         weights from 8-bit inputs to a 16-bit output only in this A16 form (the reference's device graph also
-        runs down_proj's input at 16 bits, ``MOBILEQUANT.md`` §1.5)."""
+        runs down_proj's input at 16 bits, ``docs/reference.md#simulation-against-device``)."""
         from ..quantizer import QSpec as _QSpec
 
         wide = _QSpec(16, q.spec.symmetric)

@@ -1,5 +1,5 @@
-"""MobileQuant end to end (MOBILEQUANT.md §5): LET + LWC + learnable activation ranges trained jointly
-across the whole decoder stack from the SmoothQuant model, on the MSE of the last decoder hidden state.
+"""MobileQuant end to end (docs/reference.md#mobilequant-end-to-end): LET + LWC + learnable activation
+ranges trained jointly across the whole decoder stack from the SmoothQuant model, on the MSE of the last decoder hidden state.
 
 Fixes relative to the reference: training checkpoints are resumable (optimizer and schedule included)
 and refuse a changed configuration; a NaN or exploding loss stops with a message instead of writing a

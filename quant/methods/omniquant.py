@@ -1,4 +1,4 @@
-"""OmniQuant-style block-wise baseline (MOBILEQUANT.md §4) and its "LRL block-wise" ablation.
+"""OmniQuant-style block-wise baseline (docs/reference.md#block-wise-baselines) and its "LRL block-wise" ablation.
 
 ``omniquant``: LET + LWC per decoder layer, activation ranges fixed at their min/max calibration values.
 ``lrl-block``: the same routine that also learns every activation range (MobileQuant's three components

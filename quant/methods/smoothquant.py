@@ -1,5 +1,5 @@
-"""SmoothQuant (MOBILEQUANT.md §3): migrate activation outliers into the weights with an exact equivalent
-transformation, then RTN ranges on the smoothed model.
+"""SmoothQuant (docs/reference.md#smoothquant-start): migrate activation outliers into the weights with an
+exact equivalent transformation, then RTN ranges on the smoothed model.
 
 ``pairs="original"`` smooths norm->qkv and norm->gate/up (mit-han-lab); ``"modified"`` (default, the
 reference's) adds v->o and up->down. The reference initialises OmniQuant-style and MobileQuant training
