@@ -71,6 +71,13 @@ def compile_known(folder: Path, soc: str) -> tuple[Path, dict]:
     return out, rec
 
 
+def default_cache() -> Path:
+    """Where the known graph's context binaries are kept: $MQFARM_PREFLIGHT_DIR, else ~/.mqfarm/preflight."""
+    import os
+
+    return Path(os.environ.get("MQFARM_PREFLIGHT_DIR") or Path("~/.mqfarm/preflight").expanduser())
+
+
 def run_checks(device, export: str | Path | None = None, cache_dir: str | Path | None = None) -> list[Check]:
     """The preflight of an :class:`~devicelab.backends.adb.AdbDevice` (see the module docstring)."""
     out: list[Check] = []
@@ -121,8 +128,7 @@ def run_checks(device, export: str | Path | None = None, cache_dir: str | Path |
     if files is None or not known:
         return out
     try:
-        out += _known_run(device, files, record, Path(cache_dir) if cache_dir else
-                          Path(tempfile.gettempdir()) / "mqfarm-preflight")
+        out += _known_run(device, files, record, Path(cache_dir) if cache_dir else default_cache())
     except DeviceError as e:
         out.append(Check("known graph", False, str(e)))
     return out

@@ -242,7 +242,7 @@ def test_strict_net_run_refuses_what_the_sdk_refuses(adb_server, sdk, tiny, tmp_
         assert np.array_equal(np.fromfile(raw, dtype="<f4"), np.full(16, 7.0, np.float32))
 
 
-def test_preflight_passes_on_a_ready_phone(adb_server, sdk, tiny, tmp_path):
+def test_preflight_passes_on_a_ready_phone(adb_server, sdk, tiny, tmp_path, capsys):
     """Every check on a ready phone, the known graph (y = x + 1, a real context binary compiled here for
     the phone's SoC) run on it and its output checked."""
     cache = tmp_path / "pf"
@@ -255,6 +255,19 @@ def test_preflight_passes_on_a_ready_phone(adb_server, sdk, tiny, tmp_path):
                                                  "outputs": [{"name": "y", "shape": [1, 8], "dtype": "float32",
                                                               "native_dtype": "float32"}]})
         checks = preflight.run_checks(dev, tiny, cache_dir=cache)
+        # and through the command line: `farm devices --check s24 --export EXPORT`, exit 0
+        from farm.cli.app import main
+
+        (tmp_path / "devices.yaml").write_text(json.dumps({
+            "phones": [{"name": "s24", "serial": standin.address, "soc": "SM8650", "runtime_dir": str(sdk)}],
+            "lock_dir": str(tmp_path / "locks")}))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("ANDROID_ADB_SERVER_PORT", str(adb_server.port))
+            mp.setenv("MQFARM_DEVICES", str(tmp_path / "devices.yaml"))
+            mp.setenv("MQFARM_PREFLIGHT_DIR", str(cache))
+            assert main(["devices", "--check", "s24", "--export", str(tiny)]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        assert len(printed) == 10 and all(line.startswith("ok") for line in printed)
     assert [c.check for c in checks] == ["online", "soc", "sdk files", "battery nodes", "charging", "thermal",
                                          "compiled folder", "storage", "runtime version", "known graph"]
     assert all(c.ok for c in checks), [c.to_dict() for c in checks if not c.ok]
