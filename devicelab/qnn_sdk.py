@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from .protocol import DeviceError
 
 # SoC -> (QNN soc_model, HTP architecture); the same ids as devicelab.compile.TARGETS
-SOCS = {"SM8650": ("57", "75"), "SM8550": ("43", "73"), "SM8450": ("36", "69"), "SM8750": ("69", "79")}
+SOCS = {"SM8650": ("57", "75"), "SM8550": ("43", "73"), "SM8450": ("36", "69")}
 PERF_PROFILES = ("low_balanced", "balanced", "default", "high_performance", "sustained_high_performance", "burst",
                  "low_power_saver", "power_saver", "high_power_saver", "extreme_power_saver")
 _VERSION_RE = re.compile(r"v?(\d+\.\d+\.\d+)(?:\.(\d+))?")
