@@ -3,7 +3,8 @@
 Flow, one AI Hub job per step (the ai-hub-models compile -> profile chain):
 
 1. ``prepare(EXPORT)``: each graph of the export folder (``prefill``, ``decode``) is laid out as an AIMET
-   model folder ``<graph>.aimet/{<graph>.onnx, <graph>.encodings[, external data]}``, uploaded, and compiled
+   model folder ``<graph>.aimet/{<graph>.onnx, <graph>.encodings}`` (the FLOAT graph, QDQ folded away, beside
+   the encodings keyed by its tensors, as ai-hub-models uploads), uploaded, and compiled
    with ``--target_runtime qnn_context_binary`` for the device. All compile jobs are submitted before any is
    waited on, so AI Hub compiles the graphs side by side.
 2. ``run(prepared, workload)``: an inference job with ``profile=True`` on the compiled graph (the current form
