@@ -185,8 +185,16 @@ def print_record(rec, file=None) -> None:
         print(f"decode   {rec.tokens_per_s:.1f} tokens/s", file=file)
     elif "prefill_tok_s" in rec.extra:
         print(f"prefill  {rec.extra['prefill_tok_s']:.1f} tokens/s", file=file)
+    if "context_load_ms" in rec.extra:
+        print(f"context  loads in {rec.extra['context_load_ms']:.4g} ms (first inference "
+              f"{rec.extra.get('first_inference_ms', float('nan')):.4g} ms, left out)", file=file)
+    energy = rec.extra.get("energy") if isinstance(rec.extra.get("energy"), dict) else {}
     if rec.energy_mj_per_token is not None:
-        print(f"energy   {rec.energy_mj_per_token:.3g} mJ/token at {rec.power_mw:.0f} mW above idle", file=file)
+        se = energy.get("energy_mj_per_token_se")
+        print(f"energy   {rec.energy_mj_per_token:.3g}" + (f" +- {se:.2g}" if se is not None else "") +
+              f" mJ/token at {rec.power_mw:.0f} mW above idle", file=file)
+    elif energy.get("refused"):
+        print(f"energy   none: {energy['refused']}", file=file)
     if not rec.latency_meaningful:
         print("note     emulated device: these times are NOT latency (outputs only)", file=file)
 
