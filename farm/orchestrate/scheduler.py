@@ -91,6 +91,12 @@ def cluster_summary() -> dict:
             "gpus": res.get("GPU", 0)}
 
 
+def largest_node_cpus() -> float:
+    """The CPUs of the biggest alive node: what a task asks for to have a whole node to itself."""
+    cpus = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return max(cpus) if cpus else 1.0
+
+
 def check_feasible(resources: dict) -> None:
     """Refuse a sweep whose trials fit on no node: Ray would keep them pending forever."""
     need = {"CPU": resources.get("cpu", 1), "GPU": resources.get("gpu", 0) or 0, **(resources.get("custom") or {})}

@@ -253,22 +253,27 @@ def _run(sweep: Sweep, opts: Options, tracker, outcome: Outcome, runs: dict, out
               f"{f' / {gpus:g} GPU' if gpus else ''}; MLflow {opts.uri}", file=out)
         state.progress = Progress(len(sweep.trials), len(outcome.results), slots, out, opts.live)
         if spec.devices:
-            from ..plan.devices import plan_jobs
+            from ..plan.devices import plan_devices
             from .device_tasks import DeviceJobs
 
-            state.device_jobs = DeviceJobs(plan_jobs(spec.devices), str(data), spec.retries, opts.exporter,
-                                           opts.compiler)
-            for tid, labels in device_todo.items():  # finished trials whose device stage is not done yet
-                state.submit_devices(tid, outcome.results[tid], labels)
+            plan = plan_devices(spec.devices)
+            for note in plan.notes():
+                state.progress.note(note)
+            state.device_jobs = DeviceJobs(plan.jobs, str(data), spec.retries, opts.exporter, opts.compiler,
+                                           on_note=state.progress.note)
+            for tid, res in outcome.results.items():  # finished earlier: their models join the sessions
+                state.submit_devices(tid, res, device_todo.get(tid, set()))
         runner = scheduler.Runner(str(data), state.resources, spec.retries, spec.concurrency.max_trials,
                                   spec.save_artifacts)
         runner.add([scheduler.Job(t.id, t.config, stages.plan(t.config)) for t in todo])
         while runner.active or state.devices_active:
             events = runner.poll(0.5) if runner.active else []
-            if state.device_jobs is not None:
-                events += state.device_jobs.poll(0 if runner.active else 0.5)
-            for tid, kind, payload in events:
+            for tid, kind, payload in events:  # first: a trial that just finished joins the sessions
                 state.handle(tid, kind, payload)
+            if state.device_jobs is not None:  # sessions start once no trial is left to train
+                for tid, kind, payload in state.device_jobs.poll(0 if runner.active else 0.5,
+                                                                 training_done=not runner.active):
+                    state.handle(tid, kind, payload)
             state.progress.redraw()
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -363,27 +368,40 @@ class SweepRun:
 
     # ------------------------------------------------------------ device stages
     def devices_missing(self) -> dict:
-        """Finished trials with an artifact whose device results are missing: trial id -> labels."""
-        from ..plan.devices import label
+        """Finished trials with a model to measure whose device results are missing: trial id -> labels
+        (kinds the pool has no device of are not wanted: they are skipped, and said so)."""
+        from ..plan.devices import plan_devices
 
-        want = {label(d.device) for d in self.sweep.spec.devices}
+        want = {j.label for j in plan_devices(self.sweep.spec.devices).jobs}
         out = {}
         for tid, res in self.outcome.results.items():
             have = {k for k, v in (res.get("devices") or {}).items() if v.get("ok")}
-            if res.get("artifact_dir") and want - have:
+            if self._device_source(tid, res) is not None and want - have:
                 out[tid] = want - have
         return out
 
-    def submit_devices(self, tid: str, result: dict, only: set | None = None) -> None:
+    def _device_source(self, tid: str, result: dict):
+        """What the device stage exports for a trial: its artifact, or the float model for a float trial
+        (the FP32 baseline); None when there is nothing (save_artifacts: false)."""
+        from ..work.device_job import float_source
+
+        cfg = self.trials[tid].config
+        if cfg["method"] == FLOAT_METHOD:
+            return float_source(cfg["model"], cfg["layers"])
+        return result.get("artifact_dir") or None
+
+    def submit_devices(self, tid: str, result: dict, needs: set | None = None) -> None:
+        """Hand a finished trial's model to the device targets; ``needs``: the targets it has no results
+        for (None: all of them)."""
         from ..core.ids import quant_key
 
-        art = result.get("artifact_dir")
-        if not art:
-            self.progress.note(f"device {self.label(tid)}: skipped (no artifact: a float trial or "
-                               "save_artifacts: false)")
+        source = self._device_source(tid, result)
+        if source is None:
+            self.progress.note(f"device {self.label(tid)}: skipped (no artifact: save_artifacts: false)")
             return
-        n = self.device_jobs.submit(tid, art, quant_key(self.trials[tid].config), only)
-        self.progress.note(f"device {self.label(tid)}: {n} device stage(s) queued (export, compile, bench)")
+        cfg = self.trials[tid].config
+        role = self.sweep.baselines.get(tid, "quantized")
+        self.device_jobs.add(tid, source, quant_key(cfg), role, f"{cfg['model']}/{cfg['layers']}", needs)
 
     def _on_device(self, tid: str, summary: dict) -> None:
         from .device_metrics import metrics_and_tags
@@ -399,6 +417,11 @@ class SweepRun:
         if summary.get("ok"):
             shown = [f"{k.rsplit('/', 1)[1]}={v:.4g}" for k, v in metrics.items()
                      if k.endswith(("/prefill_ms", "/decode_tok_s", "/energy_mj_per_tok"))]
+            for base, by_graph in (summary.get("ratios") or {}).items():
+                for graph in ("prefill", "decode"):
+                    r = by_graph.get(graph)
+                    if r:
+                        shown.append(f"{graph} x{base}={r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
             self.progress.note(f"device {self.label(tid)} on {lbl}: {' '.join(shown)}")
         else:
             err = self.outcome.device_failed[f"{tid}/{lbl}"] = tags.get(f"device/{lbl}/error", "failed")
@@ -436,8 +459,14 @@ def summary_rows(sweep: Sweep, results: dict, states: dict | None = None) -> tup
                     row["vs fp"] = f"{value / base:.3f}"
             row["time"] = fmt_duration(res.get("timing", {}).get("total_s"))
             for col, lbl, graph in devices:
-                rec = next((r for r in (res.get("devices") or {}).get(lbl, {}).get("records", [])
-                            if r["workload"]["graph"] == graph), None)
+                summary = (res.get("devices") or {}).get(lbl, {})
+                if graph.startswith("x"):  # a ratio column: x<baseline>/<graph>
+                    base, g = graph[1:].split("/")
+                    r = (summary.get("ratios") or {}).get(base, {}).get(g)
+                    if r:
+                        row[col] = ratio_cell(r)
+                    continue
+                rec = next((r for r in summary.get("records", []) if r["workload"]["graph"] == graph), None)
                 if rec is not None:
                     row[col] = f"{rec['median_ms']:.4g}" if graph == "prefill" else f"{rec['tokens_per_s']:.4g}"
         else:
@@ -455,10 +484,26 @@ def _latency_columns(results: dict) -> list[tuple[str, str, str]]:
             for rec in summary.get("records", []):
                 if rec.get("latency_meaningful") and rec["status"] == "ok":
                     seen[(lbl, rec["workload"]["graph"])] = True
+    ratios: dict = {}
+    for res in results.values():
+        for lbl, summary in (res.get("devices") or {}).items():
+            for base, by_graph in (summary.get("ratios") or {}).items():
+                for g in by_graph:
+                    if g in ("prefill", "decode") and (lbl, "prefill") in seen:
+                        ratios[(lbl, base, g)] = True
     cols = []
     for lbl, graph in sorted(seen, key=lambda k: (k[0], k[1] != "prefill")):
         cols.append((f"{lbl} prefill ms" if graph == "prefill" else f"{lbl} tok/s", lbl, graph))
+    for lbl, base, g in sorted(ratios, key=lambda k: (k[0], k[1] != "fp", k[2] != "prefill")):
+        cols.append((f"{g} vs {base}", lbl, f"x{base}/{g}"))
     return cols
+
+
+def ratio_cell(r: dict) -> str:
+    """``0.832 [0.810, 0.851]``: a time ratio with its interval; ``~1`` marks an interval that holds 1 (no
+    difference that the session could tell from noise)."""
+    cell = f"{r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+    return cell + (" ~1" if r["ci_low"] <= 1.0 <= r["ci_high"] else "")
 
 
 def sweep_trial(sweep: Sweep, tid: str) -> dict | None:

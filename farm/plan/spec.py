@@ -128,6 +128,9 @@ class SweepFile(_Strict):
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     devices: list[DeviceSpec] = Field(default_factory=list)
+    # the speed references every quantized trial is measured beside (per model): default both when
+    # devices: is given, none otherwise; each is an ordinary trial (FP: scheme fp; W8A16: RTN at w8a16)
+    baselines: list[Literal["fp", "w8a16"]] | None = None
 
     @field_validator("devices", mode="before")
     @classmethod
@@ -163,6 +166,10 @@ class Sweep:
     text: str = ""
     duplicates: int = 0
     varying: list[str] = field(default_factory=list)
+    baselines: dict = field(default_factory=dict)  # trial id -> "fp" | "w8a16": the device baselines
+
+    def baseline_roles(self) -> list[str]:
+        return baseline_roles(self.spec)
 
     @property
     def hash(self) -> str:
@@ -362,6 +369,19 @@ def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int
         combos.append((dict(inc), {k: ("include", j, k) for k in inc}, ("include", j)))
     if not combos:
         raise _err(loc, ("exclude",), "the grid is empty after exclude: no trial is left")
+    roles = baseline_roles(spec)
+    if roles:  # per model of the grid, its speed references: ordinary trials, added last
+        where = ("baselines",) if "baselines" in loc.data else ("devices",)
+        models = []
+        for vals, _, _ in combos:
+            m = (vals.get("model", spec.base.model), vals.get("layers", spec.base.layers))
+            if m not in models:
+                models.append(m)
+        for model, layers in models:
+            for role in roles:
+                extra = {"scheme": "fp"} if role == "fp" else {"scheme": "w8a16", "method": "rtn"}
+                vals = {"model": model, "layers": layers, **extra}
+                combos.append((vals, {k: where for k in vals}, ("baselines", role)))
 
     base_set = spec.base.model_fields_set
     base_prov = {k: ("base", k) for k in TrialFields.model_fields}
@@ -369,6 +389,7 @@ def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int
     mc_used: dict[str, tuple] = {}  # method_config key given outside methods: -> first place
     mc_known: set[str] = set()
     trials: dict[str, Trial] = {}
+    baselines: dict[str, str] = {}
     duplicates = 0
     max_seq_cache: dict = {}
     for vals, prov, origin in combos:
@@ -442,8 +463,10 @@ def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int
                           calib={"samples": f["samples"], "seqlen": f["seqlen"], "seed": f["seed"],
                                  "corpus": f["calib_corpus"]})
         tid = config_hash(config)
+        if origin[0] == "baselines":
+            baselines.setdefault(tid, origin[1])
         if tid in trials:
-            duplicates += 1
+            duplicates += origin[0] != "baselines"  # a baseline the grid already has is not a duplicate
             continue
         trials[tid] = Trial(tid, config, {k: v for k, v in vals.items()}, origin)
 
@@ -456,9 +479,16 @@ def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int
     if max_trials is not None and len(out) > max_trials:
         raise _err(loc, ("grid",) if "grid" in loc.data else ("include",),
                    f"the grid expands to {len(out)} trials, more than {max_trials}; pass --yes to run it")
-    sweep = Sweep(name, loc.file, spec, out, text, duplicates)
+    sweep = Sweep(name, loc.file, spec, out, text, duplicates, baselines=baselines)
     sweep.varying = varying_keys(out)
     return sweep
+
+
+def baseline_roles(spec: SweepFile) -> list[str]:
+    """The device baselines a sweep measures beside its quantized trials (see ``SweepFile.baselines``)."""
+    if spec.baselines is not None:
+        return list(dict.fromkeys(spec.baselines))
+    return ["fp", "w8a16"] if spec.devices else []
 
 
 def varying_keys(trials: list[Trial]) -> list[str]:

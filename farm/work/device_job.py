@@ -1,8 +1,11 @@
-"""A sweep's device stage: for each finished trial and each entry of the sweep file's ``devices:``,
-export the trial's artifact, compile it where the device needs a compiled model (phones: a QNN context
-binary for their SoC), and benchmark it through the device pool. Each of the three steps is cached by
-content in the stage cache (``<data>/stages/{export,compile,bench}/<key>``) like every other stage, so a
-re-run or a resumed sweep measures nothing twice.
+"""A sweep's device stage, the part that runs as soon as a trial is done: export the trial's model (its
+artifact, or for a float trial the float model itself: the FP32 baseline) and compile it where the device
+needs a compiled model (phones: a QNN context binary for their SoC). Each step is cached by content in the
+stage cache (``<data>/stages/{export,compile}/<key>``) like every other stage, so a re-run or a resumed
+sweep exports nothing twice.
+
+The timing itself is not here: it happens in a measurement session (``farm.work.measure``) once the
+sweep's training is done, with every export of the target timed together beside its baselines.
 """
 
 from __future__ import annotations
@@ -17,13 +20,25 @@ from ..core.node import node_info
 from ..plan.devices import DeviceJob
 
 
-def default_exporter(artifact_dir: str, out_dir: Path, prefill: int, ctx: int) -> Path:
+def float_source(model: str, layers: int | None) -> dict:
+    """What the exporter is given for a float trial, which has no artifact: the model to load as it is."""
+    return {"float_model": model, "layers": layers}
+
+
+def default_exporter(source, out_dir: Path, prefill: int, ctx: int) -> Path:
+    """``source``: an artifact folder, or :func:`float_source` for the float model (the FP32 baseline)."""
     try:
-        from quant.export import export_artifact
+        from quant.export import export_artifact, export_model
     except ImportError as e:
-        raise RuntimeError(f"the device stage needs quant.export.export_artifact, which this installation "
-                           f"lacks ({e})") from None
-    return export_artifact(artifact_dir, out_dir, prefill=prefill, ctx=ctx, progress=False)
+        raise RuntimeError(f"the device stage needs quant.export, which this installation lacks ({e})") from None
+    if isinstance(source, dict):
+        from quant import load_model
+
+        lm = load_model(source["float_model"], num_layers=source.get("layers"))
+        recipe = {"model": source["float_model"], "layers": source.get("layers"), "scheme": "fp", "method": "none",
+                  "add_bos": lm.add_bos}
+        return export_model(lm.model, lm.tokenizer, out_dir, recipe, prefill=prefill, ctx=ctx, progress=False)
+    return export_artifact(source, out_dir, prefill=prefill, ctx=ctx, progress=False)
 
 
 def default_compiler(export_dir: Path, target: str) -> Path:
@@ -50,26 +65,26 @@ def _cached(data_dir: str, stage: str, inputs: dict, make: Callable[[Path], dict
         return e.path, {**meta, "hit": False}
 
 
-def run_device_job(trial_id: str, artifact_dir: str, artifact_key: str, job: DeviceJob, data_dir: str,
-                   exporter: Callable | None = None, compiler: Callable | None = None) -> dict:
-    """Export -> compile (phones) -> bench for one trial on one device target; returns the summary the
-    driver logs (``records``: Measurement dicts, ``failed``: records of devices lost on the way)."""
-    from devicelab import inventory
-    from devicelab.pool import Pool
-    from devicelab.protocol import Workload
+def prepare_device_model(trial_id: str, source, source_key: str, job: DeviceJob, data_dir: str,
+                         exporter: Callable | None = None, compiler: Callable | None = None) -> dict:
+    """Export -> compile (phones) for one trial on one device target. Returns what the measurement
+    session needs: the folder the device runs, the export's cache key and content hash, and its graph
+    signature (``farm.work.measure.graph_signature``)."""
+    from .measure import graph_signature
 
     t0 = time.time()
     exporter = exporter or default_exporter
     compiler = compiler or default_compiler
 
     def do_export(work: Path) -> dict:
-        out = Path(exporter(artifact_dir, work / "export", job.prefill, job.ctx))
+        out = Path(exporter(source, work / "export", job.prefill, job.ctx))
         index = json.loads((out / "export.json").read_text())
         return {"folder": out.name, "content_hash": index.get("content_hash", "")}
 
-    exp_path, exp_meta = _cached(data_dir, "export", {"artifact": artifact_key, "prefill": job.prefill,
+    exp_path, exp_meta = _cached(data_dir, "export", {"artifact": source_key, "prefill": job.prefill,
                                                       "ctx": job.ctx}, do_export)
-    model = exp_path / exp_meta["summary"]["folder"]
+    export_folder = exp_path / exp_meta["summary"]["folder"]
+    model = export_folder
     stages = {"export": {"key": exp_meta["key"], "hit": exp_meta["hit"]}}
     if job.compile_target:
         def do_compile(work: Path) -> dict:
@@ -77,7 +92,7 @@ def run_device_job(trial_id: str, artifact_dir: str, artifact_key: str, job: Dev
             # backend finds both the index (model id) and the context binaries
             folder = work / "export"
             folder.mkdir()
-            for f in model.iterdir():
+            for f in export_folder.iterdir():
                 (folder / f.name).symlink_to(f.resolve())
             compiled = Path(compiler(folder, job.compile_target))
             return {"folder": "export", "compiled": compiled.name}
@@ -86,31 +101,26 @@ def run_device_job(trial_id: str, artifact_dir: str, artifact_key: str, job: Dev
                                      do_compile)
         model = cmp_path / cmp_meta["summary"]["folder"]
         stages["compile"] = {"key": cmp_meta["key"], "hit": cmp_meta["hit"]}
-
-    def do_bench(work: Path) -> dict:
-        # the file the driver read, so that every worker sees the pool the sweep was checked against
-        inv = inventory.load(job.devices_file) if job.devices_file else inventory.defaults()
-        res = Pool(inv).bench(model, job.target, [Workload.from_dict(w) for w in job.workloads])
-        out = {"records": [r.to_dict() for r in res.records], "failed": [r.to_dict() for r in res.failed],
-               "ok": res.ok, "device": res.device}
-        (work / "records.json").write_text(json.dumps(out, indent=1))
-        if not res.ok:  # nothing cached: a later run measures again
-            raise DeviceStageFailed(out)
-        return {"device": res.device, "records": len(res.records)}
-
-    bench_inputs = {"export": exp_meta["key"], "content_hash": exp_meta["summary"]["content_hash"],
-                    "target": job.target, "workloads": list(job.workloads)}
-    try:
-        bench_path, bench_meta = _cached(data_dir, "bench", bench_inputs, do_bench)
-        bench = json.loads((bench_path / "records.json").read_text())
-        stages["bench"] = {"key": bench_meta["key"], "hit": bench_meta["hit"]}
-    except DeviceStageFailed as e:
-        bench = e.result
-    return {"trial_id": trial_id, "target": job.target, "label": job.label, **bench, "stages": stages,
-            "node": node_info(), "started_at": t0, "ended_at": time.time()}
+    return {"trial_id": trial_id, "target": job.target, "label": job.label, "folder": str(model),
+            "export_key": exp_meta["key"], "content_hash": exp_meta["summary"]["content_hash"],
+            "signature": graph_signature(export_folder), "stages": stages, "node": node_info(),
+            "started_at": t0, "ended_at": time.time()}
 
 
-class DeviceStageFailed(RuntimeError):
-    def __init__(self, result: dict):
-        super().__init__("every device of the target was lost")
-        self.result = result
+def measure_session(job: DeviceJob, entries: list, export_keys: dict, data_dir: str) -> dict:
+    """The measurement session of ``job``'s target over ``entries`` (``farm.work.measure.Entry``), cached
+    in ``<data>/stages/measure/<key>``: a resumed sweep with no new export measures nothing again."""
+    from .measure import run_session, session_key
+
+    key_inputs = {"session": session_key(job.target, list(job.workloads), entries, export_keys)}
+
+    def do_measure(work: Path) -> dict:
+        out = run_session(job.target, list(job.workloads), entries, job.devices_file)
+        out["node"] = node_info()
+        (work / "session.json").write_text(json.dumps(out, indent=1))
+        return {"device": out["device"], "entries": len(entries)}
+
+    path, meta = _cached(data_dir, "measure", key_inputs, do_measure)
+    out = json.loads((path / "session.json").read_text())
+    out["stage"] = {"key": meta["key"], "hit": meta["hit"]}
+    return out
