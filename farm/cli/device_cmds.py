@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
+from .checks import check_threads
 from .printing import print_table
 
 GRAPHS = ("prefill", "decode")
@@ -140,6 +141,38 @@ def cmd_devices(args) -> int:
 
     if args.check:
         return cmd_check(args)
+    server = inventory.adb_server_address()
+    was_running = _listening(server)
+    try:
+        return _list_devices(args, inventory, Pool)
+    finally:  # asking a phone's health starts an adb server (adbutils does): stop the one this command started
+        if not was_running and _listening(server):
+            _stop_adb_server(server)
+
+
+def _listening(server: tuple[str, int]) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(server, timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _stop_adb_server(server: tuple[str, int]) -> None:
+    import adbutils
+
+    try:
+        adbutils.AdbClient(host=server[0], port=server[1], socket_timeout=5).server_kill()
+    except Exception as e:  # adbutils raises its own errors; the listing itself is done
+        print(f"note: the adb server this command started on {server[0]}:{server[1]} is still running "
+              f"({type(e).__name__}: {e}); `adb kill-server` stops it", file=sys.stderr)
+        return
+    print(f"note: stopped the adb server this command started on {server[0]}:{server[1]}", file=sys.stderr)
+
+
+def _list_devices(args, inventory, Pool) -> int:
     inv = inventory.load(args.devices)
     pool = Pool(inv)
     rows = []
@@ -165,6 +198,7 @@ def _check_counts(args) -> None:
         raise BenchError(f"--warmup must be 0 or more, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise BenchError(f"--threads must be at least 1, got {args.threads}")
+    check_threads(args.threads)
 
 
 def print_record(rec, file=None) -> None:
