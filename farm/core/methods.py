@@ -4,61 +4,46 @@ from a sweep's hyper-parameters, and the normalized form of that Config that goe
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
-from dataclasses import fields, is_dataclass
+from dataclasses import fields
 
 
 def register_plugins(plugins: dict[str, str]) -> None:
-    """Import plugin methods ("module:attr") and add them to quant's method table (also on workers)."""
+    """Import plugin methods ("module:attr") and register them with quant (on the driver and on every
+    worker, each a fresh process); quant refuses an object without the method protocol or a taken name."""
     from quant import methods
 
     for name, target in plugins.items():
-        obj = import_target(target)
-        current = methods.METHODS.get(name)
-        if current is not None and current is not obj:
-            raise ValueError(f"plugin method {name!r} clashes with an existing method of that name")
-        methods.METHODS[name] = obj
+        methods.register(name, import_target(target))
 
 
 def import_target(target: str):
     mod_name, _, attr = target.partition(":")
     mod = importlib.import_module(mod_name)
-    obj = getattr(mod, attr) if attr else mod
-    if not (hasattr(obj, "apply") and hasattr(obj, "Config")):
-        raise ValueError(f"{target} is not a quantization method (it needs Config and apply)")
-    return obj
+    return getattr(mod, attr) if attr else mod
 
 
 def build_method_config(name: str, overrides: dict):
-    """The method's Config with overrides; quant.methods.method_config when the quant core has it."""
+    """The method's Config with overrides (unknown or mistyped hyper-parameters refused by name)."""
     from quant import methods
 
-    if hasattr(methods, "method_config") and is_dataclass(getattr(methods.get_method(name), "Config", None)):
-        return methods.method_config(name, overrides)
-    mod = methods.get_method(name)
-    try:
-        return mod.Config(**overrides)
-    except TypeError as e:
-        raise ValueError(f"method {name!r}: {e}") from None
+    return methods.method_config(name, overrides)
 
 
-def method_keys(name: str) -> set[str] | None:
-    """Hyper-parameter names of a method, or None when its Config is not a dataclass (accept anything)."""
-    cfg = build_method_config(name, {})
-    return {f.name for f in fields(cfg)} if is_dataclass(cfg) else None
+def method_keys(name: str) -> set[str]:
+    """Hyper-parameter names of a method."""
+    return {f.name for f in fields(build_method_config(name, {}))}
 
 
 def config_dict(cfg) -> dict:
-    from dataclasses import asdict
+    from quant import methods
 
-    # identity(): a hyper-parameter added later is left out at its neutral value, so trial ids stay valid
-    d = cfg.identity() if hasattr(cfg, "identity") else asdict(cfg) if is_dataclass(cfg) else dict(cfg or {})
-    return json.loads(json.dumps(d, default=str))  # tuples -> lists, so the hash equals the reloaded form
+    # tuples -> lists, so the hash equals the reloaded form
+    return json.loads(json.dumps(methods.config_identity(cfg), default=str))
 
 
 def harness_module():
-    """quant.eval.harness (lm-eval tasks) when it exists, else None."""
-    if importlib.util.find_spec("quant.eval.harness") is None:
-        return None
-    return importlib.import_module("quant.eval.harness")
+    """quant.eval.harness (lm-eval tasks), imported when a sweep asks for a suite."""
+    from quant.eval import harness
+
+    return harness

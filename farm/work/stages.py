@@ -17,11 +17,6 @@ from typing import Callable
 from ..core.cache import StageCache
 from ..core.ids import FLOAT_METHOD, config_hash
 
-# Methods whose start is SmoothQuant, so they read activation statistics of the float model. A method
-# module can say so itself with USES_ACTIVATION_STATS = True/False.
-STATS_METHODS = {"smoothquant", "omniquant", "lrl-block", "mobilequant"}
-
-
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -55,23 +50,16 @@ def _run_calib(inputs: dict, workdir: Path) -> dict:
             "corpus_id": data.corpus_id(inputs["corpus"])}
 
 
-def uses_activation_stats(method: str) -> bool:
-    from quant import methods
-
-    mod = methods.METHODS.get(method)
-    flag = getattr(mod, "USES_ACTIVATION_STATS", None)
-    return bool(flag) if flag is not None else method in STATS_METHODS
-
-
 def _stats_inputs(config: dict) -> dict | None:
-    if config["method"] == FLOAT_METHOD or not config.get("calib") or not uses_activation_stats(config["method"]):
-        return None
-    try:
-        from quant import stats
-    except ImportError:  # a quant core without cached statistics: nothing to share
+    """Methods whose start is SmoothQuant read activation statistics of the float model: computed once per
+    model and calibration for all of them (quant.methods says which methods do)."""
+    from quant import methods, stats
+
+    if config["method"] == FLOAT_METHOD or not config.get("calib") \
+            or not methods.uses_activation_stats(config["method"]):
         return None
     return {"model": config["model"], "layers": config["layers"], **config["calib"],
-            "version": getattr(stats, "STATS_VERSION", 0)}
+            "version": stats.STATS_VERSION}
 
 
 def _run_stats(inputs: dict, workdir: Path) -> dict:
