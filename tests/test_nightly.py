@@ -125,6 +125,7 @@ def first_night(lab):
     """The first night on an empty store (it sets the baseline); the store after it is the snapshot
     "baseline"."""
     out = _night(lab)
+    assert out[0] == 0, out[1]  # every test after it needs the baseline this night sets
     lab.snapshot("baseline")
     return out
 
@@ -135,6 +136,7 @@ def noisy_night(lab, first_night):
     "regression" (its quantized model is in the stage cache from then on)."""
     lab.restore("baseline")
     out = _night(lab, noise=0.5)
+    assert out[0] == 1, out[1]
     lab.snapshot("regression")
     return out
 
