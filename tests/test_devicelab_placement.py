@@ -1,5 +1,6 @@
 """Placement of a sweep's device stages on a ray.cluster_utils cluster (two nodes on loopback) where only one
-node advertises `phone:sm8650`: every device stage runs on that node, and never two at once.
+node advertises `phone:sm8650`: every device stage (each trial's export, and the measurement session that
+times them together) runs on that node, and never two at once.
 
 The host backend stands in for the phone (what is under test is where Ray places the stage and that the
 phone is never double-booked); the export step is the tiny QDQ export (tests.devicelab_fixtures). A module
@@ -32,6 +33,7 @@ def test_device_stages_run_on_the_node_with_the_phone_one_at_a_time():
             # the host backend stands in for the phone; what is under test is where Ray places the stage
             p = write_sweep(root, "placement", HEAD + """\
 grid: {scheme: [w8a8, w4a8]}
+baselines: []
 devices: [{device: host, graphs: [prefill], repeats: 40, warmup: 2, resources: {"phone:sm8650": 1}}]
 """)
             data = root / "data"
@@ -39,11 +41,14 @@ devices: [{device: host, graphs: [prefill], repeats: 40, warmup: 2, resources: {
                                                    exporter=tiny_exporter))
             assert out.ok and len(out.results) == 2
             stages = [r["devices"]["host"] for r in out.results.values()]
-            assert {s["node"]["node_id"] for s in stages} == {phone_node.node_id}
-            # whole Ray tasks (export included), not only the benchmark inside the device lock: Ray itself
-            # never runs two stages at once on the phone's node, though it has two free CPUs
-            spans = sorted((s["started_at"], s["ended_at"]) for s in stages)
-            assert len(spans) == 2 and spans[0][1] <= spans[1][0], spans
+            assert {s["node"]["node_id"] for s in stages} == {phone_node.node_id}  # the session
+            assert {s["prepare"]["node"]["node_id"] for s in stages} == {phone_node.node_id}  # the exports
+            assert len({s["session"]["key"] for s in stages}) == 1 and stages[0]["session"]["models"] == 2
+            # whole Ray tasks, not only the benchmark inside the device lock: Ray itself never runs two
+            # stages at once on the phone's node, though it has two free CPUs
+            spans = sorted([(s["prepare"]["started_at"], s["prepare"]["ended_at"]) for s in stages]
+                           + [(stages[0]["session"]["started_at"], stages[0]["session"]["ended_at"])])
+            assert len(spans) == 3 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
             assert not ray.is_initialized()
         finally:
             cluster.shutdown()
