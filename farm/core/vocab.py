@@ -34,3 +34,21 @@ ERROR = "error"  # the target could not be measured
 def device_key(label: str, name: str) -> str:
     """The MLflow metric or tag key of ``name`` for the device target ``label``."""
     return f"{DEVICE_PREFIX}{label}/{name}"
+
+# a measurement session's ratios (farm.work.measure): device/<label>/<graph>_ratio_<baseline>[_ci_low|_ci_high],
+# the median per-round time ratio to the model's FP32 or W8A16 export timed in the same rounds (below 1:
+# faster); energy_ratio_<baseline> where the device measures energy
+RATIO_GRAPHS = ("prefill", "decode", "energy")
+BASELINES = ("fp", "w8a16")
+CI_LOW, CI_HIGH = "ci_low", "ci_high"
+SAME_GRAPH = "same_graph"  # tag: the other trials whose exports run the same ops (comma-separated short ids)
+SESSION = "session"  # tag: the measurement session's cache key (one key: measured together)
+CONDITIONS = "conditions"  # tag: the host's CPUs, governor, load and other processes' CPU use, in words
+LOADED = "loaded"  # tag: "true" when other work ran beside the measurement
+OTHERS_CPU = "others_cpu"  # metric: other processes' CPU use during the session, in cores
+REPEATS = "repeats"  # tag: interleaved rounds per graph (the A/B pairs of each ratio)
+
+
+def ratio_name(graph: str, baseline: str, part: str = "") -> str:
+    """``prefill_ratio_fp``, ``decode_ratio_w8a16_ci_low``, ...: see RATIO_GRAPHS."""
+    return f"{graph}_ratio_{baseline}" + (f"_{part}" if part else "")

@@ -41,8 +41,42 @@ def metrics_and_tags(summary: dict) -> tuple[dict, dict]:
             metrics[key(v.ENERGY_MJ_PER_TOK)] = rec.energy_mj_per_token
         if rec.power_mw is not None:
             metrics[key(v.POWER_MW)] = rec.power_mw
+    for baseline, by_graph in (summary.get("ratios") or {}).items():
+        for graph, r in by_graph.items():
+            metrics[key(v.ratio_name(graph, baseline))] = r["ratio"]
+            for part in (v.CI_LOW, v.CI_HIGH):
+                if r.get(part) is not None:
+                    metrics[key(v.ratio_name(graph, baseline, part))] = r[part]
+    if summary.get("ratios") is not None or summary.get("session"):
+        cond = summary.get("conditions") or {}
+        tags[key(v.SAME_GRAPH)] = ",".join(t[:8] for t in summary.get("same_graph", []))
+        tags[key(v.SESSION)] = (summary.get("session") or {}).get("key", "")
+        tags[key(v.LOADED)] = str(bool(cond.get("loaded"))).lower()
+        tags[key(v.CONDITIONS)] = _conditions_sentence(summary)
+        tags[key(v.REPEATS)] = ",".join(f"{r['workload']['graph']}={r['workload']['repeats']}"
+                                        for r in summary.get("records", []))
+        if cond.get("others_cpu") is not None:
+            metrics[key(v.OTHERS_CPU)] = cond["others_cpu"]
     if summary.get("failed"):
         tags[key(v.LOST)] = "; ".join(f"{f['device']['name']}: {f['error']}" for f in summary["failed"])[:4900]
     if not summary.get("ok", False):
         tags[key(v.ERROR)] = summary.get("error") or "every device of the target was lost"
     return {k: float(x) for k, x in metrics.items() if x is not None}, tags
+
+
+def _conditions_sentence(summary: dict) -> str:
+    """How the numbers were taken, for the report: device, threads, repeats, session, host load."""
+    cond = summary.get("conditions") or {}
+    recs = summary.get("records") or []
+    threads = recs[0]["workload"].get("threads") if recs else None
+    sess = summary.get("session") or {}
+    parts = [f"{summary.get('device') or summary.get('target')}",
+             f"{threads} thread(s)" if threads else "",
+             ", ".join(f"{r['workload']['graph']} {r['workload']['repeats']} interleaved rounds" for r in recs),
+             f"{sess.get('models', '?')} models in one session" + (", the whole node" if sess.get("exclusive_node") else "")]
+    if cond:
+        other = "unknown" if cond.get("others_cpu") is None else f"{cond['others_cpu']:.2f}"
+        parts.append(f"{cond.get('cpus')} CPUs, governor {cond.get('governor') or 'not exposed'}, load "
+                     f"{cond.get('load_before')}->{cond.get('load_after')}, other processes {other} cores"
+                     + (" (LOADED)" if cond.get("loaded") else ""))
+    return "; ".join(x for x in parts if x)[:4900]
