@@ -3,8 +3,9 @@ wrong address or an impossible number is one line naming the flag instead of a h
 file created where nothing should be written.
 
 * a tracking URI has a scheme MLflow stores use; an http(s) server must accept a TCP connection within a
-  few seconds (``http://127.0.0.1:9/`` otherwise hangs for minutes in MLflow's retries), and MLflow's own
-  retries and timeout are shortened for that command;
+  few seconds (``http://127.0.0.1:9/`` otherwise hangs for minutes in MLflow's retries), and a read-only
+  command gives a server that accepts but does not answer 5 s a request, no retries (a sweep keeps
+  MLflow's retries: it logs for hours);
 * a read-only command (status, report, gc) never creates a store: a sqlite file or a file-store
   folder that does not exist is refused, not made;
 * ``farm ui``'s host must resolve and its port be free before the server starts;
@@ -50,6 +51,9 @@ def check_store(uri: str, *, read_only: bool, flag: str = "--tracking-uri") -> N
                              "file:///FOLDER, http(s)://HOST:PORT or a database URL (postgresql://, mysql://)")
         if scheme in ("http", "https"):
             _check_server(uri, flag)
+            if read_only:  # a server that accepts but does not reply: MLflow's defaults retry for minutes
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     if read_only:
         path = local_store_path(uri)
         if path is not None and not path.exists():
@@ -73,9 +77,6 @@ def _check_server(uri: str, flag: str) -> None:
         raise UsageError(f"MLflow tracking server {uri} did not answer within {CONNECT_TIMEOUT_S:g} s") from None
     except OSError as e:
         raise UsageError(f"MLflow tracking server {uri} is unreachable ({e.strerror or e})") from None
-    # a server that accepts but does not reply: MLflow's defaults retry for minutes (7 retries, 120 s each)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 
 def check_listen(host: str, port: int) -> str | None:
