@@ -5,8 +5,14 @@
   articles of 100+ words.
 * ``news`` (calibration): ``lee_background.cor``, 300 news articles, one per line.
 
-The two sources are disjoint (different documents, different genre; ``tests/test_data.py`` checks
-that they share no 13-word span). Cleaned text and token streams are cached under
+* ``pydoc`` (calibration): the Python language reference's help topics that ship with CPython itself
+  (``pydoc_data.topics``), 79 topics, about 65k words of technical English.
+* ``gen:<model>[:<samples>x<tokens>][:seed<N>]`` (calibration): text written by the float model itself,
+  seeded, decontaminated against the evaluation stream (``quant.calibgen``); 256 x 512 by default.
+* ``a+b``: the concatenation of corpora, e.g. ``news+pydoc``.
+
+Evaluation and calibration sources are disjoint (different documents, different genre; ``tests/test_data.py``
+checks that they share no 13-word span, and no 13-token span on the token windows). Cleaned text and token streams are cached under
 ``$MQFARM_CACHE/corpora`` and ``$MQFARM_CACHE/tokens``; cleaning is deterministic, so the cache is only
 a speed-up. Any UTF-8 text file can stand in for either corpus by passing its path.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import bz2
 import hashlib
 import importlib.util
+import os
 import random
 import re
 from pathlib import Path
@@ -29,7 +36,8 @@ CLEANING_VERSION = 1
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "lee_background.cor"
 CORPORA = {"wiki": "evaluation: 104 Wikipedia articles (gensim test data)",
-           "news": "calibration: 300 news articles, Lee background corpus (gensim test data)"}
+           "news": "calibration: 300 news articles, Lee background corpus (gensim test data)",
+           "pydoc": "calibration: the Python reference's 79 help topics (CPython's pydoc_data)"}
 DEFAULT_EVAL = "wiki"
 DEFAULT_CALIB = "news"
 
@@ -87,21 +95,54 @@ def _build_news() -> str:
     return "\n\n".join(d for d in docs if d)
 
 
-_BUILDERS = {"wiki": _build_wiki, "news": _build_news}
+def _build_pydoc() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(_SPACES.sub(" ", topics[k]).strip() for k in sorted(topics))
+
+
+_BUILDERS = {"wiki": _build_wiki, "news": _build_news, "pydoc": _build_pydoc}
+
+
+def _cached(name: str, build) -> str:
+    cache = cache_root() / "corpora" / f"{name}.txt"
+    if cache.exists():
+        return cache.read_text(encoding="utf-8")
+    text = build()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(cache)
+    return text
+
+
+def _build_generated(corpus: str) -> str:
+    from . import calibgen
+
+    spec = calibgen.parse(corpus)
+    res = calibgen.build(spec, lambda tok: token_stream(tok, DEFAULT_EVAL), lambda tok: token_stream(tok, DEFAULT_CALIB))
+    if not res.text:
+        raise CorpusError(f"corpus {corpus!r}: every generated sample overlapped the evaluation text")
+    return res.text
+
+
+def is_known(corpus: str) -> bool:
+    return all(p in _BUILDERS or p.startswith("gen:") for p in corpus.split("+"))
 
 
 def corpus_text(corpus: str) -> str:
-    """The cleaned text of a named corpus (``wiki``, ``news``) or of a UTF-8 text file."""
+    """The cleaned text of a named corpus (``wiki``, ``news``, ``pydoc``, ``gen:...``, ``a+b``) or of a
+    UTF-8 text file."""
+    if "+" in corpus and is_known(corpus):
+        return "\n\n".join(corpus_text(p) for p in corpus.split("+"))
     if corpus in _BUILDERS:
-        cache = cache_root() / "corpora" / f"{corpus}-v{CLEANING_VERSION}.txt"
-        if cache.exists():
-            return cache.read_text(encoding="utf-8")
-        text = _BUILDERS[corpus]()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(cache)
-        return text
+        return _cached(f"{corpus}-v{CLEANING_VERSION}", _BUILDERS[corpus])
+    if corpus.startswith("gen:"):
+        from . import calibgen
+
+        spec = calibgen.parse(corpus)
+        key = f"gen-{spec.model}-{spec.samples}x{spec.tokens}-seed{spec.seed}-t{spec.temperature}-p{spec.top_p}"
+        return _cached(f"{key}-v{calibgen.GEN_VERSION}", lambda: _build_generated(corpus))
     path = Path(corpus).expanduser()
     if not path.is_file():
         raise CorpusError(f"corpus {corpus!r} is neither a known corpus ({', '.join(CORPORA)}) nor an existing file")
@@ -117,7 +158,7 @@ def corpus_text(corpus: str) -> str:
 def corpus_id(corpus: str) -> str:
     """A stable identity for a corpus: its name and the sha256 of its cleaned text (first 16 hex)."""
     digest = hashlib.sha256(corpus_text(corpus).encode("utf-8")).hexdigest()[:16]
-    name = corpus if corpus in _BUILDERS else Path(corpus).name
+    name = corpus if is_known(corpus) else Path(corpus).name
     return f"{name}:{digest}"
 
 

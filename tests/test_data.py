@@ -110,3 +110,59 @@ def test_test_split_keeps_the_first_windows_and_bad_split_is_refused(tok):
     assert data.eval_windows(tok, 512, limit=40, split="test").equal(data.eval_windows(tok, 512, limit=40))
     with pytest.raises(ValueError, match="split must be one of test, validation, all"):
         data.eval_windows(tok, 512, split="valid")
+
+
+def _hits(calib_stream, eval_hashes, n):
+    from quant import calibgen
+
+    return calibgen.shared_ngrams(calib_stream, eval_hashes, n)
+
+
+@pytest.mark.parametrize("corpus", ["news", "pydoc"])
+def test_calibration_token_windows_share_no_13_token_span_with_the_evaluation_stream(tok, corpus):
+    from quant import calibgen
+
+    ev = np.unique(calibgen.ngram_hashes(data.token_stream(tok, "wiki")))
+    windows = data.calibration_windows(tok, 64, 512, seed=0, corpus=corpus)
+    assert windows.shape == (64, 512)
+    assert sum(_hits(w.numpy(), ev, 13) for w in windows) == 0
+    # the check would see an overlap: a window with an evaluation span pasted in is caught
+    planted = windows[0].numpy().copy()
+    planted[100:120] = data.token_stream(tok, "wiki")[5000:5020]
+    assert _hits(planted, ev, 13) == 20 - 13 + 1
+
+
+def test_pydoc_corpus_is_real_english_and_recorded_by_content(tok):
+    text = data.corpus_text("pydoc")
+    assert len(text.split()) > 50_000 and "The Python Language Reference" not in text[:0]
+    assert data.corpus_id("pydoc").startswith("pydoc:") and len(data.corpus_id("pydoc")) == len("pydoc:") + 16
+    assert data.corpus_text("news+pydoc") == data.corpus_text("news") + "\n\n" + text
+    assert data.token_stream(tok, "news+pydoc").size > 150_000  # about 300 windows of 512 tokens
+
+
+def test_generated_calibration_text_is_seeded_and_decontaminated():
+    from quant import calibgen
+
+    lm = load_model("smollm2-135m", num_layers=2)
+    spec = calibgen.GenSpec("smollm2-135m", samples=2, tokens=16, seed=5)
+    assert calibgen.parse("gen:smollm2-135m:2x16:seed5") == spec
+    news = lambda t: data.token_stream(t, "news")  # noqa: E731
+    wiki = lambda t: data.token_stream(t, "wiki")  # noqa: E731
+    starts = calibgen.start_tokens(lm.tokenizer, news(lm.tokenizer))
+    a = calibgen.generate_ids(lm, spec, starts, batch=2, progress=False)
+    b = calibgen.generate_ids(lm, spec, starts, batch=2, progress=False)
+    assert len(a) == 2 and all(x.shape == (16,) for x in a)
+    assert not np.isin(np.concatenate(a), lm.tokenizer.all_special_ids).any()
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # same seed, same text
+    assert np.isin([x[0] for x in a], starts).all()  # first tokens from the calibration vocabulary
+    clean = calibgen.build(spec, wiki, news, progress=False, lm=lm)
+    assert clean.kept + clean.dropped == 2
+    ev = np.unique(calibgen.ngram_hashes(wiki(lm.tokenizer)))
+    ids = np.asarray(lm.tokenizer(clean.text, add_special_tokens=False)["input_ids"])
+    assert calibgen.shared_ngrams(ids, ev) == 0
+    # an evaluation stream that contains a generated span: that sample is dropped
+    leaky = lambda t: np.concatenate([wiki(t), a[1][:14]])  # noqa: E731
+    dirty = calibgen.build(spec, leaky, news, progress=False, lm=lm)
+    assert dirty.dropped == clean.dropped + 1
+    with pytest.raises(ValueError, match="neither <samples>x<tokens> nor seed"):
+        calibgen.parse("gen:smollm2-135m:many")
