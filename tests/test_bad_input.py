@@ -197,6 +197,14 @@ def _truncate(rel):
     return change
 
 
+def _scramble_head(rel):
+    def change(folder):
+        data = bytearray((folder / rel).read_bytes())
+        data[:64] = b"\xff" * 64  # same size: export.json's sizes pass, the graph does not parse
+        replace_bytes(folder / rel, bytes(data))
+    return change
+
+
 def _corrupt_header(folder):
     data = bytearray((folder / "model.safetensors").read_bytes())
     data[8:16] = b"{garbage"
@@ -292,6 +300,8 @@ CASES = {
     # exports
     "eval a truncated prefill.onnx": (["eval", "{e}"], with_exp(_truncate("prefill.onnx")),
                                       r"prefill.onnx has \d+ bytes, export.json says \d+"),
+    "eval a damaged prefill.onnx of the same size": (["eval", "{e}"], with_exp(_scramble_head("prefill.onnx")),
+                                                     r"onnxruntime: .*prefill.onnx failed"),
     "eval NaN in an export's encodings": (["eval", "{e}"], with_exp(lambda e: edit_aimet(e, "prefill", _first_aimet("scale", float("nan")))),
                                           r"prefill.encodings: tensor \S+: scale nan is not a finite positive number"),
     "compile a negative scale": (["compile", "{e}"], with_exp(lambda e: edit_aimet(e, "decode", _first_aimet("scale", -2.0))),
@@ -517,3 +527,19 @@ def test_ctrl_c_after_the_write_is_one_line_and_the_artifact_is_whole(world, tmp
     rc, _, err = run_farm(Q + ["--out", str(out), "--eval"])
     assert rc == 130 and "Traceback" not in err and _lines(err)[-1] == "farm quantize: interrupted", err
     assert artifact.verify(out, full=True)["files"] >= 8
+
+
+def test_a_dry_run_says_when_no_trial_can_start_here(tmp_path, capsys):
+    """`--dry-run` listed trials that no node of this machine can ever run as pending, without a word."""
+    from farm.cli import main
+
+    sweep = tmp_path / "gpu.yaml"
+    sweep.write_text("name: gpu\nbase: {model: smollm2-135m, layers: 1, seqlen: 32, samples: 2}\n"
+                     "grid: {method: [rtn]}\nresources: {cpu: 1, gpu: 64}\n")
+    assert main(["sweep", str(sweep), "--dry-run", "--data", str(tmp_path / "d")]) == 0
+    err = capsys.readouterr().err
+    import torch
+
+    want = f"warning: no trial can run here: each needs 64 GPU (this machine has {torch.cuda.device_count()})"
+    assert want in err, err
+    assert not (tmp_path / "d").exists()  # a dry run writes nothing

@@ -100,7 +100,12 @@ def eval_export(args, progress: bool) -> int:
         raise ValueError("--suite runs on the simulated model only: lm-eval needs logits for any length, an "
                          "export has a fixed prompt length")
     runtime = args.runtime or "onnx"
-    fn, info = logits_fn(exp, runtime)
+    try:
+        fn, info = logits_fn(exp, runtime)
+    except Exception as e:  # a graph onnxruntime cannot load (damaged at the same size): its message, one line
+        if type(e).__module__.split(".")[0] != "onnxruntime":
+            raise
+        raise ValueError("onnxruntime: " + " ".join(str(e).split())) from None
     seqlen = info["prompt_len"]
     if args.seqlen and args.seqlen != seqlen:
         raise ValueError(f"the export's prefill graph takes {seqlen} tokens; re-export with --prefill {args.seqlen}")
