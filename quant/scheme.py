@@ -147,7 +147,25 @@ def device_table(table: dict) -> dict:
     for role, spec in table.items():
         if spec is not None and role.endswith(".weight") and spec.per_channel and not spec.symmetric:
             out[role] = QSpec(spec.bits, True, True)
+    # The HTP's RmsNorm writes its input's width: a 16-bit norm with an 8-bit output does not compile in
+    # front of a matmul (QNN_COMMON_ERROR_MEM_ALLOC at finalize), and the 16 -> 8 requantization the HTP
+    # does take moves 15% of the codes up by one (docs/deploy.md). So the norm's output, and the matmul
+    # inputs it feeds, run at 16 bits on the phone.
+    if out.get("norm.in") is not None and out["norm.in"].bits == 16 and out.get("norm.out") is not None:
+        out["norm.out"] = QSpec(16, out["norm.out"].symmetric, out["norm.out"].per_channel)
+    # The HTP runs a matmul with per-channel weights and a 16-bit output only from a 16-bit input (an
+    # 8-bit one is refused), so the compiled graph reads those inputs at 16 bits: simulate 16 bits there
+    # rather than an 8-bit rounding the phone never does.
+    for inp, weight, output in WIDE_INPUT_MATMULS:
+        w, o, i = out.get(weight), out.get(output), out.get(inp)
+        if w is not None and w.per_channel and o is not None and o.bits == 16 and i is not None and i.bits < 16:
+            out[inp] = QSpec(16, i.symmetric, i.per_channel)
     return out
+
+
+# (input role, weight role, output role) of the matmuls whose input the HTP widens: down_proj, o_proj
+WIDE_INPUT_MATMULS = (("down.in", "down.weight", "down.out"), ("attn.out", "o.weight", "o.out"))
+
 
 
 def _with_overrides(base: Scheme, name: str, overrides: str) -> Scheme:

@@ -160,7 +160,12 @@ class QLinear(_CachedWeight, nn.Linear):
 
 
 class QNormMixin(_CachedWeight):
-    """RMSNorm with quantized input, gain and output. ``unit_offset``: Gemma's ``x_hat * (1 + w)``."""
+    """RMSNorm with quantized input, gain and output. ``unit_offset``: Gemma's ``x_hat * (1 + w)``.
+
+    ``x * rsqrt(mean(x^2) + eps) * g`` is ONNX's RMSNormalization, the op the export writes and the HTP
+    runs natively, so the simulation, the exported graph and the NPU compute the norm in one form (equal
+    to the export on onnxruntime's CPU within float32 rounding, ``tests/test_htp_norm.py``).
+    """
 
     unit_offset = False
 

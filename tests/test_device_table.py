@@ -1,5 +1,6 @@
 """An artifact as the phone runs it (quant.device_table): learned encodings kept bit for bit, only the
-model-level roles and the per-channel weights made symmetric recalibrated; its export compiles whole for
+model-level roles, the tensors the HTP runs at 16 bits and the per-channel weights made symmetric
+recalibrated; its export compiles whole for
 the Snapdragon 8 Gen 3 HTP, where the reference-scheme export of the same artifact does not."""
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ def test_learned_encodings_are_kept_and_new_ones_calibrated(saved):
     assert sorted(info["recalibrated"]) == sorted(
         ["lm_head.output", "lm_head.weight", "model.embed_tokens.output", "model.layers.0.attn_residual",
          "model.layers.0.mlp.down_proj.weight", "model.layers.0.output", "model.norm.input", "model.norm.output",
-         "model.norm.weight"])
-    assert info["kept"] == len(old) - 1 == len(new) - len(info["recalibrated"])  # all but down_proj's weight
+         "model.norm.weight",
+         # at 16 bits on the HTP: the norms' outputs and down_proj's input
+         "model.layers.0.input_layernorm.output", "model.layers.0.post_attention_layernorm.output",
+         "model.layers.0.mlp.down_proj.input"])
+    # all but down_proj's weight (made symmetric) and the three tensors the HTP runs at 16 bits
+    assert info["kept"] == len(old) - 4 == len(new) - len(info["recalibrated"])
     for name in set(new) - set(info["recalibrated"]):
         assert torch.equal(new[name].scale, old[name].scale) and torch.equal(new[name].offset, old[name].offset)
     down = new["model.layers.0.mlp.down_proj.weight"]

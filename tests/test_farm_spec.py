@@ -188,7 +188,7 @@ def test_bitwidth_is_an_alias_of_scheme(tmp_path):
 
 
 def test_trial_ids_survive_a_new_hyper_parameter_at_its_neutral_value(tmp_path):
-    """Ids of the shipped scaling sweep, recorded at numerics version 1 (before it, ids had no version and
+    """Ids of the shipped scaling sweep, recorded at numerics version 2 (before versions, ids had no version and
     were d5610fd9, 3a4ded73, c47d1605, ad38b8ff; ``train_float`` did not exist either): a hyper-parameter added
     later (listed in its config's ``ID_NEUTRAL``) leaves finished trials valid at its neutral value and
     makes new trials otherwise. If this fails after adding a field, list the field in ``ID_NEUTRAL``; after
@@ -200,9 +200,9 @@ def test_trial_ids_survive_a_new_hyper_parameter_at_its_neutral_value(tmp_path):
     sweep = load_sweep(Path(__file__).resolve().parent.parent / "sweeps" / "scaling-cpu.yaml")
     ids = {(t.config["method"], (t.config["calib"] or {}).get("samples"), t.config["method_config"].get("epochs")):
            t.id[:8] for t in sweep.trials}
-    assert quant.NUMERICS_VERSION == 1
-    assert ids[("mobilequant", 32, 4)] == "6025cd5a" and ids[("lrl-block", 8, 1)] == "1e4d6171"
-    assert ids[("smoothquant", 32, None)] == "7589d4b7" and ids[("none", None, None)] == "0f6232bb"
+    assert quant.NUMERICS_VERSION == 2  # version 1's ids: 6025cd5a, 1e4d6171, 7589d4b7, 0f6232bb
+    assert ids[("mobilequant", 32, 4)] == "02844d61" and ids[("lrl-block", 8, 1)] == "7c265c60"
+    assert ids[("smoothquant", 32, None)] == "1cd2f7ad" and ids[("none", None, None)] == "2bc7f592"
     p = write(tmp_path, BASE.replace("method: rtn\ngrid", "method: mobilequant\ngrid")
               .replace("method: [rtn, smoothquant]", "method: [mobilequant]"))
     plain = {t.config["scheme"]: t.id for t in load_sweep(p).trials}

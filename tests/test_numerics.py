@@ -32,6 +32,16 @@ PINNED = {
         "AuthenticAMD/DEFAULT": {("fp", "rtn"): 37137548.3187036, ("w8a8", "rtn"): 38525301.308715224,
                                  ("w4a8", "smoothquant"): 35368659.778979436},
     },
+    # version 2: the device table (``:device``) runs the norms' outputs and down_proj's input at 16 bits,
+    # as the HTP does; the reference schemes pinned here compute exactly what they did under version 1
+    2: {
+        "AuthenticAMD/AVX512": {("fp", "rtn"): 37137603.76149092, ("w8a8", "rtn"): 38525320.76009826,
+                                ("w4a8", "smoothquant"): 35340029.67885669},
+        "AuthenticAMD/AVX2": {("fp", "rtn"): 37137543.90501364, ("w8a8", "rtn"): 38525109.27650673,
+                              ("w4a8", "smoothquant"): 35339987.55838103},
+        "AuthenticAMD/DEFAULT": {("fp", "rtn"): 37137548.3187036, ("w8a8", "rtn"): 38525301.308715224,
+                                 ("w4a8", "smoothquant"): 35368659.778979436},
+    },
 }
 REL = 1e-6  # six significant digits: bit-identical on one machine class, any thread count
 LOOSE = 5e-3  # another machine class: only changes above its kernels' spread are seen
@@ -122,19 +132,22 @@ def test_a_worker_with_other_numerics_refuses_the_trial(tmp_path):
         execute_trial("t", config, tmp_path)
 
 
+V = quant.NUMERICS_VERSION  # the code's version, as imported (also in a Ray worker, before the hook)
+
+
 def bump_numerics_version() -> None:
     """Ray worker setup hook: this worker's quant is one numerics version ahead."""
     import quant.numerics
 
-    quant.numerics.NUMERICS_VERSION = 2
+    quant.numerics.NUMERICS_VERSION = V + 1
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a worker that cannot run the hook is restarted forever: fail instead of hanging
 def test_a_sweep_rerun_after_a_bump_recomputes_what_changed_and_nothing_else(monkeypatch, capsys):
-    """Version 1, then the same sweep at version 2: every trial and every quantized artifact again (their
-    ids carry the version), the calibration tokens and float statistics from the cache; a third run at
-    version 2 does nothing. ``farm status`` and the MLflow params say which version made what."""
+    """Version V, then the same sweep at version V + 1: every trial and every quantized artifact again
+    (their ids carry the version), the calibration tokens and float statistics from the cache; a third
+    run at V + 1 does nothing. ``farm status`` and the MLflow params say which version made what."""
     import ray
     from mlflow import MlflowClient
 
@@ -144,7 +157,6 @@ def test_a_sweep_rerun_after_a_bump_recomputes_what_changed_and_nothing_else(mon
     from farm.orchestrate.sweep import Options, run_sweep, sweep_status
     from tests.farm_env import REPO, contained_env, count_lines, write_sweep
 
-    assert quant.NUMERICS_VERSION == 1, "the hook below sets 2: make it the current version + 1"
     with contained_env() as root:
         data = root / "data"
         counter = root / "runs.count"
@@ -173,7 +185,7 @@ resources: {{cpu: 1}}
         v1 = entries()
         assert [len(v1[s]) for s in ("calib_tokens", "activation_stats", "quantize")] == [1, 1, 2]
 
-        monkeypatch.setattr(quant.numerics, "NUMERICS_VERSION", 2)
+        monkeypatch.setattr(quant.numerics, "NUMERICS_VERSION", V + 1)
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
                  # the hook is imported before Ray puts the driver's folder on the worker's sys.path
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)},
@@ -192,27 +204,27 @@ resources: {{cpu: 1}}
         assert len(v2["quantize"] - v1["quantize"]) == 2 and v1["quantize"] <= v2["quantize"]
         for res in second.results.values():
             if res["config"]["method"] != "none":
-                assert res["recipe"]["numerics_version"] == 2
+                assert res["recipe"]["numerics_version"] == V + 1
                 assert all(s["hit"] for s in res["stages"]["shared"])  # nothing shared was recomputed
         assert third.ok and third.executed == [] and count_lines(counter) == ["fake", "fake"]
 
         runs = MlflowClient(f"sqlite:///{data / 'mlflow.db'}").search_runs(
             [MlflowClient(f"sqlite:///{data / 'mlflow.db'}").get_experiment_by_name("bump").experiment_id],
             "tags.farm_role = 'trial'")
-        assert sorted(r.data.params["numerics"] for r in runs) == ["1"] * 3 + ["2"] * 3
+        assert sorted(r.data.params["numerics"] for r in runs) == [str(V)] * 3 + [str(V + 1)] * 3
 
         rows, cols, counts = sweep_status(sweep, Options(data_dir=data))
-        assert counts["done"] == 3 and counts["other_numerics"] == {"1": 3}
+        assert counts["done"] == 3 and counts["other_numerics"] == {str(V): 3}
         assert all(r["status"] == "done" for r in rows)
-        monkeypatch.setattr(quant.numerics, "NUMERICS_VERSION", 3)  # the code moves on; results stay on disk
+        monkeypatch.setattr(quant.numerics, "NUMERICS_VERSION", V + 2)  # the code moves on; results stay on disk
         assert sweep_status(load_sweep(p), Options(data_dir=data))[2]["done"] == 0  # new ids: nothing done
         assert main(["status", str(p), "--data", str(data)]) == 0
         out = capsys.readouterr().out
-        assert "not comparable: 6 trial run(s) in MLflow were made by other arithmetic (3 with version 1, 3 " \
-               "with version 2); this code is numerics version 3" in out
+        assert ("not comparable: 6 trial run(s) in MLflow were made by other arithmetic (3 with version "
+                f"{V}, 3 with version {V + 1}); this code is numerics version {V + 2}") in out
         assert main(["status", "bump", "--data", str(data)]) == 0
         out = capsys.readouterr().out
-        assert out.count("1 (other)") == 3 and out.count("2 (other)") == 3
+        assert out.count(f"{V} (other)") == 3 and out.count(f"{V + 1} (other)") == 3
 
 
 def test_bench_rows_of_another_version_are_computed_again(tmp_path, capsys, monkeypatch):

@@ -70,7 +70,17 @@ def test_device_override_is_the_phone_table():
         "final_norm.out": QSpec(16), "lm_head.weight": QSpec(8, True, True), "lm_head.out": QSpec(16)}
     assert dev.spec("down.weight") == QSpec(8, True, True)  # was per-channel asymmetric
     assert dev.spec("qkv.weight") == QSpec(8)  # per-tensor asymmetric is deployable as is
-    assert all(dev.spec(r) == base.spec(r) for r in ROLES if r not in MODEL_ROLES and r != "down.weight")
-    assert get_scheme("w4a8:device").spec("gate_up.weight") == QSpec(4, True, True)
+    # what the HTP runs at 16 bits: the norm's output (its RmsNorm writes its input's width) and the input
+    # of a per-channel matmul with a 16-bit output (down_proj; o_proj too where its weights are per-channel)
+    widened = {"norm.out": QSpec(16), "down.in": QSpec(16)}
+    assert {r: dev.spec(r) for r in widened} == widened
+    assert all(dev.spec(r) == base.spec(r) for r in ROLES
+               if r not in MODEL_ROLES and r not in widened and r != "down.weight")
+    w4 = get_scheme("w4a8:device")
+    assert w4.spec("gate_up.weight") == QSpec(4, True, True)
+    assert (w4.spec("attn.out"), w4.spec("down.in"), w4.spec("norm.out")) == (QSpec(16),) * 3
+    assert w4.spec("act.out") == QSpec(8) and w4.spec("qkv.out") == QSpec(8)  # the rest stays at 8 bits
+    assert dev.spec("attn.out") == QSpec(8)  # W8A8's o_proj weights are per-tensor: taken from 8 bits
+    assert get_scheme("w8a8:device,down.in=8").spec("down.in") == QSpec(8)  # later overrides still win
     assert get_scheme("w8a8:device,residual=fp").spec("residual") is None
     assert Scheme.from_dict(dev.to_dict()) == dev

@@ -54,7 +54,7 @@ def test_quantizers_off_is_exactly_the_float_model(name, small_ids, float_logits
 def test_device_table_adds_model_level_quantizers(name, small_ids, float_logits):
     """``w8a8:device`` quantizes the embedding output, both residual adds of every layer, the final norm
     and the lm_head on top of w8a8 (through hooks and the same quantizing classes); off, it is still
-    exactly the float model; on, the extra quantizers cost less than w8a8's own error but far from nothing."""
+    exactly the float model; on, it is a different model, no further from the float one than w8a8."""
     ids, calib = small_ids[name]
     lm = _sim(name, get_scheme("w8a8:device"), calib)
     qs = quantizers(lm.model)
@@ -71,9 +71,13 @@ def test_device_table_adds_model_level_quantizers(name, small_ids, float_logits)
     for q in qs.values():
         q.enabled = True
     only_layers = _logits(plain, ids)
-    # measured on 3 layers: 0.060 against w8a8's own 0.092 (SmolLM2), 0.114 against 0.159 (Gemma-3): a
-    # 16-bit per-tensor residual stream is coarse next to its small channels (outliers in the hundreds)
-    assert 0 < _rel(on, only_layers) < _rel(only_layers, float_logits[name])
+    # The device table adds the model-level quantizers (a 16-bit per-tensor residual stream is coarse next
+    # to its small channels, outliers in the hundreds) and runs the norms' outputs and down_proj's input at
+    # 16 bits, as the HTP does, instead of 8: the two move the logits by about w8a8's own error, and the
+    # device model stays at most as far from the float one. Measured on 3 layers (SmolLM2): 0.093 between
+    them, 0.022 from float against w8a8's 0.092.
+    err_dev, err_plain = _rel(on, float_logits[name]), _rel(only_layers, float_logits[name])
+    assert 0 < _rel(on, only_layers) < 2 * err_plain and err_dev <= err_plain
 
 
 @pytest.mark.parametrize("name", ARCH_MODELS)

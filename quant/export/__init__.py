@@ -1,7 +1,7 @@
 """The deployable export: an artifact (or a simulated model in memory) as ONNX QDQ graphs + encodings.
 
 ``export_artifact(ARTIFACT, OUT)`` (``farm export``) writes the folder whose contract is in
-``devicelab/exported.py``: ``prefill.onnx`` and ``decode.onnx`` (opset 21, QuantizeLinear/
+``devicelab/exported.py``: ``prefill.onnx`` and ``decode.onnx`` (opset 23, QuantizeLinear/
 DequantizeLinear at every quantizer of the scheme, integer weights), their AIMET encodings, the tokenizer,
 and ``export.json``. The folder is written into a temporary sibling and renamed at the end, so a failed
 export leaves nothing behind. Requires the ``onnx`` package (the ``device`` extra), imported lazily so
@@ -79,9 +79,10 @@ def export_model(model, tokenizer, out_dir: str | Path, recipe: dict, *, prefill
         raise ExportFolderError(f"export folder {out} already exists; pass --overwrite to replace it")
     scheme = getattr(model, "mq_scheme", None)
     graphs, exporter = build_graphs(model, prefill, ctx)
+    from .graph import OPSET as opset
     with atomic_folder(out) as tmp:
         index = {
-            "exporter": EXPORTER, "exporter_version": EXPORTER_VERSION, "opset": 21,
+            "exporter": EXPORTER, "exporter_version": EXPORTER_VERSION, "opset": opset,
             "artifact_hash": recipe.get("content_hash") or recipe_hash(recipe), "model": recipe.get("model", ""),
             "scheme": scheme.name if scheme is not None else "fp", "method": recipe.get("method", "none"),
             "layers": recipe.get("layers"), "vocab_size": exporter.vocab, "num_layers": len(exporter.layers),

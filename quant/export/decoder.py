@@ -164,33 +164,28 @@ class DecoderExporter:
 
         wide = _QSpec(16, q.spec.symmetric)
         scale, offset = _np(q.scale) / 256.0, _np(q.offset) * 256.0
-        qx = b.quantize(x, wide, scale, offset, f"{name}.input16.q")
-        return b.dequantize(qx, wide, scale, offset, f"{name}.input16")
+        # The 16-bit copy is a tensor of its own (an Identity), so the AIMET file keys its 16-bit encoding
+        # by a name the float graph has: a converter reading the overrides sees a 16-bit input there.
+        x16 = b.node("Identity", [x], f"{name}.input16")
+        return b.qdq(x16, wide, scale, offset)
 
     def _rmsnorm(self, b: GraphBuilder, x: str, norm, name: str) -> str:
+        """ONNX's RMSNormalization op (opset 23): ``x / sqrt(mean(x^2) + eps) * g``, eps kept exactly.
+
+        It is what the simulation computes (``quant.sim.QNormMixin``, within float32 rounding), and
+        onnxruntime's QNN provider maps its DQ -> RMSNormalization -> Q unit onto QNN's native RmsNorm,
+        which the HTP runs on the integer input. The float-op forms run in fp16 on the NPU instead: the
+        plain formula's ``x * x`` overflows at SmolLM2's massive activation (about 22,300 from layer 13),
+        ``x / c`` scaling pushes the small channels into fp16 subnormals, and the HTP's L2 normalisation
+        drops eps (``docs/deploy.md``, "The norm on the HTP").
+        """
         iq = getattr(norm, "input_quantizer", None)
         x = self._act(b, x, iq)
         eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-        # The NPU runs float ops in fp16 (max 65504): x * x of a residual stream in the hundreds overflows.
-        # So the norm runs on x / c, c a power of two at least max |x| (from the input's range when it has
-        # one): (x/c) * rsqrt(mean((x/c)^2) + eps/c^2) is x * rsqrt(mean(x^2) + eps) with every rounding
-        # the same in float32 (power-of-two scalings are exact), and stays in range in fp16.
-        bound = 256.0
-        if _active(iq):
-            from ..quantizer import minmax_from_qparams
-
-            mn, mx = minmax_from_qparams(iq.scale, iq.offset, iq.spec)
-            bound = max(float(mn.abs().max()), float(mx.abs().max()), 1.0)
-        c = float(2.0 ** np.ceil(np.log2(bound)))
-        xs = b.node("Mul", [x, b.const(1.0 / c)], f"{name}.scaled_input")
-        sq = b.node("Mul", [xs, xs], f"{name}.square")
-        var = b.node("ReduceMean", [sq, b.const([-1], np.int64)], f"{name}.variance", keepdims=1)
-        std = b.node("Sqrt", [b.node("Add", [var, b.const(eps / (c * c))], f"{name}.variance_eps")], f"{name}.std")
-        h = b.node("Mul", [xs, b.node("Reciprocal", [std], f"{name}.rstd")], f"{name}.normalized")
         g = self._weight(b, f"{name}.weight", norm, transpose=False)
         if not hasattr(norm, "weight_quantizer") and self.gemma:  # a plain (float) Gemma norm: 1 + w
             g = b.node("Add", [g, b.const(1.0)], f"{name}.gain")
-        y = b.node("Mul", [h, g], f"{name}.output")
+        y = b.node("RMSNormalization", [x, g], f"{name}.output", axis=-1, epsilon=eps)
         return self._act(b, y, getattr(norm, "output_quantizer", None))
 
     def _rope_tables(self, layer_type: str, positions: int) -> tuple[np.ndarray, np.ndarray]:

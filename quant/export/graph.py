@@ -8,7 +8,7 @@ the float tensor a converter such as ``qnn-onnx-converter --quantization_overrid
 pairs are folded away.
 
 Integer types follow the quantizer's spec: asymmetric -> unsigned (zero point = our ``offset``), symmetric
--> signed (zero point 0), at 4, 8 or 16 bits (opset 21 has all six).
+-> signed (zero point 0), at 4, 8 or 16 bits (opset 21 and later have all six).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..quantizer import QSpec
 
-OPSET = 21
-IR_VERSION = 10
+OPSET = 23  # RMSNormalization (the norm the HTP runs natively) is opset 23
+IR_VERSION = 11
 
 _INT_TYPES = {  # (bits, symmetric) -> (TensorProto type, numpy dtype used before packing)
     (4, False): (TensorProto.UINT4, np.uint8), (4, True): (TensorProto.INT4, np.int8),
