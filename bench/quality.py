@@ -5,6 +5,12 @@
     python bench/quality.py --model gemma3-270m --schemes w8a8 --methods fp rtn smoothquant mobilequant
     python bench/quality.py --hp mobilequant.lwc_lr=5e-3 --hp omniquant.epochs=4
     python bench/quality.py --device cuda --eval-batch 16          # on a GPU
+    python bench/quality.py --methods fp smoothquant mobilequant --rotate none hadamard \
+        --splits validation test --limit 40                      # rotation, chosen on validation
+
+Every row is evaluated on each of ``--splits`` (``quant.data.split_bounds``: test = the first 75% of the
+evaluation tokens, validation = the last 25%); choose hyper-parameters on the validation column and report
+the test column. ``--limit`` is the number of windows of each split.
 
 A learned method whose loss diverges gets a row that says so (and the message); the other rows still run.
 
@@ -79,6 +85,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--eval-batch", type=int, default=1, help="evaluation windows per forward")
+    p.add_argument("--rotate", nargs="+", default=["none"], choices=["none", "random", "hadamard"],
+                   help="rotations folded into the weights before each method (quant.rotation)")
+    p.add_argument("--rotate-seed", type=int, default=0)
+    p.add_argument("--splits", nargs="+", default=["test"], choices=["test", "validation"])
+    p.add_argument("--calib-corpus", default="news", help="calibration corpus name or text file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,9 +98,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         raise SystemExit(f"--device: {e}") from None
     hp = _parse_hp(args.hp)
-    calib = CalibConfig(args.calib_samples, args.seqlen, args.seed)
+    calib = CalibConfig(args.calib_samples, args.seqlen, args.seed, args.calib_corpus)
     budget = {"model": args.model, "layers": args.layers, "calib_samples": args.calib_samples,
-              "seqlen": args.seqlen, "epochs": args.epochs, "seed": args.seed, "limit": args.limit}
+              "seqlen": args.seqlen, "epochs": args.epochs, "seed": args.seed, "limit": args.limit,
+              "splits": args.splits, "rotate_seed": args.rotate_seed}
+    if args.calib_corpus != "news":
+        budget["calib_corpus"] = args.calib_corpus
     if device.type != "cpu":  # GPU kernels round differently: CPU and GPU rows are not mixed
         budget["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     print(f"# budget: {json.dumps(budget)}  hp: {json.dumps(hp)}", file=sys.stderr)
@@ -97,25 +111,28 @@ def main(argv=None) -> int:
     def same_run(r):  # a row is reused only if the budget and every hyper-parameter match
         return r.get("budget") == budget and r.get("config") == _full_config(r["method"], hp, args.epochs)
 
-    done = {(r["scheme"], r["method"]): r for r in rowfile.read(args.rows, same_run)}
+    done = {(r["scheme"], r["method"], r.get("rotate", "none")): r for r in rowfile.read(args.rows, same_run)}
     rows = list(done.values())
-    fp_ppl = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
-    plan = [("fp", "fp")] if "fp" in args.methods else []
-    plan += [(s, m) for s in args.schemes for m in args.methods if m != "fp"]
-    for scheme, method in plan:
-        if (scheme, method) in done:
-            print(f"{scheme}/{method}: in {args.rows}, skipped", file=sys.stderr)
+    fp_ppl = {sp: next((r["ppl_" + sp] for r in rows if r["method"] == "fp" and r.get("rotate", "none") == "none"),
+                       None) for sp in args.splits}
+    plan = [("fp", "fp", "none")] if "fp" in args.methods else []
+    plan += [(s, m, rot) for s in args.schemes for m in args.methods if m != "fp" for rot in args.rotate]
+    for scheme, method, rot in plan:
+        if (scheme, method, rot) in done:
+            print(f"{scheme}/{method}/rotate={rot}: in {args.rows}, skipped", file=sys.stderr)
             continue
         overrides = _overrides(method, hp, args.epochs)
         lm = load_model(args.model, num_layers=args.layers, device=device)
         t0 = time.perf_counter()
-        common = {"scheme": scheme, "method": method, "budget": budget, "hp": hp.get(method, {}),
+        common = {"scheme": scheme, "method": method, "rotate": rot, "budget": budget, "hp": hp.get(method, {}),
                   "config": _full_config(method, hp, args.epochs)}
+        rotate = {"kind": rot, "seed": args.rotate_seed}
         try:
             if method == "fp":
                 res = quantize(lm, "fp")
             else:
-                res = quantize(lm, scheme, method, calib, method_config=method_config(method, overrides))
+                res = quantize(lm, scheme, method, calib, method_config=method_config(method, overrides),
+                               rotate=rotate)
         except TrainingDiverged as e:
             res, diverged = None, str(e)
         q_s = round(time.perf_counter() - t0, 1)
@@ -123,15 +140,19 @@ def main(argv=None) -> int:
             row = {**common, "ppl": None, "ratio_to_fp": None, "diverged": diverged, "quantize_s": q_s,
                    "steps": None}
         else:
-            ppl = evaluate_perplexity(lm, args.seqlen, limit=args.limit, batch_size=args.eval_batch)
-            if method == "fp":
-                fp_ppl = ppl.ppl
             info = res.recipe.get("method_info", {})
-            row = {**common, "ppl": round(ppl.ppl, 3),
-                   "ratio_to_fp": round(ppl.ppl / fp_ppl, 4) if fp_ppl else None, "quantize_s": q_s,
-                   "eval_s": round(ppl.seconds, 1), "windows": ppl.windows, "steps": info.get("steps"),
+            row = {**common, "quantize_s": q_s, "steps": info.get("steps"),
+                   "rotation": res.recipe.get("rotation"), "calib_corpus_id": res.recipe["calibration"].get("corpus_id"),
                    "train_loss": (info.get("epoch_losses") or [None])[-1] if "epoch_losses" in info
                    else info.get("final_mse")}
+            for sp in args.splits:
+                ppl = evaluate_perplexity(lm, args.seqlen, limit=args.limit, batch_size=args.eval_batch, split=sp)
+                if method == "fp":
+                    fp_ppl[sp] = ppl.ppl
+                row.update({f"ppl_{sp}": round(ppl.ppl, 3), f"windows_{sp}": ppl.windows,
+                            f"eval_s_{sp}": round(ppl.seconds, 1),
+                            f"ratio_{sp}": round(ppl.ppl / fp_ppl[sp], 4) if fp_ppl[sp] else None})
+            row["ppl"], row["ratio_to_fp"] = row[f"ppl_{args.splits[0]}"], row[f"ratio_{args.splits[0]}"]
         rows.append(row)
         rowfile.append(args.rows, row)
         print(json.dumps(row), file=sys.stderr)
@@ -140,18 +161,25 @@ def main(argv=None) -> int:
         for r in rows:
             print(json.dumps(r))
         return 0
-    print(f"\n{args.model}, calibration {args.calib_samples} x {args.seqlen} news tokens (seed {args.seed}), "
-          f"{args.epochs} epochs for learned methods, evaluation "
-          f"{'first ' + str(args.limit) if args.limit else 'all'} windows of {args.seqlen} wiki tokens, "
-          f"on {budget.get('device', 'cpu')}\n")
-    print("| scheme | method | perplexity | ratio to FP | quantize (s) | steps |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n{args.model}, calibration {args.calib_samples} x {args.seqlen} {args.calib_corpus} tokens "
+          f"(seed {args.seed}), {args.epochs} epochs for learned methods, evaluation "
+          f"{'first ' + str(args.limit) if args.limit else 'all'} windows of {args.seqlen} wiki tokens of each "
+          f"split, on {budget.get('device', 'cpu')}\n")
+    heads = " | ".join(f"ppl {sp} | ratio {sp}" for sp in args.splits)
+    print(f"| scheme | method | rotate | {heads} | quantize (s) | steps |")
+    print("|---|---|---|" + "---|---|" * len(args.splits) + "---|---|")
     order = {m: i for i, m in enumerate(["fp", "rtn", "smoothquant", *LEARNED])}
-    for r in sorted(rows, key=lambda r: (r["scheme"] != "fp", r["scheme"], order.get(r["method"], 99))):
-        ratio = f"{r['ratio_to_fp']:.3f}" if r["ratio_to_fp"] else "-"
-        ppl = "diverged" if r.get("diverged") else f"{r['ppl']:.2f}"
-        print(f"| {r['scheme']} | {r['method']} | {ppl} | {ratio} | {r['quantize_s']:.0f} | "
-              f"{r['steps'] or '-'} |")
+    for r in sorted(rows, key=lambda r: (r["scheme"] != "fp", r["scheme"], order.get(r["method"], 99),
+                                         r.get("rotate", "none"))):
+        cells = []
+        for sp in args.splits:
+            if r.get("diverged"):
+                cells.append("diverged | -")
+            else:
+                ratio = r.get(f"ratio_{sp}")
+                cells.append(f"{r[f'ppl_{sp}']:.2f} | {f'{ratio:.3f}' if ratio else '-'}")
+        print(f"| {r['scheme']} | {r['method']} | {r.get('rotate', 'none')} | {' | '.join(cells)} | "
+              f"{r['quantize_s']:.0f} | {r['steps'] or '-'} |")
     return 0
 
 

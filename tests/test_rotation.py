@@ -120,3 +120,26 @@ def test_rotated_mobilequant_saves_and_reloads_bit_exact(tmp_path, small_ids):
     assert torch.equal(_logits(again.model, ev), before)
     assert again.recipe["rotation"] == rec
     assert again.model.lm_head.weight.data_ptr() != again.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_cli_rotate_and_split(tmp_path, capsys):
+    import json
+
+    from farm.cli import main
+    from quant import artifact, evaluate_perplexity
+
+    out = tmp_path / "rot"
+    rc = main(["quantize", "--model", "smollm2-135m", "--layers", "2", "--scheme", "w8a8", "--method", "rtn",
+               "--calib-samples", "2", "--seqlen", "64", "--rotate", "hadamard", "--rotate-seed", "7",
+               "--out", str(out), "--json"])
+    assert rc == 0
+    rec = json.loads(capsys.readouterr().out)["recipe"]["rotation"]
+    assert rec["kind"] == "hadamard" and rec["seed"] == 7 and rec["r1"] is True
+    rc = main(["eval", str(out), "--split", "validation", "--limit", "2", "--json"])
+    got = json.loads(capsys.readouterr().out)["perplexity"]
+    want = evaluate_perplexity(artifact.load(out), 64, limit=2, split="validation", progress=False)
+    test = evaluate_perplexity(artifact.load(out), 64, limit=2, split="test", progress=False)
+    assert rc == 0 and got["ppl"] == want.ppl and got["ppl"] != test.ppl
+    with pytest.raises(SystemExit) as exit_:  # argparse's refusal of a value outside the choices
+        main(["quantize", "--model", "smollm2-135m", "--rotate", "givens", "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2 and "--rotate: invalid choice: 'givens'" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import deploy_cmds, device_cmds, method_args, nightly_cmd, sweep_cmds
+from . import deploy_cmds, device_cmds, diff_cmd, method_args, nightly_cmd, sweep_cmds
 from .errors import UsageError
 from .printing import print_table, report
 
@@ -37,12 +37,18 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--seqlen", type=int, default=None,
                    help="window length in tokens (default 512; an artifact is evaluated at its calibration window)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rotate", default="none", choices=["none", "random", "hadamard"],
+                   help="fold an orthogonal rotation into the weights before the method (quant/rotation.py)")
+    p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation matrices")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when torch sees one)")
     method_args.add(p)
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default="wiki", help="evaluation corpus name or text file")
+    p.add_argument("--split", default="test", choices=["test", "validation"],
+                   help="perplexity on the test split (first 75%% of the tokens; reported numbers) or the "
+                        "validation split (last 25%%; for choosing hyper-parameters)")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate only the first N windows (with --suite: N documents per task)")
     p.add_argument("--batch-size", type=int, default=None, help="default 1 (perplexity), 16 (--suite)")
@@ -99,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     COMMANDS.update(sweep_cmds.add_commands(sub))  # sweep, status, report, gc, ui
     COMMANDS.update(deploy_cmds.add_commands(sub))  # export, compile
+    COMMANDS.update(diff_cmd.add_commands(sub))  # diff
     COMMANDS.update(device_cmds.add_commands(sub))  # devices, bench
     COMMANDS.update(nightly_cmd.add_commands(sub))  # nightly
     return parser
@@ -147,7 +154,8 @@ def _quantize_in_memory(args, progress: bool):
     lm = load_model(args.model, num_layers=args.layers, device=args.device)
     seqlen = 512 if args.seqlen is None else args.seqlen  # quantize() checks it against the model's context
     res = quantize(lm, scheme=args.scheme, method=args.method, method_config=hp,
-                   calib=CalibConfig(args.calib_samples, seqlen, args.seed, args.calib_corpus), progress=progress)
+                   calib=CalibConfig(args.calib_samples, seqlen, args.seed, args.calib_corpus), progress=progress,
+                   rotate={"kind": args.rotate, "seed": args.rotate_seed})
     return lm, res, seqlen
 
 
@@ -167,7 +175,8 @@ def cmd_quantize(args) -> int:
     if args.suite:  # --suite implies --eval
         _run_suite(lm, label, args, progress, {"artifact": str(path)})
     elif args.eval:
-        ppl = evaluate_perplexity(lm, seqlen, args.corpus, args.limit, args.batch_size or 1, progress=progress)
+        ppl = evaluate_perplexity(lm, seqlen, args.corpus, args.limit, args.batch_size or 1, progress=progress,
+                                  split=args.split)
         report(label, ppl, args.json, {"artifact": str(path)})
     elif args.json:
         print(json.dumps({**label, "artifact": str(path), "recipe": res.recipe}, sort_keys=True, default=str))
@@ -224,7 +233,8 @@ def cmd_eval(args) -> int:
     if args.suite:
         _run_suite(lm, label, args, progress)
         return 0
-    ppl = evaluate_perplexity(lm, seqlen, args.corpus, args.limit, args.batch_size or 1, progress=progress)
+    ppl = evaluate_perplexity(lm, seqlen, args.corpus, args.limit, args.batch_size or 1, progress=progress,
+                                  split=args.split)
     report(label, ppl, args.json)
     return 0
 
