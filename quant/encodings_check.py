@@ -26,13 +26,9 @@ class EncodingError(ValueError):
     """A stored encoding is malformed or inconsistent; the message names the file and the quantizer."""
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _numbers(value, field: str, where: str) -> np.ndarray:
     items = value if isinstance(value, list) else [value]
-    if not items or not all(_is_number(x) for x in items):
+    if not items or not set(map(type, items)) <= {int, float}:  # bool, str, None, nested lists refused
         raise EncodingError(f"{where}: {field!r} is not a number or a flat list of numbers")
     return np.asarray(items, dtype=np.float64)
 
@@ -85,7 +81,7 @@ def check_entry(name: str, entry, spec: QSpec, channels: int | None = None,
         got = _numbers(entry[key], key, where)
         if got.size != want.size:
             raise EncodingError(f"{where}: {got.size} {key} values for {want.size} scales")
-        off = np.flatnonzero(~np.isclose(got, want, rtol=_DERIVED_RTOL, atol=atol))
+        off = np.flatnonzero(~(np.abs(got - want) <= atol + _DERIVED_RTOL * np.abs(want)))
         if off.size:
             i = int(off[0])
             raise EncodingError(f"{where}: {key} {float(got[i])!r} is not what its scale and offset imply "
