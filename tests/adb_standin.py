@@ -270,6 +270,7 @@ class PhoneStandIn:
         self._armed = False
         self.port = 0
         self._gauge_stop = threading.Event()
+        self.gauge_times: list[float] = []
         self._setup_root()
 
     # ---- life cycle
@@ -381,11 +382,18 @@ class PhoneStandIn:
         return sum(e - s for ph, s, e in self.phases() if ph == "execute")
 
     def _gauge(self) -> None:
+        """Updates on a fixed grid of ``gauge_period_s`` (a busy machine can delay one; the next keeps the
+        grid); :attr:`gauge_times` keeps when each update happened."""
         p, bat = self.phone, self.root / BATTERY[1:]
-        while not self._gauge_stop.wait(p.gauge_period_s):
+        nxt = time.monotonic() + p.gauge_period_s
+        while not self._gauge_stop.wait(max(0.0, nxt - time.monotonic())):
             now = time.monotonic()
             true_ma = self.mean_current_ma(now - p.gauge_period_s - p.gauge_lag_s, now - p.gauge_lag_s)
             self._write_gauge(bat, true_ma)
+            self.gauge_times.append(now)
+            nxt += p.gauge_period_s
+            if nxt < now:  # fell more than a period behind: restart the grid from now
+                nxt = now + p.gauge_period_s
 
     def _write_gauge(self, bat: Path, true_ma: float) -> None:
         p = self.phone

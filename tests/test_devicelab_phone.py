@@ -50,8 +50,10 @@ def smol(tmp_path_factory):
     through the qnn-sdk route (the SDK's host tools are the stand-ins of tests/data/qnn_sdk_host, calibrated
     with the artifact's own calibration windows); and 3 windows of the evaluation corpus.
 
-    Why not the ort route: onnxruntime-qnn 2.7.0 (QNN 2.51) fails this graph at finalize with
-    QNN_COMMON_ERROR_MEM_ALLOC on this machine (reproduced at prompt 32 and 128)."""
+    The qnn-sdk route also holds the converter's contract against SmolLM2's own encodings (every key a
+    tensor of the float graph, quantization requested). The ort route compiles this graph too (20 s at
+    commit 74cea17), but in this tree onnxruntime-qnn 2.7.0 (QNN 2.51) has also failed it at finalize with
+    QNN_COMMON_ERROR_MEM_ALLOC, so a test on it would pass or fail with the export of the day."""
     from devicelab.compile import compile_export
     from quant import CalibConfig, data, load_model, quantize
     from quant.export import export_model
@@ -144,7 +146,7 @@ def test_bench_and_eval_on_a_compiled_smollm2_w8a8(adb_server, sdk, smol, tmp_pa
 def test_energy_over_execute_only_with_a_lagging_gauge(adb_server, sdk, tiny, tmp_path):
     """Gauge at 0.05 s, one period late; the context load draws 600 mA more (CPU and I/O) and must not be
     charged. Energy per token is within 10% of what the stand-in drew during execute alone, per token; the
-    record keeps its uncertainty and the gauge period it measured (within 20% of 0.05 s). A block too short
+    record keeps its uncertainty and the gauge period it measured (within 20% of the stand-in's real one). A block too short
     for 10 gauge updates keeps its latency and refuses energy by name."""
     knobs = Phone(noise=0.01)
     with phone(adb_server, tmp_path, sdk, knobs, exports=[tiny], ms=40.0, load_ms=400.0) as (standin, dev):
@@ -153,7 +155,8 @@ def test_energy_over_execute_only_with_a_lagging_gauge(adb_server, sdk, tiny, tm
         drawn_per_token = standin.execute_energy_mj() / 51 / 16  # 51 inferences of a 16-token prompt
         energy = rec.extra["energy"]
         assert rec.energy_mj_per_token == pytest.approx(drawn_per_token, rel=0.10), energy
-        assert energy["gauge_period_s"] == pytest.approx(0.05, rel=0.2)
+        # the period the backend measured from its reads is the stand-in's real update period
+        assert energy["gauge_period_s"] == pytest.approx(float(np.median(np.diff(standin.gauge_times))), rel=0.2)
         assert energy["updates_used"] >= 10 and energy["energy_mj_per_token_se"] > 0
         excess_mw = (knobs.active_ma - knobs.idle_ma) * knobs.voltage_v
         assert rec.power_mw == pytest.approx(excess_mw, rel=0.10)
@@ -161,6 +164,17 @@ def test_energy_over_execute_only_with_a_lagging_gauge(adb_server, sdk, tiny, tm
         short = dev.run(prepared, Workload(graph="prefill", warmup=1, repeats=3))
     assert short.energy_mj_per_token is None and short.power_mw is None and len(short.samples_ms) == 3
     assert "fewer than 10" in short.extra["energy"]["refused"] and "its period is" in short.extra["energy"]["refused"]
+    import io
+
+    from farm.cli.device_cmds import print_record
+
+    printed = []
+    for r in (rec, short):
+        buf = io.StringIO()
+        print_record(r, buf)
+        printed.append(buf.getvalue())
+    assert f"energy   {rec.energy_mj_per_token:.3g} +- " in printed[0] and "context  loads in" in printed[0]
+    assert "energy   none: the fuel gauge updated" in printed[1]
 
 
 def test_unreadable_battery_nodes_keep_latency_and_refuse_energy(adb_server, sdk, tiny, tmp_path):
