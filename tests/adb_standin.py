@@ -45,7 +45,6 @@ import os
 import queue
 import random
 import re
-import shutil
 import signal
 import socket
 import stat
@@ -54,7 +53,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 A_CNXN, A_OPEN, A_OKAY, A_CLSE, A_WRTE, A_AUTH = (int.from_bytes(c, "little") for c in
