@@ -1,15 +1,17 @@
 """`farm export` and `farm compile`: from an artifact to what a phone loads; and `farm eval EXPORT`.
 
-    farm export runs/w8a8-rtn --out runs/w8a8-rtn.export [--prefill 128] [--ctx 1024]
-    farm compile runs/w8a8-rtn.export --target sm8650        # -> runs/w8a8-rtn.export/compiled-sm8650/
-    farm eval runs/w8a8-rtn.export --runtime onnx            # perplexity of the exported graph (ORT CPU)
-    farm eval runs/w8a8-rtn.export --runtime qnn-htp --limit 8   # on the QNN HTP emulator
+    farm export runs/w8a8-rtn [--prefill 128] [--ctx 1024]   # as the phone runs it -> runs/w8a8-rtn.device.export
+    farm export runs/w8a8-rtn --no-device-table              # the artifact's own scheme -> runs/w8a8-rtn.export
+    farm compile runs/w8a8-rtn.device.export --target sm8650 # -> .../compiled-sm8650/
+    farm eval runs/w8a8-rtn.device.export --runtime onnx     # perplexity of the exported graph (ORT CPU)
+    farm eval runs/w8a8-rtn.device.export --runtime qnn-htp --limit 8   # on the QNN HTP emulator
 
 ``quant`` writes the export, ``devicelab`` compiles and runs it; this module only joins them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,9 +26,12 @@ def add_commands(sub) -> dict:
     e.add_argument("--prefill", type=int, default=128, help="prompt length of the prefill graph (tokens)")
     e.add_argument("--ctx", type=int, default=1024, help="KV-cache positions of the decode graph")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    e.add_argument("--device-table", action="store_true",
-                   help="export what the phone runs: the artifact's scheme plus the device overrides (16-bit residual "
-                        "stream, quantized final norm and lm_head), learned ranges kept, new ones calibrated")
+    e.add_argument("--device-table", action=argparse.BooleanOptionalAction, default=None,
+                   help="what the phone runs (the default for a quantized artifact, -> ARTIFACT.device.export): the "
+                        "artifact's scheme plus the device overrides (16-bit residual stream, norms, final norm, "
+                        "down_proj input and logits, 8-bit lm_head, symmetric per-channel weights), learned ranges "
+                        "kept, new ones calibrated; --no-device-table: the artifact's own scheme (-> ARTIFACT.export), "
+                        "which the HTP refuses where it has asymmetric per-channel weights")
 
     c = sub.add_parser("compile", help="compile an export for a Snapdragon NPU (QNN context binary)")
     c.add_argument("export", help="export folder written by `farm export`")
@@ -47,11 +52,16 @@ def cmd_export(args) -> int:
     from quant.export import export_artifact
     from quant.files import check_replaceable
 
-    suffix = ".device.export" if args.device_table else ".export"
+    device = args.device_table
+    if device is None:  # the phone's table unless asked otherwise; a float model has none
+        from quant.artifact import read_recipe
+
+        device = read_recipe(args.artifact).get("scheme", "fp") != "fp"
+    suffix = ".device.export" if device else ".export"
     dest = Path(args.out) if args.out else Path(str(Path(args.artifact)).rstrip("/") + suffix)
     check_replaceable(dest, args.overwrite, "export folder")  # before loading: only an export of ours is replaced
     out = export_artifact(args.artifact, args.out, prefill=args.prefill, ctx=args.ctx, overwrite=args.overwrite,
-                          device_table=args.device_table)
+                          device_table=device)
     index = json.loads((out / "export.json").read_text())
     sizes = sum(f["bytes"] for f in index["files"].values())
     print(f"wrote {out}: {', '.join(index['graphs'])} graphs, scheme {index['scheme']}, "
