@@ -76,3 +76,16 @@ def duration(seconds) -> str:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def interval(v) -> str:
+    """A value with its confidence interval, ``0.832 [0.810, 0.851]`` (three significant digits, as
+    :func:`measured`); ``~1`` follows a ratio whose interval holds 1: no difference the measurement could
+    tell from noise."""
+    if not _is_number(v):
+        return number(v)
+    lo, hi = getattr(v, "low", None), getattr(v, "high", None)
+    if lo is None or hi is None or lo == hi == float(v):  # no interval, or an exact value
+        return measured(v)
+    text = f"{measured(float(v))} [{measured(lo)}, {measured(hi)}]"
+    return text + (" ~1" if getattr(v, "is_ratio", False) and lo <= 1.0 <= hi else "")

@@ -13,6 +13,13 @@ from .tables import sort_key
 DPI = 110
 
 
+def mark_id(kind: str, device: str, label: str) -> str:
+    """The SVG id of a plot mark (``xerr-host-w8a8-rtn``): letters, digits and dashes only."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9]+", "-", f"{kind}-{device}-{label}").strip("-")
+
+
 def _pyplot():
     import matplotlib
 
@@ -70,16 +77,20 @@ def ratio_bars(rows: list[dict], path: Path, title: str) -> bool:
     return True
 
 
-def _front(ax, pts: list[ParetoPoint], x, on) -> None:
+def _front(ax, pts: list[ParetoPoint], x, on, judged: bool = False) -> None:
+    """The frontier as a step line, its points ringed and named; ``judged``: the x axis has intervals, and a
+    frontier point that another point of no worse quality could match within them is ringed dashed and
+    named "not separable"."""
     front = sorted((p for p in pts if on(p)), key=lambda p: (x(p), p.ratio))
     if front:
         ax.step([x(p) for p in front], [p.ratio for p in front], where="post", color="#c0392b", linewidth=1.5,
                 label="Pareto frontier", zorder=1)
-        ax.scatter([x(p) for p in front], [p.ratio for p in front], s=160, facecolors="none",
-                   edgecolors="#c0392b", linewidths=1.5, zorder=3)
         for i, p in enumerate(front):  # alternate above/below: neighbours on the frontier sit close
-            ax.annotate(p.label, (x(p), p.ratio), textcoords="offset points", xytext=(6, 6 if i % 2 else -11),
-                        fontsize=7)
+            shaky = judged and not p.separable
+            ax.scatter([x(p)], [p.ratio], s=160, facecolors="none", edgecolors="#c0392b", linewidths=1.5,
+                       linestyle="--" if shaky else "-", zorder=3)
+            ax.annotate(p.label + (" (not separable)" if shaky else ""), (x(p), p.ratio), textcoords="offset points",
+                        xytext=(6, 6 if i % 2 else -11), fontsize=7)
 
 
 def pareto(points: dict[str, list[ParetoPoint]], path: Path, title: str) -> bool:
@@ -98,7 +109,10 @@ def pareto(points: dict[str, list[ParetoPoint]], path: Path, title: str) -> bool
     colours, markers = plt.get_cmap("tab10"), "osD^vP*X"
     for row_axes, d in zip(axes, devices):
         pts = points[d]
-        specs = [("prefill latency (ms)", lambda p: p.prefill_ms, lambda p: p.on_latency_front)]
+        lat_label = ("prefill time / FP32 prefill time (same session)" if pts and pts[0].latency_is_ratio
+                     else "prefill latency (ms)")
+        specs = [(lat_label, lambda p: float(p.latency) if p.latency is not None else p.prefill_ms,
+                  lambda p: p.on_latency_front)]
         if panels == 2:
             specs.append(("energy per token (mJ)", lambda p: p.energy, lambda p: p.on_energy_front))
         for ax, (xlabel, x, on) in zip(row_axes, specs):
@@ -108,10 +122,20 @@ def pareto(points: dict[str, list[ParetoPoint]], path: Path, title: str) -> bool
                 ax.text(0.5, 0.5, f"{d}: {xlabel.split(' (')[0]} not measured", ha="center", va="center",
                         transform=ax.transAxes)
                 continue
+            latency_axis = xlabel == lat_label
             for p in shown:
-                ax.scatter(x(p), p.ratio, color=colours(methods.index(p.row["method"]) % 10),
+                colour = colours(methods.index(p.row["method"]) % 10)
+                ax.scatter(x(p), p.ratio, color=colour,
                            marker=markers[schemes.index(p.row["scheme"]) % len(markers)], s=50, zorder=2)
-            _front(ax, shown, x, on)
+                iv = p.latency if latency_axis else None
+                if iv is not None and getattr(iv, "high", None) is not None and iv.high > iv.low:
+                    # the measurement's interval: what the point's latency could be within its noise
+                    bars = ax.errorbar(x(p), p.ratio, xerr=[[x(p) - iv.low], [iv.high - x(p)]], fmt="none",
+                                       ecolor=colour, elinewidth=1.2, capsize=3, zorder=2)
+                    bars[2][0].set_gid(mark_id("xerr", d, p.label))  # the SVG names the bar
+            _front(ax, shown, x, on, judged=latency_axis)
+            if latency_axis and pts[0].latency_is_ratio:
+                ax.axvline(1.0, color="#444", linestyle=":", linewidth=1)
             xs = [x(p) for p in shown]
             if min(xs) > 0 and max(xs) / min(xs) > 8:  # FP on a phone is 20x slower: keep the rest readable
                 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -133,5 +157,10 @@ def pareto(points: dict[str, list[ParetoPoint]], path: Path, title: str) -> bool
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
+    import matplotlib
+
+    # text stays text and ids stay stable, so the page's copy can be read back (reports.render.Image.svg)
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "mqfarm"}):
+        fig.savefig(Path(path).with_suffix(".svg"))
     plt.close(fig)
     return True

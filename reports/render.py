@@ -75,6 +75,9 @@ class Table:
 class Image:
     path: str  # relative to the report's folder
     alt: str
+    # an SVG of the same picture: the HTML page inlines it (its marks, error bars and labels are then part
+    # of the page's DOM, readable by a browser test or a screen reader); Markdown keeps the PNG
+    svg: str | None = None
 
 
 def _is_number(v) -> bool:
@@ -161,6 +164,10 @@ def to_html(blocks: list, title: str, base: str | Path | None = None) -> str:
             body.append(f"<p>{_inline(b.text)}</p>")
         elif isinstance(b, Table):
             body.append(_html_table(b))
+        elif isinstance(b, Image) and b.svg and base is not None and (Path(base) / b.svg).is_file():
+            svg = (Path(base) / b.svg).read_text()
+            svg = svg[svg.index("<svg"):]  # the markup without its XML declaration and doctype
+            body.append(f'<figure class="svg" role="img" aria-label="{html.escape(b.alt)}">{svg}</figure>')
         elif isinstance(b, Image):
             src = _data_uri(Path(base) / b.path) if base is not None else b.path
             body.append(f'<figure><img src="{html.escape(src)}" alt="{html.escape(b.alt)}"></figure>')

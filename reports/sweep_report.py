@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from farm.core.vocab import FLOAT_METHOD
@@ -25,7 +26,7 @@ from .numerics import numerics_blocks
 from .provenance import provenance_blocks
 from .render import Heading, Image, Link, Para, Table, to_html, to_markdown
 from .runs import TrialRun, load_trials
-from .summary import device_table, pareto_points, pareto_table, summary
+from .summary import device_table, measurement_conditions, pareto_points, pareto_table, summary
 from .tables import cell, pivot, sort_key
 from .training import load_curves
 from .training import plot as plot_curves
@@ -172,6 +173,185 @@ def failed_blocks(trials: list[TrialRun], axes: list[str], link=None) -> list:
             Table(rows, ["trial", *axes, "status", "kind", "runs", "error"], css="failed")]
 
 
+@dataclass
+class _Context:
+    """What the report's sections read: the trials and everything derived from them once."""
+
+    sweep: str
+    tracking_uri: str
+    out: Path
+    trials: list[TrialRun]
+    link: object
+    axes: list[str]
+    metric: str | None
+    fp: dict
+    rows: list[dict]
+    summ: object
+    columns: str | None
+    x: str | None
+
+    @property
+    def quantized(self) -> list[dict]:
+        """Finished quantized trials with a ratio to FP: the rows of the pivot and the samples plot."""
+        return [r for r in self.rows if r.get("status") == "FINISHED" and r.get("method") != FLOAT_METHOD
+                and r.get("vs fp") is not None]
+
+
+def _header(c: _Context) -> list:
+    counts: dict = {}
+    for t in c.trials:
+        counts[t.status] = counts.get(t.status, 0) + 1
+    commits = sorted({t.tags.get("git_commit", "")[:12] for t in c.trials} - {""})
+    blocks: list = [
+        Heading(f"Sweep report: {c.sweep}", 1),
+        Para(f"{len(c.trials)} trials ({', '.join(f'{n} {s.lower()}' for s, n in sorted(counts.items()))}); "
+             f"MLflow `{c.tracking_uri}`; code {', '.join(commits) or 'unknown'}; generated "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')}.")]
+    blocks += numerics_blocks(c.trials)  # results of other arithmetic are flagged before any table
+    if c.metric:
+        refs = "; ".join(f"{m}{'' if ly is None else f' (layers={ly})'}: {fmt.number(v)}" for (m, ly), v in sorted(
+            c.fp.items(), key=lambda kv: tuple(sort_key(v) for v in kv[0])))
+        blocks.append(Para(f"Metric: `{c.metric}`, lower is better; `vs fp` divides by the FP trial of the same "
+                           f"model ({refs or 'no FP trial finished'})."))
+    return blocks
+
+
+def _ratio_bars(c: _Context) -> list:
+    if plots.ratio_bars(c.summ.rows, c.out / "ratio_to_fp.png",
+                        f"{c.sweep}: {c.metric or 'perplexity'} relative to FP"):
+        return [Heading("Ratio to FP"), Image("ratio_to_fp.png", "ratio to FP per method and scheme")]
+    return []
+
+
+def _summary(c: _Context) -> list:
+    if not c.summ.rows:
+        return []
+    multi = "trials" in c.summ.table.columns
+    return [Heading("Summary"),
+            Para("One row per model, scheme and method" + (
+                 " (the best trial of each by the metric; `trials` says of how many)" if multi else "")
+                 + ". Bold: the best value of the column among the quantized rows; a device column's best "
+                 "only when its interval overlaps no other row's. Devices: prefill latency in ms (median "
+                 "[95% interval]), decode tokens/s, energy in mJ per token, and where one session timed the "
+                 "models together, each one's time ratio to the FP32 and W8A16 baselines of that session "
+                 "(median of per-round ratios [interval]; below 1 is faster; `~1`: the interval holds 1, a "
+                 "difference the session could not tell from noise)."),
+            c.summ.table]
+
+
+def _pareto(c: _Context) -> list:
+    points = pareto_points(c.summ)
+    if not plots.pareto(points, c.out / "pareto.png", f"{c.sweep}: quality against latency and energy"):
+        return []
+    return [Heading("Quality, latency and energy"),
+            Para("Each point is a summary row on one device, its latency with the measurement's interval "
+                 "(error bars; the prefill time ratio to FP32 where one session timed them all); the frontier "
+                 "joins the rows no other row beats on both axes. `on frontier`: no other row is at least as "
+                 "good on the ratio, the latency and (where every row has it) the energy, and better on one. "
+                 "`not separable`: a frontier point that another point of no worse quality matches within "
+                 "the latency intervals, so its place on the frontier may be noise."),
+            Image("pareto.png", "Pareto plot of quality against latency and energy", svg="pareto.svg"),
+            pareto_table(points)]
+
+
+def _devices(c: _Context) -> list:
+    dev = device_table(c.trials, c.link)
+    if dev is None:
+        return []
+    blocks = [Heading("Device measurements"),
+              Para("Every trial on every device: median prefill latency with its bootstrap confidence interval "
+                   "(ms), decode tokens/s, energy per token (mJ), the time ratios to the baselines of the same "
+                   "session, and the trials whose exports run the same ops (only the constants differ, so "
+                   "their differences are noise)."), dev]
+    how = measurement_conditions(c.trials)
+    if how:
+        blocks += [Heading("How the device numbers were measured"),
+                   Para("Per device and measurement session: the device, threads, interleaved rounds, how many "
+                        "models were timed together, and what else the host did meanwhile (other processes' "
+                        "CPU use, in cores). `loaded`: other work ran beside it; read those numbers with care."),
+                   Table(how, ["device", "session", "trials", "loaded", "how"], css="conditions")]
+    return blocks
+
+
+def _trials(c: _Context) -> list:
+    cols = ["trial", *c.axes] + ([c.metric, "vs fp"] if c.metric else []) + ["quantize s", "total s", "status"]
+    if any("error" in r for r in c.rows):
+        cols.append("error")
+    return [Heading("Trials"), Table(c.rows, cols, formats=TRIAL_FORMATS, css="trials")]
+
+
+def _budget_pivot(c: _Context) -> list:
+    column = c.columns or next((k for k in BUDGET_COLUMNS if k in c.axes), None)
+    quantized = c.quantized
+    if not (column and column in c.axes and quantized):
+        return []
+    # a failed trial keeps its cell, so a diverged run reads as such instead of a gap
+    cells = quantized + [{**r, "vs fp": "failed"} for r in c.rows
+                         if r.get("status") == "FAILED" and r.get("method") != FLOAT_METHOD]
+    index = independent([k for k in c.axes if k != column], cells)
+    # methods without the key (SmoothQuant has no epochs) get their own column: the untrained start
+    table, values = pivot(cells, index, column, "vs fp")
+    short = column.split(".")[-1]
+    value_cols = [(column, v) for v in values]
+    headers = {(column, v): f"{short} {cell(v)}" if v is not None else f"(no {short})" for v in values}
+    return [Heading(f"Ratio to FP by {column}"),
+            Table(table, index + value_cols, headers, formats={k: fmt.ratio for k in value_cols}, css="pivot")]
+
+
+def _samples_plot(c: _Context) -> list:
+    xk = c.x or (SAMPLES if SAMPLES in c.axes else None)
+    quantized = c.quantized
+    if not (xk and quantized):
+        return []
+    groups = independent([k for k in c.axes if k != xk], quantized)
+    if not _plot(quantized, xk, groups, c.out / "ppl_vs_samples.png", f"{c.sweep}: {c.metric}"):
+        return []
+    seeds = [k for k in groups if k in SEED_KEYS]
+    blocks: list = [Heading(f"Ratio to FP against {xk}")]
+    if seeds:
+        blocks.append(Para(f"Each line is the mean over `{seeds[0]}`; the band spans its minimum to maximum."))
+    return blocks + [Image("ppl_vs_samples.png", "ratio to FP")]
+
+
+def _training(c: _Context) -> list:
+    curves = load_curves(c.trials, c.tracking_uri)
+    if not curves:
+        return []
+    by_id = {t.trial_id: t for t in c.trials}
+    keys = independent(c.axes, c.rows) or c.axes
+    crows = sorted(({"trial": _trial_cell(by_id[tid], c.link), **{k: by_id[tid].params.get(k) for k in keys},
+                     "status": by_id[tid].status, "mode": cv.mode, "steps": cv.steps, "first loss": cv.first,
+                     "last loss": cv.last, "late change": cv.late_change}
+                    for tid, cv in curves.items()), key=lambda r: tuple(sort_key(r.get(k)) for k in keys))
+    blocks: list = [
+        Heading("Training loss"),
+        Para("From the per-step losses in MLflow. `last loss`: mean of the last tenth of the steps "
+             "(block-wise: of the last layer's). `late change`: that mean over the mean of the tenth "
+             "before, minus one; negative means the loss was still falling when training stopped "
+             "(block-wise: the median over layers)."),
+        Table(crows, ["trial", *keys, "mode", "steps", "first loss", "last loss", "late change", "status"],
+              css="training")]
+    labels = {tid: ", ".join(f"{k.split('.')[-1]}={by_id[tid].params.get(k)}" for k in keys) for tid in curves}
+    groups = {tid: f"{by_id[tid].params.get('scheme')} {by_id[tid].params.get('method')}" for tid in curves}
+    if plot_curves(curves, labels, c.out / "training_loss.png", c.sweep, groups):
+        blocks.append(Image("training_loss.png", "training loss"))
+    return blocks
+
+
+def _failed(c: _Context) -> list:
+    return failed_blocks(c.trials, c.axes, c.link)
+
+
+def _provenance(c: _Context) -> list:
+    return provenance_blocks(c.trials, c.tracking_uri)
+
+
+# the report's sections, in the order a reader asks (the module docstring); a new section is a function
+# of the context returning blocks (reports.render), added here at its place
+SECTIONS = (_header, _ratio_bars, _summary, _pareto, _devices, _trials, _budget_pivot, _samples_plot, _training,
+            _failed, _provenance)
+
+
 def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: str | None = None,
                  x: str | None = None) -> Path:
     """Build the report of ``sweep`` from MLflow into ``out_dir``; returns the path of ``report.md``.
@@ -185,102 +365,9 @@ def sweep_report(sweep: str, tracking_uri: str, out_dir: str | Path, columns: st
     axes = varying(trials)
     metric = primary_metric(trials)
     fp = _fp_reference(trials, metric) if metric else {}
-    rows = rows_of(trials, axes, metric, fp, link)
-    counts: dict = {}
-    for t in trials:
-        counts[t.status] = counts.get(t.status, 0) + 1
-    commits = sorted({t.tags.get("git_commit", "")[:12] for t in trials} - {""})
-
-    blocks: list = [
-        Heading(f"Sweep report: {sweep}", 1),
-        Para(f"{len(trials)} trials ({', '.join(f'{n} {s.lower()}' for s, n in sorted(counts.items()))}); "
-             f"MLflow `{tracking_uri}`; code {', '.join(commits) or 'unknown'}; generated "
-             f"{time.strftime('%Y-%m-%d %H:%M:%S')}.")]
-    blocks += numerics_blocks(trials)  # results of other arithmetic are flagged before any table
-    if metric:
-        refs = "; ".join(f"{m}{'' if ly is None else f' (layers={ly})'}: {fmt.number(v)}" for (m, ly), v in sorted(
-            fp.items(), key=lambda kv: tuple(sort_key(v) for v in kv[0])))
-        blocks.append(Para(f"Metric: `{metric}`, lower is better; `vs fp` divides by the FP trial of the same "
-                           f"model ({refs or 'no FP trial finished'})."))
-
-    summ = summary(trials, metric, fp, link)
-    if plots.ratio_bars(summ.rows, out / "ratio_to_fp.png", f"{sweep}: {metric or 'perplexity'} relative to FP"):
-        blocks += [Heading("Ratio to FP"), Image("ratio_to_fp.png", "ratio to FP per method and scheme")]
-    if summ.rows:
-        multi = "trials" in summ.table.columns
-        blocks += [Heading("Summary"),
-                   Para("One row per model, scheme and method" + (
-                        " (the best trial of each by the metric; `trials` says of how many)" if multi else "")
-                        + ". Bold: the best value of the column among the quantized rows. Devices: prefill "
-                        "latency in ms (median), decode tokens/s, energy in mJ per token."),
-                   summ.table]
-    points = pareto_points(summ)
-    if plots.pareto(points, out / "pareto.png", f"{sweep}: quality against latency and energy"):
-        blocks += [Heading("Quality, latency and energy"),
-                   Para("Each point is a summary row on one device; the frontier joins the rows no other row "
-                        "beats on both axes. `on frontier`: no other row is at least as good on the ratio, the "
-                        "prefill latency and (where every row has it) the energy, and better on one."),
-                   Image("pareto.png", "Pareto plot of quality against latency and energy"), pareto_table(points)]
-    dev = device_table(trials, link)
-    if dev is not None:
-        blocks += [Heading("Device measurements"),
-                   Para("Every trial on every device: median prefill latency with its bootstrap confidence "
-                        "interval (ms), decode tokens/s, energy per token (mJ)."), dev]
-
-    cols = ["trial", *axes] + ([metric, "vs fp"] if metric else []) + ["quantize s", "total s", "status"]
-    if any("error" in r for r in rows):
-        cols.append("error")
-    blocks += [Heading("Trials"), Table(rows, cols, formats=TRIAL_FORMATS, css="trials")]
-
-    column = columns or next((c for c in BUDGET_COLUMNS if c in axes), None)
-    quantized = [r for r in rows if r.get("status") == "FINISHED" and r.get("method") != FLOAT_METHOD
-                 and r.get("vs fp") is not None]
-    if column and column in axes and quantized:
-        # a failed trial keeps its cell, so a diverged run reads as such instead of a gap
-        cells = quantized + [{**r, "vs fp": "failed"} for r in rows
-                             if r.get("status") == "FAILED" and r.get("method") != FLOAT_METHOD]
-        index = independent([k for k in axes if k != column], cells)
-        # methods without the key (SmoothQuant has no epochs) get their own column: the untrained start
-        table, values = pivot(cells, index, column, "vs fp")
-        short = column.split(".")[-1]
-        value_cols = [(column, v) for v in values]
-        headers = {(column, v): f"{short} {cell(v)}" if v is not None else f"(no {short})" for v in values}
-        blocks += [Heading(f"Ratio to FP by {column}"),
-                   Table(table, index + value_cols, headers, formats={c: fmt.ratio for c in value_cols},
-                         css="pivot")]
-
-    xk = x or (SAMPLES if SAMPLES in axes else None)
-    if xk and quantized:
-        groups = independent([k for k in axes if k != xk], quantized)
-        if _plot(quantized, xk, groups, out / "ppl_vs_samples.png", f"{sweep}: {metric}"):
-            seeds = [k for k in groups if k in SEED_KEYS]
-            blocks += [Heading(f"Ratio to FP against {xk}")]
-            if seeds:
-                blocks.append(Para(f"Each line is the mean over `{seeds[0]}`; the band spans its minimum to maximum."))
-            blocks.append(Image("ppl_vs_samples.png", "ratio to FP"))
-
-    curves = load_curves(trials, tracking_uri)
-    if curves:
-        by_id = {t.trial_id: t for t in trials}
-        keys = independent(axes, rows) or axes
-        crows = sorted(({"trial": _trial_cell(by_id[tid], link), **{k: by_id[tid].params.get(k) for k in keys},
-                         "status": by_id[tid].status, "mode": c.mode, "steps": c.steps, "first loss": c.first,
-                         "last loss": c.last, "late change": c.late_change}
-                        for tid, c in curves.items()), key=lambda r: tuple(sort_key(r.get(k)) for k in keys))
-        blocks += [Heading("Training loss"),
-                   Para("From the per-step losses in MLflow. `last loss`: mean of the last tenth of the steps "
-                        "(block-wise: of the last layer's). `late change`: that mean over the mean of the tenth "
-                        "before, minus one; negative means the loss was still falling when training stopped "
-                        "(block-wise: the median over layers)."),
-                   Table(crows, ["trial", *keys, "mode", "steps", "first loss", "last loss", "late change", "status"],
-                         css="training")]
-        labels = {tid: ", ".join(f"{k.split('.')[-1]}={by_id[tid].params.get(k)}" for k in keys) for tid in curves}
-        groups = {tid: f"{by_id[tid].params.get('scheme')} {by_id[tid].params.get('method')}" for tid in curves}
-        if plot_curves(curves, labels, out / "training_loss.png", sweep, groups):
-            blocks.append(Image("training_loss.png", "training loss"))
-
-    blocks += failed_blocks(trials, axes, link)
-    blocks += provenance_blocks(trials, tracking_uri)
+    c = _Context(sweep, tracking_uri, out, trials, link, axes, metric, fp, rows_of(trials, axes, metric, fp, link),
+                 summary(trials, metric, fp, link), columns, x)
+    blocks = [b for section in SECTIONS for b in section(c)]
 
     (out / "trials.json").write_text(json.dumps([{"trial_id": t.trial_id, "status": t.status, "params": t.params,
                                                   "metrics": t.metrics, "executions": t.executions}

@@ -7,6 +7,12 @@ phone with meaningful times, and the QNN HTP emulator (``latency_meaningful=fals
 reach a latency column or a plot. One trial fails with an error holding a ``|`` (a Markdown table's cell
 separator), the RTN trials quantize in 0.0002 s and the MobileQuant ones in 284.3 s (read ``0 s`` and
 ``4m44s``).
+
+The host's numbers come from one measurement session (every model timed together): each trial carries its
+time ratios to FP with a +-3 % interval (``RATIO_CI``), the session's key and conditions, and the trials
+of its scheme as ``same_graph``. With these numbers W8A8 MobileQuant and W4A8 MobileQuant are separable
+frontier points of the host's Pareto view, and W4A8 SmoothQuant and W4A8 RTN are frontier points that are
+"not separable" (``NOT_SEPARABLE``).
 """
 
 from __future__ import annotations
@@ -57,8 +63,16 @@ DEVICES = {
                 "runtime": "onnxruntime-qnn 2.7.0", "latency_meaningful": "false"},
 }
 CI = 0.05  # the confidence interval of the median prefill time: +-5 %
+RATIO_CI = 0.03  # the host's time ratios to FP: +-3 %
+SESSION_KEY = "5e55107a0e1d2c3b"
+CONDITIONS = ("host; 1 thread(s); prefill 15 interleaved rounds, decode 15 interleaved rounds; 7 models in one "
+              "session, the whole node; 2 CPUs, governor not exposed, load 1.02->1.05, other processes 0.04 cores")
+NOT_SEPARABLE = {("w4a8", "smoothquant"), ("w4a8", "rtn")}
 # a target the device stage could not measure for one trial (as farm/orchestrate/device_metrics.py tags it)
 LOST = ("pixel-lab", ("w8a8", "rtn"), "every device of the target was lost")
+
+
+SIBLINGS: list = []  # the sweep's trials, for same_graph
 
 
 def key_of(trial) -> tuple[str, str]:
@@ -85,7 +99,17 @@ def outcome(trial) -> tuple[dict, dict]:
                         metric_key(dev, PREFILL_CI_HIGH): ms * (1 + CI), metric_key(dev, DECODE_TOK_S): tok_s})
         if len(values) > 2:
             metrics[metric_key(dev, ENERGY_MJ_PER_TOK)] = values[2]
+    fp_host = TRUTH[("fp", "none")][3]
+    if key_of(trial) != ("fp", "none"):  # FP is the session's reference: it has no ratio to itself
+        for graph, value, ref in (("prefill", host[0], fp_host[0]), ("decode", 1000.0 / host[1], 1000.0 / fp_host[1])):
+            r = value / ref
+            metrics.update({metric_key("host", f"{graph}_ratio_fp"): r,
+                            metric_key("host", f"{graph}_ratio_fp_ci_low"): r * (1 - RATIO_CI),
+                            metric_key("host", f"{graph}_ratio_fp_ci_high"): r * (1 + RATIO_CI)})
     tags = {metric_key(dev, k): v for dev, ident in DEVICES.items() for k, v in ident.items()}
+    same = [t.id[:8] for t in SIBLINGS if t.config["scheme"] == trial.config["scheme"] and t.id != trial.id]
+    tags.update({metric_key("host", "session"): SESSION_KEY, metric_key("host", "conditions"): CONDITIONS,
+                 metric_key("host", "loaded"): "false", metric_key("host", "same_graph"): ",".join(same)})
     if key_of(trial) == LOST[1]:
         tags.update({metric_key(LOST[0], "kind"): "adb", metric_key(LOST[0], "error"): LOST[2]})
     return metrics, tags
@@ -99,6 +123,7 @@ def build_store(root: Path) -> tuple[str, object]:
     root.mkdir(parents=True, exist_ok=True)
     (root / "devrep.yaml").write_text(textwrap.dedent(SWEEP))
     sweep = load_sweep(root / "devrep.yaml")
+    SIBLINGS[:] = sweep.trials
     uri = f"sqlite:///{root / 'mlflow.db'}"
     tr = Tracker(uri, sweep.name, artifact_root=root / "artifacts")
     tr.start_parent(sweep)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from reports import fmt, sweep_report
-from reports.device_metrics import device_results, metric_key
+from reports.device_metrics import Interval, device_results, metric_key
 from reports.pareto import frontier
 from tests import report_store as rs
 
@@ -55,6 +55,11 @@ def test_numbers_read_as_people_write_them():
     assert [fmt.number(v) for v in (27.1534, 100.0, 1e-7, True, None, "x", 3)] == \
         ["27.15", "100", "0.0000001", "yes", "-", "x", "3"]
     assert fmt.accuracy(0.4) == "0.400"
+    from reports.device_metrics import Interval
+
+    assert fmt.interval(Interval(410.0, 389.5, 430.5)) == "410 [390, 430]" and fmt.interval(9.5) == "9.5"
+    assert fmt.interval(Interval(0.832, 0.81, 0.851, is_ratio=True)) == "0.832 [0.81, 0.851]"
+    assert fmt.interval(Interval(0.99, 0.95, 1.02, is_ratio=True)) == "0.99 [0.95, 1.02] ~1"  # holds 1
 
 
 def test_device_metrics_are_found_by_their_names_whatever_the_device_is_called():
@@ -95,13 +100,24 @@ def test_summary_in_the_papers_shape_with_the_best_of_each_column(store):
     rows = md_table(text, "Summary")
     assert rows[0] == ["model", "scheme", "method", "trial", "ppl wiki/seq32", "vs fp", "hellaswag acc_norm",
                        "lambada acc", "galaxy-s24 prefill ms", "galaxy-s24 decode tok/s", "galaxy-s24 mJ/tok",
-                       "host prefill ms", "host decode tok/s"]  # the emulator has no column; nor host energy
+                       "host prefill ms", "host decode tok/s", "host prefill vs fp", "host decode vs fp"]
+    # the emulator has no column; nor host energy. The session's ratios to FP follow the host's columns.
     body = {(r[1], r[2]): r for r in rows[1:]}
     assert len(rows) == 1 + 7 and set(body) == set(rs.TRUTH)  # the failed omniquant trial is not summarised
-    bold = {("w8a8", "mobilequant"): {4, 5, 6, 7}, ("w4a8", "rtn"): {8, 9, 10, 11, 12}}
+    # a device column's best is bold only when its interval overlaps no other row's: W4A8 RTN's prefill
+    # (15.2 ms +-5 % against SmoothQuant's 15.8) and its ratios (+-3 %) are not told apart; decode tok/s and
+    # energy carry no interval here and count as exact
+    bold = {("w8a8", "mobilequant"): {4, 5, 6, 7}, ("w4a8", "rtn"): {9, 10, 12}}
+    fp_host = rs.TRUTH[("fp", "none")][3]
     for key, (ppl, lam, hel, host, phone) in rs.TRUTH.items():
+        def iv(v, ci, ratio=False):
+            return fmt.interval(Interval(v, v * (1 - ci), v * (1 + ci), is_ratio=ratio))
+
         want = [fmt.number(ppl), fmt.ratio(ppl / 20.0), fmt.accuracy(hel), fmt.accuracy(lam),
-                *map(fmt.measured, phone), *map(fmt.measured, host)]
+                iv(phone[0], rs.CI), fmt.measured(phone[1]), fmt.measured(phone[2]),
+                iv(host[0], rs.CI), fmt.measured(host[1])]
+        if key != ("fp", "none"):
+            want += [iv(host[0] / fp_host[0], rs.RATIO_CI, True), iv(fp_host[1] / host[1], rs.RATIO_CI, True)]
         got = body[key][4:]
         for i, (g, w) in enumerate(zip(got, want), start=4):
             assert g == (f"**{w}**" if i in bold.get(key, ()) else w), (key, rows[0][i], g, w)
@@ -111,29 +127,57 @@ def test_summary_in_the_papers_shape_with_the_best_of_each_column(store):
 
 
 def test_pareto_frontier_per_device(store):
-    """Frontiers derived by hand from TRUTH. Host (ratio, prefill): W8A8 RTN and SmoothQuant are beaten by
-    W8A8 MobileQuant. Phone (ratio, prefill, energy): W8A8 SmoothQuant's lower energy (10.5 mJ) puts it back
-    on the frontier; W8A8 RTN stays off."""
+    """Frontiers derived by hand from TRUTH. Host (ratio, prefill time ratio to FP, the session's): W8A8 RTN
+    and SmoothQuant are beaten by W8A8 MobileQuant. Phone (ratio, prefill ms, energy): W8A8 SmoothQuant's
+    lower energy (10.5 mJ) puts it back on the frontier; W8A8 RTN stays off.
+
+    Separability by hand: a frontier point is "not separable" when a point of no worse quality has a
+    latency interval overlapping its own. Host (ratios +-3 %): W4A8 SmoothQuant (0.244) overlaps W4A8
+    MobileQuant (0.248), and W4A8 RTN (0.232) overlaps SmoothQuant. Phone (ms +-5 %): the same two, and W8A8
+    SmoothQuant (22.0 ms) overlaps W8A8 MobileQuant (20.9 ms)."""
     _, _, _, text = store
     rows = md_table(text, "Quality, latency and energy")
-    assert rows[0] == ["device", "model", "scheme", "method", "vs fp", "prefill ms", "mJ/tok", "on frontier"]
-    off = {(r[0], r[2], r[3]) for r in rows[1:] if r[7] == "no"}
-    on = {(r[0], r[2], r[3]) for r in rows[1:] if r[7] == "yes"}
+    assert rows[0] == ["device", "model", "scheme", "method", "vs fp", "prefill ms", "prefill vs fp", "mJ/tok",
+                       "on frontier", "separable"]
+    off = {(r[0], r[2], r[3]) for r in rows[1:] if r[8] == "no"}
+    on = {(r[0], r[2], r[3]) for r in rows[1:] if r[8] == "yes"}
     assert off == {("host", "w8a8", "rtn"), ("host", "w8a8", "smoothquant"), ("galaxy-s24", "w8a8", "rtn")}
     assert len(on) == 2 * 7 - 3 and not any(r[0] == "qnn-sim" for r in rows[1:])
+    shaky = {(r[0], r[2], r[3]) for r in rows[1:] if r[9] == "not separable"}
+    assert shaky == {("host", *k) for k in rs.NOT_SEPARABLE} | {("galaxy-s24", *k) for k in rs.NOT_SEPARABLE} | \
+        {("galaxy-s24", "w8a8", "smoothquant")}
+    assert all(r[9] == "-" for r in rows[1:] if r[8] == "no")  # only frontier points are judged
+    host_fp = next(r for r in rows[1:] if r[0] == "host" and r[2] == "fp")
+    assert host_fp[6] == "1"  # the reference's ratio to itself, exact
     assert "![Pareto plot of quality against latency and energy](pareto.png)" in text
 
 
 def test_device_table_withholds_the_emulators_times(store):
-    _, _, _, text = store
+    _, _, sweep, text = store
     rows = md_table(text, "Device measurements")
     assert len(rows) == 1 + 7 * 3 + 1
     lost = [r for r in rows[1:] if r[3] == rs.LOST[0]]
-    assert [r[1:] for r in lost] == [[*rs.LOST[1], rs.LOST[0], "-", "-", "-", "-", "-", rs.LOST[2]]]
+    assert rows[0][9:] == ["prefill vs fp", "decode vs fp", "same graph as", "note"]
+    assert [r[1:] for r in lost] == [[*rs.LOST[1], rs.LOST[0], "-", "-", "-", "-", "-", "-", "-", "-", rs.LOST[2]]]
     sim = [r for r in rows[1:] if r[3] == "qnn-sim"]
-    assert len(sim) == 7 and all(r[4:9] == ["-"] * 5 and "not latency" in r[9] for r in sim)
+    assert len(sim) == 7 and all(r[4:11] == ["-"] * 7 and "not latency" in r[12] for r in sim)
     fp_phone = next(r for r in rows[1:] if r[1:4] == ["fp", "none", "galaxy-s24"])
     assert fp_phone[4:9] == ["410", "390", "430", "4.1", "95"]  # median, -5 %, +5 %, tok/s, mJ
+    # the host's session: ratios with intervals, and the trials of the same graph named
+    mq = next(r for r in rows[1:] if r[1:4] == ["w8a8", "mobilequant", "host"])
+    ratio = rs.TRUTH[("w8a8", "mobilequant")][3][0] / rs.TRUTH[("fp", "none")][3][0]
+    assert mq[9] == fmt.interval(Interval(ratio, ratio * 0.97, ratio * 1.03, is_ratio=True))
+    shorts = {rs.key_of(t): t.short for t in sweep.trials}
+    assert set(mq[11].split(", ")) == {shorts[("w8a8", m)] for m in ("rtn", "smoothquant", "omniquant")}
+
+
+def test_the_report_says_how_the_device_numbers_were_measured(store):
+    _, _, _, text = store
+    rows = md_table(text, "How the device numbers were measured")
+    assert rows[0] == ["device", "session", "trials", "loaded", "how"]
+    host = [r for r in rows[1:] if r[0] == "host"]
+    assert host == [["host", rs.SESSION_KEY[:8], "7", "no", rs.CONDITIONS]]  # one session for all 7
+    assert {r[0] for r in rows[1:]} == {"host", "galaxy-s24"}  # the emulator's times are not latency
 
 
 def test_trials_failed_and_provenance(store):

@@ -108,8 +108,8 @@ def cmd_sweep(args) -> int:
         if shared:
             print("shared stages to run once per key: " + ", ".join(f"{n} x{len(k)}" for n, k in shared.items()))
         if sweep.spec.devices:
-            print("device stages per quantized trial (export, compile for phones, bench): "
-                  + ", ".join(d.device for d in sweep.spec.devices))
+            for line in device_stage_lines(sweep, getattr(args, "devices", None)):
+                print(line)
         print(f"data: {opts.data_dir}   MLflow: {opts.uri}")
         if len(sweep.trials) > GRID_LIMIT and not args.yes:
             print(f"running it needs --yes: {len(sweep.trials)} trials is more than {GRID_LIMIT}")
@@ -146,6 +146,26 @@ def _warn_unrunnable(r, num_cpus: int | None) -> None:
         print(f"warning: no trial can run here: each needs {' and '.join(short)}; the pending trials would wait "
               "forever on local Ray (join a cluster with --address, or lower them with --resources)",
               file=sys.stderr)
+
+
+def device_stage_lines(sweep, devices_file: str | None = None) -> list[str]:
+    """What ``--dry-run`` says of the device stages: per target, the models one session will time together
+    after training (each trial's export, compiled for phones, and the baselines), or why it is skipped."""
+    from ..plan.devices import plan_devices
+
+    plan = plan_devices(sweep.spec.devices, devices_file)
+    roles = sweep.baseline_roles()
+    n = len(sweep.trials)
+    quantized = sum(1 for t in sweep.trials if t.id not in sweep.baselines and t.config["method"] != "none")
+    out = []
+    for job in plan.jobs:
+        how = ("compiled for " + job.compile_target) if job.compile_target else "the export as is"
+        where = "the whole node, after training" if job.exclusive_node else "after training"
+        out.append(f"device stage {job.target}: {n} models ({quantized} quantized, baselines: "
+                   f"{', '.join(roles) or 'none'}), {how}, timed together in one interleaved session ({where}; "
+                   + ", ".join(f"{w['graph']} x{w['repeats']}" for w in job.workloads) + ")")
+    out += [f"device stage {target}: skipped ({why})" for target, why in plan.skipped]
+    return out
 
 
 def override_resources(current, text: str):
