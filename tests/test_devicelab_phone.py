@@ -289,7 +289,7 @@ def test_preflight_passes_on_a_ready_phone(adb_server, sdk, tiny, tmp_path, caps
 
 
 def test_ab_blocks_alternate_in_one_session(adb_server, sdk, tiny, tmp_path):
-    """Two variants, 3 rounds: 6 blocks A B A B A B in ONE adb shell session, one qnn-net-run per block, each
+    """Two variants through Pool.compare, 3 rounds: 6 blocks A B A B A B in ONE adb shell session, one qnn-net-run per block, each
     variant's samples the medians of its blocks; the slower variant (30 ms vs 10 ms per inference) is
     slower in every round."""
     slow = tmp_path / "slow"
@@ -300,11 +300,6 @@ def test_ab_blocks_alternate_in_one_session(adb_server, sdk, tiny, tmp_path):
     idx["content_hash"] = "slowvariant"
     (slow / "export.json").write_text(json.dumps(idx))
     with phone(adb_server, tmp_path, sdk, exports=[tiny], ms=10.0) as (standin, dev):
-        a = dev.prepare(tiny)
-        for e in standin.root.glob(".standin/contexts.json"):
-            reg = json.loads(e.read_text())
-            for v in reg["contexts"].values():
-                v["ms_per_inference"] = 10.0
         # the slow variant's binaries differ by one byte so the phone tells them apart
         for b in (slow / "compiled-sm8650").glob("*.bin"):
             b.write_bytes(b.read_bytes() + b"\0")
@@ -315,10 +310,15 @@ def test_ab_blocks_alternate_in_one_session(adb_server, sdk, tiny, tmp_path):
             g["files"][g["context_binary"]]["sha256"] = _sha256(slow / "compiled-sm8650" / g["context_binary"])
         (slow / "compiled-sm8650" / "compile.json").write_text(json.dumps(rec))
         standin.register_export(slow, ms_per_inference=30.0)
-        b = dev.prepare(slow)
+        from devicelab.inventory import DeviceEntry, Inventory
+        from devicelab.pool import Pool
+
+        # through Pool.compare, as `farm bench A B` and `farm nightly` call it
+        pool = Pool(Inventory([DeviceEntry(dev.name, "adb", {"serial": dev.serial})], None, tmp_path / "locks"),
+                    devices={dev.name: dev})
         shells = len(standin.draws)
-        out = dev.compare_blocks({"A": a, "B": b}, Workload(graph="prefill", warmup=1, repeats=6), rounds=3)
-        sessions = [d for d in standin.draws[shells:] if "qnn-net-run" in d.command]
+        out = pool.compare({"A": tiny, "B": slow}, dev.name, Workload(graph="prefill", warmup=1, repeats=6), rounds=3)
+        sessions = [d for d in standin.draws[shells:] if "--num_inferences" in d.command]
         loads = [p[1] for p in _netruns(standin)]
     assert len(sessions) == 1 and len(loads) == 6  # one shell session, one process per block
     assert len(out["A"].samples_ms) == len(out["B"].samples_ms) == 3
