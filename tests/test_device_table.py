@@ -68,3 +68,18 @@ def test_device_export_compiles_whole_for_sm8650(saved, tmp_path):
     rec = json.loads((out / "compile.json").read_text())
     assert set(rec["graphs"]) == {"prefill", "decode"}
     assert all(g["cpu_nodes"] == [] and g["context_binary_bytes"] > 0 for g in rec["graphs"].values())
+
+
+def test_farm_export_writes_the_device_table_by_default(saved, tmp_path, capsys):
+    """The phone is the default path: `farm export ARTIFACT` is the device table (the README's
+    `farm quantize --scheme w8a8` -> `farm export` -> `farm compile` compiles, as tested above);
+    `--no-device-table` is the artifact's own scheme."""
+    from farm.cli import main
+
+    out = tmp_path / "dev"
+    assert main(["export", str(saved), "--out", str(out), "--prefill", "16", "--ctx", "32"]) == 0
+    assert json.loads((out / "export.json").read_text())["scheme"] == "w8a8:device"
+    plain = tmp_path / "plain"
+    assert main(["export", str(saved), "--out", str(plain), "--prefill", "16", "--ctx", "32", "--no-device-table"]) == 0
+    assert json.loads((plain / "export.json").read_text())["scheme"] == "w8a8"
+    assert "scheme w8a8:device" in capsys.readouterr().out
