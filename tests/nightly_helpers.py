@@ -44,10 +44,15 @@ def apply(model, windows, config: NightlyConfig | None = None, ctx=None, progres
 nightly_method = SimpleNamespace(Config=NightlyConfig, apply=apply, USES_ACTIVATION_STATS=False)
 
 
-def nightly_exporter(artifact_dir: str, out_dir: Path, prefill: int, ctx: int) -> Path:
-    """The device stage's export step (``farm.orchestrate.sweep.Options.exporter``): the tiny QDQ export, wide when the
-    artifact's recipe says ``wide``. Weights are seeded, so two narrow exports are the same graph."""
+def nightly_exporter(source, out_dir: Path, prefill: int, ctx: int) -> Path:
+    """The device stage's export step (``farm.orchestrate.sweep.Options.exporter``): the tiny QDQ export, wide
+    when the artifact's recipe says ``wide``; ``source`` is an artifact folder, or the float model (a dict,
+    farm.work.device_job.float_source), which is narrow. Weights are seeded, so two narrow exports are the
+    same graph."""
     from tests.devicelab_fixtures import make_tiny_export
 
-    recipe = json.loads((Path(artifact_dir) / "recipe.json").read_text())
-    return make_tiny_export(Path(out_dir), slow=bool((recipe.get("method_config") or {}).get("wide")))
+    wide = False
+    if not isinstance(source, dict):
+        recipe = json.loads((Path(source) / "recipe.json").read_text())
+        wide = bool((recipe.get("method_config") or {}).get("wide"))
+    return make_tiny_export(Path(out_dir), slow=wide)

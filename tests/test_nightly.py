@@ -157,9 +157,11 @@ def _night(lab: Lab, **kw) -> tuple[int, str, dict]:
     """One night in this process: (exit status, everything it printed, the night record from MLflow)."""
     suite = _suite(lab.root, kw.pop("noise", 0.0), kw.pop("wide", False))
     err, out = io.StringIO(), io.StringIO()
+    environ = dict(os.environ)
     with contextlib.redirect_stdout(out):
         status = run_nightly(str(suite), Options(data_dir=lab.data, live=False, exporter=nightly_exporter),
                              devices_file=str(lab.devices), out=err, **kw)
+    assert "MQFARM_DEVICES" not in set(os.environ) - set(environ)  # the devices file is an argument, not the process's
     text = err.getvalue() + out.getvalue()
     c = _client(lab.data)
     exp = c.get_experiment_by_name(f"{SUITE}.nightly")
@@ -369,3 +371,22 @@ def test_a_baseline_export_gone_exits_2_and_records_a_failed_night(after_regress
     assert run.info.status == "FAILED" and run.data.tags["nightly.verdict"] == "error"
     assert str(pinned) in run.data.tags["nightly.error"] and rec["verdict"] == "error"
     assert _alias(data).run_id == mv.run_id  # nothing moved
+
+
+def test_a_nights_verdict_moves_only_forward():
+    from farm.orchestrate.nightly import NightState
+
+    for path in (["baseline"], ["pass"], ["regression"], ["error"], ["pass", "error"], ["baseline", "error"]):
+        state = NightState()
+        assert not state.final
+        for step in path:
+            state.to(step)
+        assert state.value == path[-1] and state.final
+    for path, bad in ((["pass"], "regression"), (["regression"], "pass"), (["error"], "pass"), ([], "pending"),
+                      (["baseline"], "pass")):
+        state = NightState()
+        for step in path:
+            state.to(step)
+        with pytest.raises(RuntimeError, match=f"cannot go from {state.value} to {bad}"):
+            state.to(bad)
+

@@ -42,12 +42,10 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.vocab import ROLE, ROLE_NIGHT, ROLE_NIGHTLY
 from . import regression
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small night.json per night
@@ -91,12 +89,15 @@ def run_nightly(suite_file: str, opts, *, accept: bool = False, alias: str = DEF
     out = out or sys.stderr
     try:
         _check_args(pairs, threshold, ppl_tolerance, alias)
+        # the devices file goes to every reader as an argument (the suite's check, the sweep's device
+        # stages, the A/B pool), never through the process environment
+        devices_file = devices_file or opts.devices_file
         if devices_file:
             if not Path(devices_file).exists():
                 raise NightlyError(f"--devices: {devices_file} does not exist")
-            os.environ["MQFARM_DEVICES"] = str(Path(devices_file).resolve())
-        sweep = _load_suite(suite_file, device)
-        pool = _pool(pool_factory)
+            opts = replace(opts, devices_file=str(Path(devices_file).resolve()))
+        sweep = _load_suite(suite_file, device, opts.devices_file)
+        pool = _pool(pool_factory, opts.devices_file)
         _check_available(pool, sweep)
     except NightlyError as e:
         print(f"farm nightly: could not run: {e}", file=out)
@@ -107,7 +108,7 @@ def run_nightly(suite_file: str, opts, *, accept: bool = False, alias: str = DEF
         night.open_run()
         baseline = night.baseline(alias)
         if baseline is None:
-            night.verdict = "baseline"
+            night.state.to("baseline")
             night.accept(alias)
             print(f"farm nightly: no baseline yet (alias {alias!r} of registered model {night.model_name}): "
                   f"tonight's night run {night.run_id} is now the baseline", file=out)
@@ -119,14 +120,12 @@ def run_nightly(suite_file: str, opts, *, accept: bool = False, alias: str = DEF
                       f"(was {baseline['run_id']})", file=out)
         status = EXIT_REGRESSION if night.verdict == "regression" else EXIT_PASS
     except NightlyError as e:
-        night.verdict = "error"
-        night.error = str(e)
+        night.fail(str(e))
         print(f"farm nightly: could not run: {e}", file=out)
         status = EXIT_ERROR
     except KeyboardInterrupt:  # the night run must not stay RUNNING; the suite's trials are kept
         if night.run_id:
-            night.client.set_tag(night.run_id, "nightly.error", "interrupted")
-            night.client.set_terminated(night.run_id, status="KILLED")
+            night.runs.kill(night.run_id, "interrupted")
         raise
     night.close()
     night.write_reports(out_dir)
@@ -145,7 +144,7 @@ def _check_args(pairs: int, threshold: float, ppl_tolerance: float, alias: str) 
         raise NightlyError(f"--baseline {alias!r} is not an MLflow alias (letters, digits, _ and -, not v<N>)")
 
 
-def _load_suite(suite_file: str, device: str | None):
+def _load_suite(suite_file: str, device: str | None, devices_file: str | None = None):
     from devicelab.inventory import InventoryError
     from devicelab.pool import PoolError
 
@@ -154,7 +153,7 @@ def _load_suite(suite_file: str, device: str | None):
     if not Path(suite_file).exists():
         raise NightlyError(f"suite file {suite_file} does not exist")
     try:
-        sweep = load_sweep(suite_file)
+        sweep = load_sweep(suite_file, devices_file=devices_file)
     except (SpecError, InventoryError, PoolError) as e:
         raise NightlyError(str(e)) from None
     if device:
@@ -180,13 +179,13 @@ def _load_suite(suite_file: str, device: str | None):
     return sweep
 
 
-def _pool(pool_factory):
+def _pool(pool_factory, devices_file: str | None = None):
     from devicelab import inventory
     from devicelab.inventory import InventoryError
     from devicelab.pool import Pool
 
     try:
-        inv = inventory.load(None)
+        inv = inventory.load(devices_file)
     except InventoryError as e:
         raise NightlyError(str(e)) from None
     return (pool_factory or Pool)(inv)
@@ -203,26 +202,54 @@ def _check_available(pool, sweep) -> None:
             raise NightlyError(f"{e}") from None
 
 
+class NightState:
+    """A night's verdict, moved only forward: pending -> baseline | pass | regression, and any of them ->
+    error when a later step fails; error is final. A transition outside these is a bug and raises."""
+
+    FLOW = {"pending": ("baseline", "pass", "regression", "error"), "baseline": ("error",), "pass": ("error",),
+            "regression": ("error",), "error": ()}
+
+    def __init__(self):
+        self.value = "pending"
+
+    @property
+    def final(self) -> bool:
+        return self.value != "pending"
+
+    def to(self, new: str) -> None:
+        if new not in self.FLOW[self.value]:
+            raise RuntimeError(f"a night's verdict cannot go from {self.value} to {new}")
+        self.value = new
+
+
 class Night:
     """Tonight: the suite's outcome, its night run in MLflow, the verdicts."""
 
     def __init__(self, sweep, opts, out):
-        from mlflow import MlflowClient
+        from .tracking import NightRuns
 
         self.sweep, self.opts, self.out = sweep, opts, out
         self.data = Path(opts.data_dir)
         self.uri = opts.uri
-        self.client = MlflowClient(self.uri)
+        self.runs = NightRuns(self.uri, self.data / "mlartifacts")  # every write to MLflow goes through it
         self.model_name = registered_name(sweep.name)
         self.run_id = ""
         self.slots: dict = {}  # slot -> {"trial_id", "run_id", "config", "metrics", "devices": {label: ...}}
         self.verdicts: list[regression.Verdict] = []
-        self.verdict = "pass"
+        self.state = NightState()
         self.error = ""
         self.baseline_info: dict | None = None
         self.accepted = False
         self.started = time.time()
         self.reports: dict = {}
+
+    @property
+    def verdict(self) -> str:
+        return self.state.value
+
+    def fail(self, why: str) -> None:
+        self.error = why
+        self.state.to("error")
 
     def note(self, msg: str) -> None:
         print(f"nightly {self.sweep.name}: {msg}", file=self.out, flush=True)
@@ -290,68 +317,40 @@ class Night:
 
     # ------------------------------------------------------------ MLflow
     def open_run(self) -> None:
-        from .tracking import git_commit, is_local_store
-
         if self.run_id:
             return
         name = night_experiment(self.sweep.name)
-        exp = self.client.get_experiment_by_name(name)
-        if exp is None:
-            location = None
-            if is_local_store(self.uri):
-                location = (self.data / "mlartifacts" / name).resolve().as_uri()
-            exp_id = self.client.create_experiment(name, artifact_location=location, tags={ROLE: ROLE_NIGHTLY})
-        else:
-            exp_id = exp.experiment_id
         stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime(self.started))
-        run = self.client.create_run(exp_id, run_name=f"night {stamp}",
-                                     tags={ROLE: ROLE_NIGHT, "sweep": self.sweep.name, "git_commit": git_commit(),
-                                           "suite_file": str(self.sweep.file), "suite_hash": self.sweep.hash})
-        self.run_id = run.info.run_id
+        self.run_id = self.runs.open(name, f"night {stamp}", {"sweep": self.sweep.name, "suite_file": str(self.sweep.file),
+                                                              "suite_hash": self.sweep.hash})
         self.note(f"night run {self.run_id} in MLflow experiment {name!r} ({self.uri})")
 
     def baseline(self, alias: str) -> dict | None:
         """The night record (night.json) the alias points at, or None when there is no such alias yet."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            mv = self.client.get_model_version_by_alias(self.model_name, alias)
-        except MlflowException:
+        mv = self.runs.version_of(self.model_name, alias)
+        if mv is None:
             return None
-        tmp = Path(tempfile.mkdtemp(prefix="farm-nightly-"))
         try:
-            path = self.client.download_artifacts(mv.run_id, "night.json", str(tmp))
-            record = json.loads(Path(path).read_text())
-        except (MlflowException, OSError, ValueError) as e:
+            record = json.loads(self.runs.read_text(mv.run_id, "night.json"))
+        except (LookupError, ValueError) as e:
             raise NightlyError(f"baseline night run {mv.run_id} (alias {alias!r}, version {mv.version} of "
                                f"{self.model_name}) has no readable night.json: {e}") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         self.baseline_info = {"run_id": mv.run_id, "version": mv.version, "alias": alias}
-        self.client.set_tag(self.run_id, "nightly.baseline_run", mv.run_id)
-        self.client.set_tag(self.run_id, "nightly.baseline_version", str(mv.version))
+        self.runs.set_tags(self.run_id, {"nightly.baseline_run": mv.run_id, "nightly.baseline_version": mv.version})
         return record
 
     def accept(self, alias: str) -> None:
         """Pin tonight's exports, register tonight as a version of the nightly model, point the alias at it."""
-        from mlflow.exceptions import MlflowException
-
         pin_root = self.data / "nightly" / self.sweep.name / "baselines" / self.run_id
         for slot, entry in self.slots.items():
             for lbl, dev in entry["devices"].items():
                 dst = pin_root / slot / lbl
                 _pin(Path(dev["export"]), dst)
                 dev["pinned"] = str(dst)
-        try:
-            self.client.get_registered_model(self.model_name)
-        except MlflowException:
-            self.client.create_registered_model(self.model_name, tags={"sweep": self.sweep.name},
-                                                description=f"accepted nights of the nightly suite {self.sweep.name}")
-        mv = self.client.create_model_version(self.model_name, source=f"runs:/{self.run_id}/night.json",
-                                              run_id=self.run_id, tags={"pinned": str(pin_root)})
-        self.client.set_registered_model_alias(self.model_name, alias, mv.version)
-        self.client.set_tag(self.run_id, "nightly.accepted", "true")
-        self.client.set_tag(self.run_id, "nightly.accepted_version", str(mv.version))
+        version = self.runs.register(self.model_name, self.run_id, "night.json", alias,
+                                     model_tags={"sweep": self.sweep.name}, version_tags={"pinned": str(pin_root)},
+                                     description=f"accepted nights of the nightly suite {self.sweep.name}")
+        self.runs.set_tags(self.run_id, {"nightly.accepted": "true", "nightly.accepted_version": version})
         self.accepted = True
 
     # ------------------------------------------------------------ comparing
@@ -376,7 +375,7 @@ class Night:
                 if bdev is None or not dev.get("latency_meaningful", True):
                     continue  # an emulator (qnn-sim) checks outputs: its times are not latency
                 self._ab(slot, lbl, dev, bdev, base["run_id"], cand["run_id"], pool, pairs, threshold)
-        self.verdict = "regression" if any(v.regression for v in self.verdicts) else "pass"
+        self.state.to("regression" if any(v.regression for v in self.verdicts) else "pass")
 
     def _ab(self, slot, lbl, dev, bdev, base_run, cand_run, pool, pairs, threshold) -> None:
         from devicelab.protocol import DeviceError, Workload
@@ -411,38 +410,34 @@ class Night:
 
     # ------------------------------------------------------------ closing
     def close(self) -> None:
-        from mlflow.entities import Metric, RunTag
-
+        if not self.state.final:
+            raise RuntimeError(f"night {self.run_id or '(not opened)'} closed without a verdict")
         self.open_run()
-        now = int(time.time() * 1000)
-        metrics = []
+        metrics = {}
         for slot, entry in self.slots.items():
             for k, v in entry["metrics"].items():
-                metrics.append(Metric(f"{slot}/{k}", float(v), now, 0))
+                metrics[f"{slot}/{k}"] = v
             for lbl, dev in entry["devices"].items():
                 for k in ("prefill_ms", "decode_ms_per_tok"):
                     if dev.get(k) is not None:
-                        metrics.append(Metric(f"{slot}/device/{lbl}/{k}", float(dev[k]), now, 0))
+                        metrics[f"{slot}/device/{lbl}/{k}"] = dev[k]
         for v in self.verdicts:
             if v.kind == "latency":
                 graph = "prefill" if v.metric.endswith("/prefill_ms") else "decode"
                 key = f"{v.slot}/ab/{v.metric.split('/')[1]}/{graph}_ratio"
-                metrics += [Metric(key, v.change + 1.0, now, 0), Metric(f"{key}_ci_low", v.ci_low + 1.0, now, 0),
-                            Metric(f"{key}_ci_high", v.ci_high + 1.0, now, 0)]
-        metrics.append(Metric("regressions", float(sum(v.regression for v in self.verdicts)), now, 0))
-        metrics.append(Metric("wall_s", time.time() - self.started, now, 0))
-        for i in range(0, len(metrics), 900):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
-        tags = [RunTag("nightly.verdict", self.verdict)]
+                metrics.update({key: v.change + 1.0, f"{key}_ci_low": v.ci_low + 1.0,
+                                f"{key}_ci_high": v.ci_high + 1.0})
+        metrics["regressions"] = sum(v.regression for v in self.verdicts)
+        metrics["wall_s"] = time.time() - self.started
+        tags = {"nightly.verdict": self.verdict}
         if self.error:
-            tags.append(RunTag("nightly.error", self.error[:4900]))
-        self.client.log_batch(self.run_id, tags=tags)
+            tags["nightly.error"] = self.error
         record = {"suite": self.sweep.name, "suite_file": str(self.sweep.file), "run_id": self.run_id,
                   "started_at": self.started, "verdict": self.verdict, "error": self.error,
                   "baseline": self.baseline_info, "accepted": self.accepted, "slots": self.slots,
                   "verdicts": [v.to_dict() for v in self.verdicts]}
-        self.client.log_text(self.run_id, json.dumps(record, indent=1, sort_keys=True, default=str), "night.json")
-        self.client.set_terminated(self.run_id, status="FAILED" if self.verdict == "error" else "FINISHED")
+        self.runs.close(self.run_id, metrics, tags, "night.json", json.dumps(record, indent=1, sort_keys=True, default=str),
+                        failed=self.verdict == "error")
 
     def write_reports(self, out_dir: str | None) -> None:
         from reports.nightly import history_report, night_report

@@ -50,6 +50,7 @@ class Options:
     # devicelab.compile.compile_export); module-level functions, so Ray can ship them to workers
     exporter: object = None
     compiler: object = None
+    devices_file: str | None = None  # the devices file (default: $MQFARM_DEVICES, ./devices.yaml, the defaults)
 
     @property
     def uri(self) -> str:
@@ -215,6 +216,7 @@ def _run(sweep: Sweep, opts: Options, tracker, outcome: Outcome, runs: dict, out
     data = Path(opts.data_dir)
     spec = sweep.spec
     state = SweepRun(sweep, tracker, outcome, runs, data, spec.resources.model_dump())
+    state.devices_file = opts.devices_file
     stale = tracker.kill_stale()
     if stale:
         print(f"marked {stale} run(s) left RUNNING by an earlier driver as KILLED", file=out)
@@ -256,7 +258,7 @@ def _run(sweep: Sweep, opts: Options, tracker, outcome: Outcome, runs: dict, out
             from ..plan.devices import plan_devices
             from .device_tasks import DeviceJobs
 
-            plan = plan_devices(spec.devices)
+            plan = plan_devices(spec.devices, opts.devices_file)
             for note in plan.notes():
                 state.progress.note(note)
             state.device_jobs = DeviceJobs(plan.jobs, str(data), spec.retries, opts.exporter, opts.compiler,
@@ -304,6 +306,7 @@ class SweepRun:
         self.finished_runs: dict = {}  # trial id -> MLflow run id of its finished run
         self.progress: Progress | None = None
         self.device_jobs = None  # farm.orchestrate.device_tasks.DeviceJobs when the sweep has devices:
+        self.devices_file: str | None = None  # Options.devices_file
 
     @property
     def devices_active(self) -> bool:
@@ -372,7 +375,7 @@ class SweepRun:
         (kinds the pool has no device of are not wanted: they are skipped, and said so)."""
         from ..plan.devices import plan_devices
 
-        want = {j.label for j in plan_devices(self.sweep.spec.devices).jobs}
+        want = {j.label for j in plan_devices(self.sweep.spec.devices, self.devices_file).jobs}
         out = {}
         for tid, res in self.outcome.results.items():
             have = {k for k, v in (res.get("devices") or {}).items() if v.get("ok")}

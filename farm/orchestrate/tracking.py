@@ -24,7 +24,7 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
 from ..core.ids import FLOAT_METHOD, flatten  # noqa: E402
-from ..core.vocab import ROLE, ROLE_PARENT, ROLE_SWEEP, ROLE_TRIAL, TRIAL_ID  # noqa: E402
+from ..core.vocab import ROLE, ROLE_NIGHT, ROLE_NIGHTLY, ROLE_PARENT, ROLE_SWEEP, ROLE_TRIAL, TRIAL_ID  # noqa: E402
 from ..plan.spec import Sweep, Trial  # noqa: E402
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -277,3 +277,80 @@ class Tracker:
             self.client.set_registered_model_alias(reg, BEST_ALIAS, mv.version)
             out.append({"name": reg, "version": mv.version, "trial": tid, metric: value})
         return out
+
+
+class NightRuns:
+    """The nightly's side of the store: the experiment ``<suite>.nightly`` with one run per night, and the
+    registered model whose alias points at the accepted night (farm.orchestrate.nightly decides; this
+    writes)."""
+
+    def __init__(self, uri: str, artifact_root: Path | None = None):
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        self.artifact_root = artifact_root
+
+    def open(self, experiment: str, run_name: str, tags: dict) -> str:
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if self.artifact_root is not None and is_local_store(self.uri):
+                location = (self.artifact_root / experiment).resolve().as_uri()
+            exp_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                   tags={ROLE: ROLE_NIGHTLY})
+        else:
+            exp_id = exp.experiment_id
+        return self.client.create_run(exp_id, run_name=run_name,
+                                      tags={ROLE: ROLE_NIGHT, "git_commit": git_commit(), **tags}).info.run_id
+
+    def version_of(self, model: str, alias: str):
+        """The model version the alias points at, or None when there is no such alias (or model) yet."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(model, alias)
+        except MlflowException:
+            return None
+
+    def read_text(self, run_id: str, artifact: str) -> str:
+        """A run's text artifact; LookupError naming the run when the store does not have it."""
+        from mlflow.exceptions import MlflowException
+
+        tmp = Path(tempfile.mkdtemp(prefix="farm-nightly-"))
+        try:
+            return Path(self.client.download_artifacts(run_id, artifact, str(tmp))).read_text()
+        except (MlflowException, OSError) as e:
+            raise LookupError(f"run {run_id} has no readable {artifact}: {e}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:4900]) for k, v in tags.items()])
+
+    def register(self, model: str, run_id: str, artifact: str, alias: str, model_tags: dict, version_tags: dict,
+                 description: str) -> str:
+        """A new version of ``model`` for the run's artifact, with the alias moved to it; returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(model)
+        except MlflowException:
+            self.client.create_registered_model(model, tags={k: str(v) for k, v in model_tags.items()},
+                                                description=description)
+        mv = self.client.create_model_version(model, source=f"runs:/{run_id}/{artifact}", run_id=run_id,
+                                              tags={k: str(v) for k, v in version_tags.items()})
+        self.client.set_registered_model_alias(model, alias, mv.version)
+        return str(mv.version)
+
+    def close(self, run_id: str, metrics: dict, tags: dict, artifact: str, text: str, failed: bool) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        for chunk in _chunks(items, 900):
+            self.client.log_batch(run_id, metrics=chunk)
+        self.set_tags(run_id, tags)
+        self.client.log_text(run_id, text, artifact)
+        self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+    def kill(self, run_id: str, why: str) -> None:
+        """An interrupted night: KILLED, not left RUNNING."""
+        self.set_tags(run_id, {"nightly.error": why})
+        self.client.set_terminated(run_id, status="KILLED")

@@ -178,8 +178,10 @@ class Sweep:
 
 # ---------------------------------------------------------------- loading
 
-def load_sweep(path: str | Path, max_trials: int | None = GRID_LIMIT) -> Sweep:
-    """Read, validate and expand a sweep file. ``max_trials``: refuse bigger grids (None: no limit)."""
+def load_sweep(path: str | Path, max_trials: int | None = GRID_LIMIT, devices_file: str | None = None) -> Sweep:
+    """Read, validate and expand a sweep file. ``max_trials``: refuse bigger grids (None: no limit);
+    ``devices_file``: the inventory its ``devices:`` are checked against (default: devicelab's lookup,
+    $MQFARM_DEVICES, ./devices.yaml, the defaults)."""
     path = Path(path)
     try:
         loc = yamlmarks.load(path)
@@ -191,7 +193,7 @@ def load_sweep(path: str | Path, max_trials: int | None = GRID_LIMIT) -> Sweep:
     name = spec.name or path.stem
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise _err(loc, ("name",), f"{name!r} is not a usable sweep name (letters, digits, _ . -)")
-    return _expand(loc, spec, name, path.read_text(encoding="utf-8"), max_trials)
+    return _expand(loc, spec, name, path.read_text(encoding="utf-8"), max_trials, devices_file)
 
 
 def _err(loc: Located, path, message: str) -> SpecError:
@@ -277,7 +279,7 @@ def check_model(name: str) -> dict | None:
 
 # ---------------------------------------------------------------- expansion
 
-def _check_devices(loc: Located, spec: SweepFile) -> None:
+def _check_devices(loc: Located, spec: SweepFile, devices_file: str | None) -> None:
     """Every device target must resolve in the devices file the driver reads (docs/devices.md)."""
     from devicelab.inventory import InventoryError
     from devicelab.pool import PoolError
@@ -286,7 +288,7 @@ def _check_devices(loc: Located, spec: SweepFile) -> None:
 
     for i, d in enumerate(spec.devices):
         try:
-            plan_jobs([d])
+            plan_jobs([d], devices_file)
         except (PoolError, InventoryError, ValueError) as e:
             raise _err(loc, ("devices", i), str(e)) from None
 
@@ -295,7 +297,8 @@ def _scheme_from_bitwidth(v) -> str:
     return f"w{v}a8" if isinstance(v, int) else str(v).lower()
 
 
-def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int | None) -> Sweep:
+def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int | None,
+            devices_file: str | None = None) -> Sweep:
     from quant import methods, numerics
     from quant.scheme import get_scheme
 
@@ -305,7 +308,7 @@ def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int
         raise _err(loc, ("plugins", "methods"), f"cannot load plugin method: {e}") from None
 
     if spec.devices:
-        _check_devices(loc, spec)
+        _check_devices(loc, spec, devices_file)
     if spec.eval.suite:
         h = harness_module()
         if h is None:
