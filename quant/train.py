@@ -226,6 +226,7 @@ def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, c
     total = cfg.epochs * steps_per_epoch
     layer_loss, step_global, counts, graphs, retried = [], 0, {"let": 0, "lwc": 0, "lrl": 0}, 0, {}
     gen = torch.Generator().manual_seed(cfg.seed)
+    schedule = _Schedule(total, steps_per_epoch, gen)
     layers = decoder_layers(model)
     bar = tqdm(range(len(layers)), desc="block-wise", disable=not progress, unit="layer")
     for i in bar:
@@ -243,8 +244,9 @@ def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, c
             init, rng = (learn.state_dict(), gen.get_state()) if retries else (None, None)
             for attempt in range(retries + 1):
                 try:
-                    last, graphs_i = _train_layer(i, runner, learn, h_q, out_fp, cfg, total, steps_per_epoch, gen,
-                                                  off, 0.5**attempt, step_global, on_step)
+                    last, graphs_i = _train_layer(i, runner, learn, inputs=h_q, targets=out_fp, cfg=cfg,
+                                                  schedule=schedule, float_sites=off, lr_scale=0.5**attempt,
+                                                  step0=step_global, on_step=on_step)
                     break
                 except TrainingDiverged as e:
                     step_global += e.steps
@@ -273,10 +275,24 @@ def train_blockwise(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, c
             "cuda_graphs": graphs, "retried_layers": retried, "train_s": round(time.perf_counter() - t0, 2)}
 
 
-def _train_layer(i, runner, learn, h_q, out_fp, cfg, total, steps_per_epoch, gen, off, lr_scale, step0,
-                 on_step) -> tuple[float, int]:
-    """One layer's optimisation; returns (last loss, graphs captured). A divergence raises
-    ``TrainingDiverged`` with ``steps`` set to the optimizer steps it had taken."""
+@dataclass(frozen=True)
+class _Schedule:
+    """The block-wise steps every layer takes: ``total`` per layer, the batch order drawn from ``gen`` once
+    per epoch of ``steps_per_epoch``."""
+
+    total: int
+    steps_per_epoch: int
+    gen: torch.Generator
+
+
+def _train_layer(i: int, runner, learn, *, inputs: torch.Tensor, targets: torch.Tensor, cfg, schedule: _Schedule,
+                 float_sites, lr_scale: float, step0: int, on_step) -> tuple[float, int]:
+    """Layer ``i``'s optimisation: its quantized output on ``inputs`` (the quantized chain) against
+    ``targets`` (the float layer on the float chain), with ``float_sites`` kept in float while training and
+    the learning rates scaled by ``lr_scale`` (a retried layer); returns (last loss, graphs captured). A
+    divergence raises ``TrainingDiverged`` with ``steps`` set to the optimizer steps it had taken."""
+    h_q, out_fp, off = inputs, targets, float_sites
+    total, steps_per_epoch, gen = schedule.total, schedule.steps_per_epoch, schedule.gen
     n = h_q.shape[0]
     bs = cfg.batch_size
     opt = make_optimizer(learn, cfg, lr_scale)

@@ -1,5 +1,5 @@
 """Reports flag the trials another numerics version made, reading MLflow only: a real sqlite store written
-through farm's Tracker with one sweep expanded at version 1 and again at version 2 (as after a bump)."""
+through farm's Tracker with one sweep expanded at today's numerics version and again at the next (as after a bump)."""
 
 from __future__ import annotations
 
@@ -32,18 +32,19 @@ def test_a_report_flags_the_trials_of_an_older_numerics_version(tmp_path, monkey
     tracker.start_parent(old)
     for t, ppl in zip(old.trials, (40.0, 30.0, 20.0)):
         _finish(tracker, t, ppl)
-    monkeypatch.setattr(quant.numerics, "NUMERICS_VERSION", quant.NUMERICS_VERSION + 1)
+    v = quant.NUMERICS_VERSION  # the version of today's code; the sweep is then re-expanded as after a bump
+    monkeypatch.setattr(quant.numerics, "NUMERICS_VERSION", v + 1)
     new = load_sweep(tmp_path / "n.yaml")
     _finish(tracker, new.trials[0], 41.0)  # one trial rerun with the new code so far
 
     trials = load_trials("n", opts.uri)
-    assert sorted(version_of(t) for t in trials) == [1, 1, 1, 2]
+    assert sorted(version_of(t) for t in trials) == [v, v, v, v + 1]
     newest, other = flagged(trials)
-    assert newest == 2 and sorted(t.trial_id for t in other) == sorted(t.id for t in old.trials)
+    assert newest == v + 1 and sorted(t.trial_id for t in other) == sorted(t.id for t in old.trials)
 
     text = sweep_report("n", opts.uri, tmp_path / "report").read_text()
     assert "## Numerics versions differ" in text
-    assert "**Not comparable:** 3 of 4 trials were made with another numerics version than the newest here (2)" in text
+    assert f"**Not comparable:** 3 of 4 trials were made with another numerics version than the newest here ({v + 1})" in text
     section = text.split("## Numerics versions differ")[1].split("\n## ")[0]
     assert sorted(t.short for t in old.trials if t.short in section) == sorted(t.short for t in old.trials)
     assert new.trials[0].short not in section
