@@ -4,6 +4,7 @@
     python bench/step_overhead.py --layers 8 --seqlen 256 --repeats 5 --json
     python bench/step_overhead.py --train-float 16bit # 16-bit sites unquantized while training
     python bench/step_overhead.py --device cuda --profile 15   # on a GPU, with the 15 costliest ops
+    python bench/step_overhead.py --ablate minmax     # also the step with torch's min and max for LWC
 
 With ``MQFARM_CUDA_GRAPHS=1`` on a GPU the quantized step is replayed from a CUDA graph, as training then
 runs it (``quant.graphs``); the eager step and a graphed plain step are timed too, so the ratio can be read
@@ -48,6 +49,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile two quantized steps and print the N ops with the most self time")
+    p.add_argument("--ablate", default="", choices=["", "minmax"],
+                   help="also time the MobileQuant step without one speed-up, interleaved: minmax = LWC's row "
+                        "min/max by torch (two passes) instead of the fused kernel (one)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
@@ -84,6 +88,16 @@ def main(argv=None) -> int:
         return F.mse_loss(prunner.stack(prunner.embed(i)), t)
 
     steps = {"plain": lambda: plain_step(plain_loss), "mobilequant_eager": lambda: trainer.step(opt, ids, target)}
+    if args.ablate == "minmax":
+        from quant import kernels
+
+        def without_minmax():
+            kernels.MINMAX = False
+            try:
+                trainer.step(opt, ids, target)
+            finally:
+                kernels.MINMAX = True
+        steps["mobilequant_torch_minmax"] = without_minmax
     graphs = graphs_enabled(device)
     if graphs:
         # as training runs it with graphs on (quant.graphs), and a plain step given the same help
@@ -123,6 +137,9 @@ def main(argv=None) -> int:
            "eager_ratio": round(med["mobilequant_eager"] / med["plain"], 3),
            "train_float": args.train_float, "repeats": args.repeats, "threads": torch.get_num_threads(),
            "device": str(device), "learnables": learn.counts()}
+    if args.ablate:
+        res["ablated_step_s"] = round(med["mobilequant_torch_minmax"], 4)
+        res["ablated_ratio"] = round(med["mobilequant_torch_minmax"] / med["plain"], 3)
     if graphs:
         res["plain_graphed_step_s"] = round(med["plain_graphed"], 4)
         res["graphed_ratio"] = round(med["mobilequant"] / med["plain_graphed"], 3)
@@ -141,6 +158,8 @@ def main(argv=None) -> int:
                   f"(as training runs it; {res['graphed_ratio']:.2f} against the graphed plain step)")
         else:
             print(f"MobileQuant training step:    {res['mobilequant_step_s']:.4f} s")
+        if args.ablate:
+            print(f"without the {args.ablate} speed-up:  {res['ablated_step_s']:.4f} s (ratio {res['ablated_ratio']:.2f})")
         print(f"ratio: {ratio:.2f} (aim <= 1.5)")
     return 0
 

@@ -106,8 +106,21 @@ def _compile():
                 gcol[c] += (gg / rr) * w[r, c]
             grow[r] = -acc / (rr * rr)
 
+    @jit
+    def row_minmax(x, mn, imn, mx, imx):
+        rows, cols = x.shape
+        for r in range(rows):
+            lo, hi, ilo, ihi = x[r, 0], x[r, 0], 0, 0
+            for c in range(1, cols):
+                v = x[r, c]
+                if v < lo:
+                    lo, ilo = v, c
+                if v > hi:
+                    hi, ihi = v, c
+            mn[r], imn[r], mx[r], imx[r] = lo, ilo, hi, ihi
+
     return SimpleNamespace(forward_div=forward_div, forward_mul=forward_mul, backward=backward,
-                           let_forward=let_forward, let_backward=let_backward)
+                           let_forward=let_forward, let_backward=let_backward, row_minmax=row_minmax)
 
 
 def _kernels():
@@ -175,6 +188,27 @@ def backward(x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, offset: torc
     gs = gs_rows.reshape(n, -1).sum(1)
     go = -gout_rows.reshape(n, -1).sum(1) * s.astype(np.float64)
     return gx.view(x.shape), torch.from_numpy(gs.astype(np.float32)), torch.from_numpy(go.astype(np.float32))
+
+
+MINMAX = True  # the fused row min/max (bench/step_overhead.py --ablate minmax times it against torch's)
+
+
+def minmax_usable(x: torch.Tensor) -> bool:
+    return (ENABLED and MINMAX and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+            and x.shape[1] > 0)
+
+
+def row_minmax(x: torch.Tensor):
+    """Per-row ``(min, argmin, max, argmax)`` of a 2-D float32 tensor in one pass (torch needs one pass
+    each for min and max). Ties resolve to the first index, like torch; a row holding NaN is not
+    propagated as torch would, but weights and their LET products are finite (training stops on a NaN
+    loss before a NaN could reach them)."""
+    xc = x.detach().contiguous()
+    r = xc.shape[0]
+    mn, mx = torch.empty(r, dtype=torch.float32), torch.empty(r, dtype=torch.float32)
+    imn, imx = torch.empty(r, dtype=torch.int64), torch.empty(r, dtype=torch.int64)
+    _kernels().row_minmax(_np(xc), _np(mn), _np(imn), _np(mx), _np(imx))
+    return mn, imn, mx, imx
 
 
 def let_usable(w: torch.Tensor, col: torch.Tensor | None, row: torch.Tensor | None) -> bool:

@@ -162,8 +162,11 @@ class _RowMinMax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        mn, imn = x.min(dim=1, keepdim=True)
-        mx, imx = x.max(dim=1, keepdim=True)
+        if kernels.minmax_usable(x):  # one pass over the weight instead of two
+            mn, imn, mx, imx = (t.unsqueeze(1) for t in kernels.row_minmax(x))
+        else:
+            mn, imn = x.min(dim=1, keepdim=True)
+            mx, imx = x.max(dim=1, keepdim=True)
         ctx.save_for_backward(imn, imx)
         ctx.shape = x.shape
         return mn.squeeze(1), mx.squeeze(1)

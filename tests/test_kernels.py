@@ -157,3 +157,16 @@ def test_let_reparametrisation_matches_the_torch_operations(which):
     assert torch.equal(fused[0], ref[0])
     for a, b in zip(fused[1:], ref[1:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_fused_row_minmax_equals_torch_min_and_max():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 577, generator=g)
+    x[3, 10] = x[3, 200] = x[3].max() + 1  # a tie: the first index, as torch gives it
+    x[5] = 0.5  # a constant row
+    mn, imn, mx, imx = kernels.row_minmax(x)
+    tmn, timn = x.min(1)
+    tmx, timx = x.max(1)
+    assert torch.equal(mn, tmn) and torch.equal(mx, tmx)
+    assert torch.equal(imn, timn) and torch.equal(imx, timx)
+    assert imx[3] == 10
