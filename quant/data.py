@@ -6,7 +6,7 @@
 * ``news`` (calibration): ``lee_background.cor``, 300 news articles, one per line.
 
 * ``pydoc`` (calibration): the Python language reference's help topics that ship with CPython itself
-  (``pydoc_data.topics``), 79 topics, about 65k words of technical English.
+  (``pydoc_data.topics``), 79 topics, about 65k words (111k SmolLM2 tokens) of technical English.
 * ``gen:<model>[:<samples>x<tokens>][:seed<N>]`` (calibration): text written by the float model itself,
   seeded, decontaminated against the evaluation stream (``quant.calibgen``); 256 x 512 by default.
 * ``a+b``: the concatenation of corpora, e.g. ``news+pydoc``.

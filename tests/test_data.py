@@ -137,7 +137,7 @@ def test_pydoc_corpus_is_real_english_and_recorded_by_content(tok):
     assert len(text.split()) > 50_000 and "The Python Language Reference" not in text[:0]
     assert data.corpus_id("pydoc").startswith("pydoc:") and len(data.corpus_id("pydoc")) == len("pydoc:") + 16
     assert data.corpus_text("news+pydoc") == data.corpus_text("news") + "\n\n" + text
-    assert data.token_stream(tok, "news+pydoc").size > 150_000  # about 300 windows of 512 tokens
+    assert data.token_stream(tok, "news+pydoc").size > 180_000  # 364 windows of 512 tokens
 
 
 def test_generated_calibration_text_is_seeded_and_decontaminated():
