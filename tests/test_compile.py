@@ -33,10 +33,13 @@ T = 32
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("compile")
     out = {}
-    for scheme in ("w8a16", "w8a8"):
+    # w8a8 with 16-bit norm outputs: still the reference's asymmetric per-channel down_proj the HTP refuses,
+    # but norms it can finalize in front of a matmul (a 16-bit norm with an 8-bit output cannot be, so the
+    # reference w8a8 graph fails whole even with CPU fallback; docs/deploy.md, the device table)
+    for key, scheme in (("w8a16", "w8a16"), ("w8a8", "w8a8:norm.out=16")):
         lm = load_model("smollm2-135m", num_layers=1)
         res = quantize(lm, scheme=scheme, method="rtn", calib=CalibConfig(4, T, 0), progress=False)
-        out[scheme] = (export_model(lm.model, lm.tokenizer, root / scheme, res.recipe, prefill=T, ctx=2 * T), lm)
+        out[key] = (export_model(lm.model, lm.tokenizer, root / key, res.recipe, prefill=T, ctx=2 * T), lm)
     return out
 
 
