@@ -166,28 +166,33 @@ with files.atomic_folder(out) as tmp:
         time.sleep(0.03)
     files.write_manifest(tmp, "manifest.json")
 print("done", flush=True)
+time.sleep(30)  # a SIGINT now comes after the swap
 """
 
 
 def test_real_ctrl_c_at_any_moment_of_a_rewrite(tmp_path):
     """A writer process (the file module alone: no torch to import) rewriting a folder of ours, interrupted
-    by SIGINT at 12 moments from the first file to after the swap: the folder is always whole, old or new."""
+    by SIGINT at 11 moments from the first file on, and once after it said the swap was done: the folder is
+    always whole, old or new, and no temporary or old folder is left beside it."""
     out = ours(tmp_path / "art", "a")
-    seen = []
-    for k, delay in enumerate([0.0, 0.02, 0.05, 0.08, 0.11, 0.14, 0.17, 0.2, 0.23, 0.26, 0.3, 0.5]):
-        tag = "bcdefghijklm"[k]
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(ROOT / "quant" / "files.py"), str(out), tag],
+    tags = "bcdefghijklm"
+    delays = [0.0, 0.02, 0.05, 0.08, 0.11, 0.14, 0.17, 0.2, 0.23, 0.26, 0.3, None]  # None: after "done"
+    interrupted_before = 0
+    for k, delay in enumerate(delays):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(ROOT / "quant" / "files.py"), str(out), tags[k]],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "start"
-        time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-        now = whole(out)
-        assert now in ("a" + "bcdefghijklm"[:k + 1]), now  # some complete write, never a mixture
-        assert siblings(tmp_path) == ["art"], siblings(tmp_path)
-        if proc.returncode == 0:
-            assert now == tag
+        if delay is None:
+            assert proc.stdout.readline().strip() == "done"
         else:
-            assert "KeyboardInterrupt" in err
-        seen.append(proc.returncode == 0)
-    assert not seen[0] and seen[-1]  # both outcomes happened: interrupted before and after the swap
+            time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0 and "KeyboardInterrupt" in err, (proc.returncode, err)
+        now = whole(out)
+        assert now in "a" + tags[:k + 1], now  # some complete write, never a mixture
+        assert siblings(tmp_path) == ["art"], siblings(tmp_path)
+        if delay is None:
+            assert now == tags[k]
+        interrupted_before += now != tags[k]
+    assert interrupted_before >= 1  # the early signals did land before the swap
