@@ -125,3 +125,16 @@ def test_every_module_imports_in_a_fresh_interpreter():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     assert len(mods) >= 30  # every layer's modules, not an empty walk
+
+
+def test_only_the_layout_object_spells_the_data_folders_names():
+    """The data folder's layout (stages/, trials/, attempts/, sweeps/, mlflow.db, mlartifacts/, nightly/,
+    reports/) is written down once, in farm/core/layout.py; every other module asks it for a path."""
+    import re
+
+    names = ("stages", "trials", "attempts", "sweeps", "mlflow.db", "mlartifacts", "nightly", "reports")
+    joined = re.compile(r"""(?:/\s*|os\.path\.join\([^)]*,\s*)["'](%s)["']""" % "|".join(map(re.escape, names)))
+    hits = [f"{m}: {x.group(0)}" for m, p in _modules().items() if m != "farm.core.layout"
+            for x in joined.finditer(p.read_text(encoding="utf-8"))]
+    assert hits == []
+    assert joined.search('Path(data_dir) / "stages"') and joined.search('os.path.join(d, "stages")')

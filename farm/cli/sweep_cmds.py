@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..core.layout import DataLayout
 from .checks import check_listen, check_store
 from .errors import UsageError
 
@@ -203,7 +204,7 @@ def _report(sweep, opts) -> None:
     from reports import sweep_report
 
     try:
-        path = sweep_report(sweep.name, tracking_uri=opts.uri, out_dir=Path(opts.data_dir) / "reports" / sweep.name)
+        path = sweep_report(sweep.name, tracking_uri=opts.uri, out_dir=DataLayout(opts.data_dir).reports(sweep.name))
     except Exception as e:  # the trials are recorded; a report that cannot be built must not hide that
         print(f"report: not written ({type(e).__name__}: {e}); `farm report {sweep.file}` retries", file=sys.stderr)
         return
@@ -240,7 +241,7 @@ def cmd_report(args) -> int:
         from ..plan.spec import load_sweep
 
         name = load_sweep(args.sweep, max_trials=None).name
-    out = Path(args.out) if args.out else Path(opts.data_dir) / "reports" / name
+    out = Path(args.out) if args.out else DataLayout(opts.data_dir).reports(name)
     _check_axes(name, opts.uri, {"--columns": args.columns, "--x": args.x})
     path = sweep_report(name, tracking_uri=opts.uri, out_dir=out, columns=args.columns, x=args.x)
     print(path.read_text())
@@ -252,12 +253,12 @@ def cmd_gc(args) -> int:
     from ..orchestrate.gc import collect
 
     opts = _options(args, read_only=True, store_needed=False)
-    uri = opts.uri if (args.tracking_uri or (Path(opts.data_dir) / "mlflow.db").exists()) else None
+    uri = opts.uri if (args.tracking_uri or DataLayout(opts.data_dir).mlflow_db.exists()) else None
     rep = collect(opts.data_dir, uri, tuple(args.stage or ("quantize",)), keep_best=not args.all,
                   dry_run=args.dry_run)
     verb = "would remove" if rep.dry_run else "removed"
     print(f"farm gc: {verb} {len(rep.removed)} cache entries ({rep.freed_bytes / 2**30:.2f} GiB) under "
-          f"{Path(opts.data_dir) / 'stages'}; kept {len(rep.kept)} registered as best")
+          f"{DataLayout(opts.data_dir).stages}; kept {len(rep.kept)} registered as best")
     for p in rep.kept:
         print(f"  kept {p}")
     return 0
@@ -311,9 +312,10 @@ def ui_command(data_dir: Path, tracking_uri: str | None, host: str, port: int) -
     from ..orchestrate.tracking import default_uri
 
     data_dir = Path(data_dir)
-    (data_dir / "mlartifacts").mkdir(parents=True, exist_ok=True)
+    artifacts = DataLayout(data_dir).artifacts
+    artifacts.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri or default_uri(data_dir),
-           "--artifacts-destination", str((data_dir / "mlartifacts").resolve()), "--host", host,
+           "--artifacts-destination", str(artifacts.resolve()), "--host", host,
            "--port", str(port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return cmd, env

@@ -17,6 +17,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.layout import DataLayout
+
 
 class SweepRunning(ValueError):  # exit status 2 with the message, like SweepBusy
     pass
@@ -55,7 +57,7 @@ def registered_sources(tracking_uri: str, alias: str = "best") -> set[Path]:
 
 
 def _lock_all_sweeps(data_dir: Path, stack: ExitStack) -> None:
-    for lock in sorted((data_dir / "sweeps").glob("*.lock")):
+    for lock in sorted(DataLayout(data_dir).sweep_locks.glob("*.lock")):
         fh = stack.enter_context(open(lock, "a"))
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -76,7 +78,7 @@ def known_stages() -> tuple[str, ...]:
 def _plan(data_dir: Path, stages: tuple, keep: set, report: GcReport) -> None:
     """What would be removed, every path checked first: inside the data folder, no link followed."""
     base = data_dir.resolve()
-    stages_dir = data_dir / "stages"
+    stages_dir = DataLayout(data_dir).stages
     if stages_dir.is_symlink():
         raise GcError(f"{stages_dir} is a symbolic link: farm gc removes only folders inside {data_dir}, never "
                       "through a link")

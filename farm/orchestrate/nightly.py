@@ -46,6 +46,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..core.layout import DataLayout
 from . import regression
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small night.json per night
@@ -231,7 +232,8 @@ class Night:
         self.sweep, self.opts, self.out = sweep, opts, out
         self.data = Path(opts.data_dir)
         self.uri = opts.uri
-        self.runs = NightRuns(self.uri, self.data / "mlartifacts")  # every write to MLflow goes through it
+        self.layout = DataLayout(self.data)
+        self.runs = NightRuns(self.uri, self.layout.artifacts)  # every write to MLflow goes through it
         self.model_name = registered_name(sweep.name)
         self.run_id = ""
         self.slots: dict = {}  # slot -> {"trial_id", "run_id", "config", "metrics", "devices": {label: ...}}
@@ -310,8 +312,8 @@ class Night:
         """The folder the bench measured: the compiled one for phones, else the export (stage cache)."""
         stages = summary.get("stages", {})
         if "compile" in stages:
-            return self.data / "stages" / "compile" / stages["compile"]["key"] / "export"
-        entry = self.data / "stages" / "export" / stages["export"]["key"]
+            return self.layout.stage_entry("compile", stages["compile"]["key"]) / "export"
+        entry = self.layout.stage_entry("export", stages["export"]["key"])
         meta = json.loads((entry / "meta.json").read_text())
         return entry / meta["summary"]["folder"]
 
@@ -341,7 +343,7 @@ class Night:
 
     def accept(self, alias: str) -> None:
         """Pin tonight's exports, register tonight as a version of the nightly model, point the alias at it."""
-        pin_root = self.data / "nightly" / self.sweep.name / "baselines" / self.run_id
+        pin_root = self.layout.baselines(self.sweep.name, self.run_id)
         for slot, entry in self.slots.items():
             for lbl, dev in entry["devices"].items():
                 dst = pin_root / slot / lbl
@@ -442,7 +444,7 @@ class Night:
     def write_reports(self, out_dir: str | None) -> None:
         from reports.nightly import history_report, night_report
 
-        root = Path(out_dir) if out_dir else self.data / "reports" / night_experiment(self.sweep.name)
+        root = Path(out_dir) if out_dir else self.layout.reports(night_experiment(self.sweep.name))
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(self.started))
         try:
             self.reports["night"] = night_report(self.run_id, self.uri, root / f"night-{stamp}-{self.run_id[:8]}")

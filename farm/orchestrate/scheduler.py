@@ -146,9 +146,9 @@ class Runner:
         return opts
 
     def add(self, jobs: list[Job]) -> None:
-        from ..core.cache import StageCache
+        from ..core.layout import DataLayout
 
-        cache = StageCache(os.path.join(self.data_dir, "stages"))
+        cache = DataLayout(self.data_dir).stage_cache()
         for job in jobs:
             for name, key, inputs in job.stages:
                 if (name, key) in self.stage_refs:

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.layout import DataLayout
 from .progress import Progress, fmt_duration, table
 from ..core.ids import FLOAT_METHOD, flatten
 from ..plan.spec import Sweep, Trial
@@ -81,7 +82,7 @@ class Outcome:
 # ---------------------------------------------------------------- result files
 
 def result_path(data_dir: Path, trial_id: str) -> Path:
-    return Path(data_dir) / "trials" / trial_id / "result.json"
+    return DataLayout(data_dir).result(trial_id)
 
 
 def load_result(data_dir: Path, trial_id: str) -> dict | None:
@@ -109,9 +110,9 @@ def primary_metric(result: dict) -> tuple[str | None, float | None]:
 
 @contextmanager
 def sweep_lock(data_dir: Path, name: str):
-    d = Path(data_dir) / "sweeps"
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / f"{name}.lock", "w") as fh:
+    lock = DataLayout(data_dir).sweep_lock(name)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -156,7 +157,7 @@ def run_sweep(sweep: Sweep, opts: Options | None = None) -> Outcome:
     data.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with sweep_lock(data, sweep.name), _sigterm_as_interrupt():
-        tracker = Tracker(opts.uri, sweep.name, data / "mlartifacts")
+        tracker = Tracker(opts.uri, sweep.name, DataLayout(data).artifacts)
         parent = tracker.start_parent(sweep)
         outcome = Outcome(sweep, {}, {}, [], [], parent_run_id=parent)
         runs: dict = {}  # trial id -> MLflow run id of the attempt in flight
@@ -290,6 +291,17 @@ def _run(sweep: Sweep, opts: Options, tracker, outcome: Outcome, runs: dict, out
         scheduler.shutdown(owned)
 
 
+@dataclass
+class Attempt:
+    """One attempt of a trial as the driver saw it start: the worker's attempt key (a retry has another),
+    the training steps already logged for it (its result then carries only the rest), and which attempt of
+    the trial it is."""
+
+    key: str | None
+    steps_logged: int
+    count: int
+
+
 class SweepRun:
     """The state of a running sweep, which every worker event updates: the trials by id, the MLflow run of
     each attempt in flight (``runs``) and of each finished trial (``finished_runs``), what was logged of
@@ -302,7 +314,7 @@ class SweepRun:
         self.sweep, self.tracker, self.outcome, self.runs, self.data = sweep, tracker, outcome, runs, data
         self.resources = resources
         self.trials = {t.id: t for t in sweep.trials}
-        self.attempts: dict = {}  # trial id -> (attempt key, steps logged for it, attempt count)
+        self.attempts: dict[str, Attempt] = {}  # trial id -> its current attempt
         self.finished_runs: dict = {}  # trial id -> MLflow run id of its finished run
         self.progress: Progress | None = None
         self.device_jobs = None  # farm.orchestrate.device_tasks.DeviceJobs when the sweep has devices:
@@ -324,8 +336,8 @@ class SweepRun:
 
     def _on_started(self, tid: str, payload: dict) -> None:
         prev = self.attempts.get(tid)
-        count = (prev[2] + 1) if prev else 1
-        self.attempts[tid] = (payload.get("attempt"), 0, count)
+        count = prev.count + 1 if prev else 1
+        self.attempts[tid] = Attempt(payload.get("attempt"), 0, count)
         node = payload.get("node_ip") or payload.get("host", "")
         if tid not in self.runs:
             self.runs[tid] = self.tracker.start_trial(self.trials[tid], self.resources, payload.get("time"),
@@ -337,9 +349,9 @@ class SweepRun:
 
     def _on_step(self, tid: str, payload: dict) -> None:
         att = self.attempts.get(tid)
-        if tid in self.runs and att and payload.get("attempt") == att[0]:
+        if tid in self.runs and att and payload.get("attempt") == att.key:
             self.tracker.log_steps(self.runs[tid], [payload])
-            self.attempts[tid] = (att[0], att[1] + 1, att[2])
+            att.steps_logged += 1
 
     def _on_finished(self, tid: str, payload: dict) -> None:
         save_result(self.data, payload)  # first: from here on the trial counts as done
@@ -348,7 +360,7 @@ class SweepRun:
         att = self.attempts.get(tid)
         if tid not in self.runs:
             self.runs[tid] = self.tracker.start_trial(self.trials[tid], self.resources, payload.get("started_at"))
-        logged = att[1] if att and att[0] == payload.get("attempt") else 0
+        logged = att.steps_logged if att and att.key == payload.get("attempt") else 0
         self.tracker.log_steps(self.runs[tid], payload.get("steps", [])[logged:])
         # the worker's on-disk count: it also sees attempts whose "started" event never arrived
         self.tracker.finish_trial(self.runs[tid], payload, {"attempts": payload.get("attempt_count", 1)})
@@ -545,7 +557,7 @@ def sweep_status(sweep: Sweep, opts: Options) -> tuple[list[dict], list[str], di
     results = {t.id: r for t in sweep.trials if (r := load_result(opts.data_dir, t.id)) is not None}
     states = {}
     other_numerics: dict = {}  # numerics version -> trial runs in MLflow made with it (not this code's)
-    db = Path(opts.data_dir) / "mlflow.db"
+    db = DataLayout(opts.data_dir).mlflow_db
     if opts.tracking_uri or db.exists():
         tracker = Tracker(opts.uri, sweep.name)
         for run in reversed(tracker.trial_runs()):  # oldest first, so the newest wins

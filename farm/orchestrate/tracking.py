@@ -24,6 +24,7 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
 from ..core.ids import FLOAT_METHOD, flatten  # noqa: E402
+from ..core.layout import DataLayout  # noqa: E402
 from ..core.vocab import ROLE, ROLE_NIGHT, ROLE_NIGHTLY, ROLE_PARENT, ROLE_SWEEP, ROLE_TRIAL, TRIAL_ID  # noqa: E402
 from ..plan.spec import Sweep, Trial  # noqa: E402
 
@@ -36,7 +37,7 @@ BEST_ALIAS = "best"
 
 
 def default_uri(data_dir: str | Path) -> str:
-    return f"sqlite:///{Path(data_dir).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{DataLayout(Path(data_dir).resolve()).mlflow_db}"
 
 
 def is_local_store(uri: str) -> bool:

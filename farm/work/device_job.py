@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..core.ids import config_hash
+from ..core.layout import DataLayout
 from ..core.node import node_info
 from ..plan.devices import DeviceJob
 
@@ -52,10 +53,8 @@ def default_compiler(export_dir: Path, target: str) -> Path:
 
 def _cached(data_dir: str, stage: str, inputs: dict, make: Callable[[Path], dict]) -> tuple[Path, dict]:
     """Run ``make(workdir)`` once per key (the stage cache's lock makes racing workers wait)."""
-    from ..core.cache import StageCache
-
     key = config_hash({"stage": stage, **inputs})
-    cache = StageCache(Path(data_dir) / "stages")
+    cache = DataLayout(data_dir).stage_cache()
     with cache.entry(stage, key) as e:
         if e.hit:
             return e.path, {**e.meta(), "hit": True}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..core.cache import StageCache
+from ..core.layout import DataLayout
 from ..core.ids import FLOAT_METHOD, config_hash
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def plan(config: dict) -> list[tuple[str, str, dict]]:
 
 def run_stage(name: str, key: str, inputs: dict, data_dir: str | Path) -> dict:
     """Compute a shared stage unless its cache entry exists (the lock makes racing callers wait)."""
-    cache = StageCache(Path(data_dir) / "stages")
+    cache = DataLayout(data_dir).stage_cache()
     with cache.entry(name, key) as e:
         if e.hit:
             return {**e.meta(), "hit": True}

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..core.cache import StageCache
+from ..core.layout import DataLayout
 from ..core.ids import FLOAT_METHOD, quant_key
 from ..core.methods import build_method_config, harness_module, register_plugins
 from ..core.node import node_info
@@ -98,7 +98,7 @@ def execute_trial(trial_id: str, config: dict, data_dir: str | Path, save_artifa
     info = node_info()
     attempt = f"{info['pid']}-{t0:.6f}"  # tells the driver a retried attempt from the one before
     # counted on disk as well: a worker killed right after starting may never deliver its "started" event
-    log = Path(data_dir) / "attempts" / f"{trial_id}.log"
+    log = DataLayout(data_dir).attempts_log(trial_id)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(attempt + "\n")
@@ -130,7 +130,7 @@ def execute_trial(trial_id: str, config: dict, data_dir: str | Path, save_artifa
         timing["load_s"] = t_load - t0
         timing["quantize_s"] = time.time() - t_load
     else:
-        cache = StageCache(Path(data_dir) / "stages")
+        cache = DataLayout(data_dir).stage_cache()
         key = quant_key(config)
         with cache.entry("quantize", key) as e:
             artifact_dir = e.path / "artifact"
