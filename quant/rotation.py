@@ -30,7 +30,8 @@ Matrices:
 * ``random``: Haar-random orthogonal (QR of a Gaussian matrix with the sign fix), seeded.
 * ``hadamard``: a randomised Hadamard matrix ``H diag(±1) / sqrt(n)``. ``H`` is a true Hadamard matrix
   built as a Kronecker product of Sylvester (powers of 2) and Paley-I (order ``q + 1`` for a prime
-  ``q = 3 mod 4``) factors: 576 = 12 x 12 x 4, 640 = 20 x 32, 64 and 256 are Sylvester. Where no such
+  ``q = 3 mod 4``) factors, smallest Paley orders first: 576 = Paley4 x Paley12 x Paley12, 640 =
+  Paley4 x Paley4 x Paley20 x H2; 64 and 256 are Sylvester. Where no such
   factorisation exists the largest power-of-2 Sylvester factor is combined (Kronecker) with a random
   orthogonal factor; ``info["construction"]`` records which one was used.
 
