@@ -10,8 +10,10 @@ from tests.farm_helpers import FakeConfig, fake_method
 
 
 def test_the_built_in_methods_and_what_they_declare():
-    assert list(methods.METHODS) == ["rtn", "smoothquant", "omniquant", "lrl-block", "mobilequant"]
-    assert [methods.uses_activation_stats(m) for m in methods.METHODS] == [False, True, True, True, True]
+    # the table starts with the built-in methods (plugins, registered later by other tests, follow them)
+    builtin = list(methods.METHODS)[:5]
+    assert builtin == ["rtn", "smoothquant", "omniquant", "lrl-block", "mobilequant"]
+    assert [methods.uses_activation_stats(m) for m in builtin] == [False, True, True, True, True]
     # one method under two names with its own defaults (default_config)
     assert methods.method_config("lrl-block").lrl and not methods.method_config("omniquant").lrl
     with pytest.raises(TypeError):
