@@ -154,7 +154,8 @@ def _load_suite(suite_file: str, device: str | None, devices_file: str | None = 
     if not Path(suite_file).exists():
         raise NightlyError(f"suite file {suite_file} does not exist")
     try:
-        sweep = load_sweep(suite_file, devices_file=devices_file)
+        # a night compares each slot with the same slot of the baseline night: no extra baseline trials
+        sweep = load_sweep(suite_file, devices_file=devices_file, baselines_default=[])
     except (SpecError, InventoryError, PoolError) as e:
         raise NightlyError(str(e)) from None
     if device:

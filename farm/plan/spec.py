@@ -178,10 +178,13 @@ class Sweep:
 
 # ---------------------------------------------------------------- loading
 
-def load_sweep(path: str | Path, max_trials: int | None = GRID_LIMIT, devices_file: str | None = None) -> Sweep:
+def load_sweep(path: str | Path, max_trials: int | None = GRID_LIMIT, devices_file: str | None = None,
+               baselines_default: list[str] | None = None) -> Sweep:
     """Read, validate and expand a sweep file. ``max_trials``: refuse bigger grids (None: no limit);
     ``devices_file``: the inventory its ``devices:`` are checked against (default: devicelab's lookup,
-    $MQFARM_DEVICES, ./devices.yaml, the defaults)."""
+    $MQFARM_DEVICES, ./devices.yaml, the defaults); ``baselines_default``: the device baselines when the
+    file gives no ``baselines:`` (None: FP and W8A16 with ``devices:``; the nightly passes [], its slots
+    being the suite's own trials)."""
     path = Path(path)
     try:
         loc = yamlmarks.load(path)
@@ -190,6 +193,8 @@ def load_sweep(path: str | Path, max_trials: int | None = GRID_LIMIT, devices_fi
     if not isinstance(loc.data, dict):
         raise SpecError(loc.file, loc.line(()), (), "a sweep file must be a mapping (name:, base:, grid:, ...)")
     spec = _validate(loc)
+    if spec.baselines is None and baselines_default is not None:
+        spec.baselines = list(baselines_default)
     name = spec.name or path.stem
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise _err(loc, ("name",), f"{name!r} is not a usable sweep name (letters, digits, _ . -)")
