@@ -23,6 +23,7 @@ PREFILL_P90 = "prefill_ms_p90"
 DECODE_TOK_S, DECODE_CI_LOW, DECODE_CI_HIGH = "decode_tok_s", "decode_tok_s_ci_low", "decode_tok_s_ci_high"
 ENERGY_MJ_PER_TOK = "energy_mj_per_tok"
 POWER_MW = "power_mw"
+CONTEXT_LOAD_MS = "context_load_ms"  # a phone's context binary load / init time: users wait for it too
 # tags
 IDENTITY_TAGS = ("name", "kind", "model", "soc", "os_build", "runtime", "runtime_version")
 LATENCY_MEANINGFUL = "latency_meaningful"  # "false": the device's times are not latency (an emulator)

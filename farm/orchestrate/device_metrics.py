@@ -41,6 +41,8 @@ def metrics_and_tags(summary: dict) -> tuple[dict, dict]:
             metrics[key(v.ENERGY_MJ_PER_TOK)] = rec.energy_mj_per_token
         if rec.power_mw is not None:
             metrics[key(v.POWER_MW)] = rec.power_mw
+        if rec.extra.get(v.CONTEXT_LOAD_MS) is not None:
+            metrics[key(v.CONTEXT_LOAD_MS)] = rec.extra[v.CONTEXT_LOAD_MS]
     for baseline, by_graph in (summary.get("ratios") or {}).items():
         for graph, r in by_graph.items():
             metrics[key(v.ratio_name(graph, baseline))] = r["ratio"]
