@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ..work.measure import eval_windows
 from .checks import check_threads
 from .printing import print_table
 
@@ -82,17 +83,6 @@ def cmd_check(args) -> int:
         else:
             print(f"{'ok  ' if c.ok else 'FAIL'}  {c.check:<16} {c.detail}")
     return 0 if all(c.ok for c in checks) else 1
-
-
-def eval_windows(export, limit: int):
-    """Token ids of the evaluation corpus at the export's prompt length, with the export's own tokenizer."""
-    from transformers import AutoTokenizer
-
-    from quant import data
-
-    t = int(export.graph("prefill").meta.get("prompt_len", export.graph("prefill").inputs[0]["shape"][1]))
-    tok = AutoTokenizer.from_pretrained(str(export.root / "tokenizer"))
-    return data.eval_windows(tok, t, limit=limit, add_bos=bool(export.index.get("add_bos"))).numpy()
 
 
 def _phone_windows(pool, args):

@@ -58,6 +58,40 @@ def graph_signature(export_folder: Path) -> str:
     return config_hash({**{k: index.get(k) for k in keep}, "graphs": graphs})
 
 
+def eval_windows(export, limit: int):
+    """Token ids of the evaluation corpus at the export's prompt length, with the export's own tokenizer:
+    what a phone is fed instead of synthetic ids (its inputs are files, so they can be real text)."""
+    from transformers import AutoTokenizer
+
+    from quant import data
+
+    t = int(export.graph("prefill").meta.get("prompt_len", export.graph("prefill").inputs[0]["shape"][1]))
+    tok = AutoTokenizer.from_pretrained(str(export.root / "tokenizer"))
+    return data.eval_windows(tok, t, limit=limit, add_bos=bool(export.index.get("add_bos"))).numpy()
+
+
+def _session_windows(pool, target: str, entries: list[Entry]):
+    """Real text for a phone session: the windows of the entries' one tokenizer (every model of the session
+    must share it, since one set of input files serves all of them); None for other devices, or when the
+    models' tokenizers differ (their inputs stay synthetic, and the records say so)."""
+    import hashlib
+
+    from devicelab.exported import read_export
+
+    if not any(e.kind == "adb" for e in pool.resolve(target)):
+        return None
+    exports = [read_export(e.folder) for e in entries]
+    digests = set()
+    for exp in exports:
+        tok = exp.root / "tokenizer"
+        if not tok.is_dir():
+            return None
+        digests.add(hashlib.sha256(b"".join(f.read_bytes() for f in sorted(tok.iterdir()) if f.is_file())).hexdigest())
+    if len(digests) != 1 or len({int(x.graph("prefill").meta.get("prompt_len", 0)) for x in exports}) != 1:
+        return None
+    return eval_windows(exports[0], 4)
+
+
 def paired_ratio(baseline_ms: list[float], candidate_ms: list[float], level: float = 0.95, seed: int = 0) -> dict:
     """Candidate / baseline as the median of per-round ratios, with its percentile-bootstrap interval.
     Both lists are in run order, one sample per round, so round i of each shared the machine's state."""
@@ -93,6 +127,7 @@ def run_session(target: str, workloads: list[dict], entries: list[Entry], device
     inv = inventory.load(devices_file) if devices_file else inventory.defaults()
     pool = Pool(inv, on_event=on_event)
     exports = {e.trial_id: Path(e.folder) for e in entries}
+    windows = _session_windows(pool, target, entries)
     t0 = time.time()
     per_workload = {}
     with Window() as window:
@@ -101,13 +136,13 @@ def run_session(target: str, workloads: list[dict], entries: list[Entry], device
             # one timed run per export per round: the rounds are the A/B pairs of the ratios
             if len(exports) == 1:  # nothing to interleave with (a sweep without baselines)
                 (tid, folder), = exports.items()
-                res = pool.bench(folder, target, [wl])
+                res = pool.bench(folder, target, [wl], windows=windows)
                 if not res.ok:
                     raise RuntimeError(f"{target}: " + "; ".join(r.error for r in res.failed))
                 per_workload[wl.graph] = {tid: res.records[0]}
                 continue
             # one timed run per export per round: the rounds are the A/B pairs of the ratios
-            per_workload[wl.graph] = pool.compare(exports, target, wl, rounds=wl.repeats)
+            per_workload[wl.graph] = pool.compare(exports, target, wl, rounds=wl.repeats, windows=windows)
     conditions = window.conditions.to_dict()
     by_sig: dict[str, list[str]] = {}
     for e in entries:
