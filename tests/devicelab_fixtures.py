@@ -290,7 +290,7 @@ def copy_export(src: Path, dst: Path, **index_changes) -> Path:
     return dst
 
 
-def tiny_exporter(artifact_dir: str, out_dir: Path, prefill: int, ctx: int) -> Path:
+def tiny_exporter(artifact_dir: str, out_dir: Path, prefill: int, ctx: int, device_table: bool = False) -> Path:
     """The device stage's export step for tests (``farm.orchestrate.sweep.Options.exporter``): the tiny export in place
     of the trial's real model, until tests run the real exporter on every trial."""
     return make_tiny_export(Path(out_dir))

@@ -26,8 +26,10 @@ def float_source(model: str, layers: int | None) -> dict:
     return {"float_model": model, "layers": layers}
 
 
-def default_exporter(source, out_dir: Path, prefill: int, ctx: int) -> Path:
-    """``source``: an artifact folder, or :func:`float_source` for the float model (the FP32 baseline)."""
+def default_exporter(source, out_dir: Path, prefill: int, ctx: int, device_table: bool = False) -> Path:
+    """``source``: an artifact folder, or :func:`float_source` for the float model (the FP32 baseline).
+    ``device_table``: export the artifact as the phone runs it (its scheme + ``:device``; the HTP refuses
+    the plain asymmetric per-channel weights), for targets that compile."""
     try:
         from quant.export import export_artifact, export_model
     except ImportError as e:
@@ -39,7 +41,7 @@ def default_exporter(source, out_dir: Path, prefill: int, ctx: int) -> Path:
         recipe = {"model": source["float_model"], "layers": source.get("layers"), "scheme": "fp", "method": "none",
                   "add_bos": lm.add_bos}
         return export_model(lm.model, lm.tokenizer, out_dir, recipe, prefill=prefill, ctx=ctx, progress=False)
-    return export_artifact(source, out_dir, prefill=prefill, ctx=ctx, progress=False)
+    return export_artifact(source, out_dir, prefill=prefill, ctx=ctx, progress=False, device_table=device_table)
 
 
 def default_compiler(export_dir: Path, target: str) -> Path:
@@ -75,13 +77,19 @@ def prepare_device_model(trial_id: str, source, source_key: str, job: DeviceJob,
     exporter = exporter or default_exporter
     compiler = compiler or default_compiler
 
+    # a phone compiles what the HTP runs: the device table (float models have none)
+    device_table = bool(job.compile_target) and not isinstance(source, dict)
+
     def do_export(work: Path) -> dict:
-        out = Path(exporter(source, work / "export", job.prefill, job.ctx))
+        kw = {"device_table": True} if device_table else {}
+        out = Path(exporter(source, work / "export", job.prefill, job.ctx, **kw))
         index = json.loads((out / "export.json").read_text())
         return {"folder": out.name, "content_hash": index.get("content_hash", "")}
 
-    exp_path, exp_meta = _cached(data_dir, "export", {"artifact": source_key, "prefill": job.prefill,
-                                                      "ctx": job.ctx}, do_export)
+    inputs = {"artifact": source_key, "prefill": job.prefill, "ctx": job.ctx}
+    if device_table:
+        inputs["device_table"] = True
+    exp_path, exp_meta = _cached(data_dir, "export", inputs, do_export)
     export_folder = exp_path / exp_meta["summary"]["folder"]
     model = export_folder
     stages = {"export": {"key": exp_meta["key"], "hit": exp_meta["hit"]}}
