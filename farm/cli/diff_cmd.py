@@ -70,7 +70,7 @@ def cmd_diff(args) -> int:
     from devicelab.divergence import Agreement, Capture, compiled_targets
     from devicelab.exported import read_export
 
-    from .device_cmds import eval_windows
+    from ..work.measure import eval_windows
 
     exp = read_export(args.export)
     if not compiled_targets(exp.root):
