@@ -155,7 +155,10 @@ def test_ctrl_c_while_writing_or_swapping_leaves_one_whole_folder(tmp_path, monk
 
 
 WRITER = r"""
-import importlib.util, sys, time
+import importlib.util, signal, sys, time
+# a process started in the background by a non-interactive shell inherits SIGINT ignored, and Python then
+# keeps it ignored: Ctrl-C must raise KeyboardInterrupt here whatever started the test run
+signal.signal(signal.SIGINT, signal.default_int_handler)
 spec = importlib.util.spec_from_file_location("files", sys.argv[1])
 files = importlib.util.module_from_spec(spec); spec.loader.exec_module(files)
 out, tag = sys.argv[2], sys.argv[3]
