@@ -34,7 +34,6 @@ The folder is written into a temporary sibling and renamed at the end: a failed 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -49,6 +48,7 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+from .export_checks import sha256_file
 from .exported import Export, read_export
 
 
@@ -90,14 +90,6 @@ def _version(pkg: str) -> str:
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:
         return ""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextmanager
@@ -325,7 +317,7 @@ def compile_export(export_dir: str | Path, target: str | Target = "sm8650", out:
                 files = bins
             if not bins:
                 raise CompileError(f"{g} for {target.name}: the compiler wrote no context binary")
-            info["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}
+            info["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files}
             info["context_binary"] = bins[0]
             info["context_binary_bytes"] = (tmp / bins[0]).stat().st_size
             info["qnn_version"] = record["versions"]["qnn"]

@@ -33,7 +33,8 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """A file's sha256, read in 4 MiB chunks (exports and context binaries reach gigabytes)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -55,7 +56,7 @@ def check_listed_files(root: Path, index: dict) -> None:
         if _number(want.get("bytes")) and size != want["bytes"]:
             raise ExportCheckError(f"{p} has {size} bytes, export.json says {want['bytes']}: the file was changed "
                                    "or truncated after it was exported")
-        if size < SMALL_FILE_BYTES and isinstance(want.get("sha256"), str) and _sha256(p) != want["sha256"]:
+        if size < SMALL_FILE_BYTES and isinstance(want.get("sha256"), str) and sha256_file(p) != want["sha256"]:
             raise ExportCheckError(f"{p} does not match the sha256 in {root / 'export.json'}: its content was "
                                    "changed after it was exported")
 

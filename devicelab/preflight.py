@@ -54,7 +54,8 @@ def known_graph(folder: Path) -> Path:
 
 def compile_known(folder: Path, soc: str) -> tuple[Path, dict]:
     """The known graph's QNN context binary for ``soc`` (cached in ``folder``) and its record."""
-    from .compile import Target, _ort_compile, _sha256, ort_qnn_version
+    from .compile import Target, _ort_compile, ort_qnn_version
+    from .export_checks import sha256_file
 
     soc_model, arch = qnn_sdk.soc_arch(soc)
     out = folder / f"known-{soc.lower()}"
@@ -65,7 +66,7 @@ def compile_known(folder: Path, soc: str) -> tuple[Path, dict]:
     src = known_graph(folder)
     _ort_compile(src, out / "known_ctx.onnx", Target(soc.lower(), soc_model, arch), out / "compile.log", False)
     binary = next(p for p in out.glob("*.bin"))
-    rec = {"binary": binary.name, "sha256": _sha256(binary), "soc_model": soc_model, "htp_arch": arch,
+    rec = {"binary": binary.name, "sha256": sha256_file(binary), "soc_model": soc_model, "htp_arch": arch,
            "qnn_version": ort_qnn_version(), "onnx": str(src.resolve())}
     rec_path.write_text(json.dumps(rec))
     return out, rec

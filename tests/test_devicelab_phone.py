@@ -304,10 +304,10 @@ def test_ab_blocks_alternate_in_one_session(adb_server, sdk, tiny, tmp_path):
         for b in (slow / "compiled-sm8650").glob("*.bin"):
             b.write_bytes(b.read_bytes() + b"\0")
         rec = json.loads((slow / "compiled-sm8650" / "compile.json").read_text())
-        from devicelab.compile import _sha256
+        from devicelab.export_checks import sha256_file
 
         for g in rec["graphs"].values():
-            g["files"][g["context_binary"]]["sha256"] = _sha256(slow / "compiled-sm8650" / g["context_binary"])
+            g["files"][g["context_binary"]]["sha256"] = sha256_file(slow / "compiled-sm8650" / g["context_binary"])
         (slow / "compiled-sm8650" / "compile.json").write_text(json.dumps(rec))
         standin.register_export(slow, ms_per_inference=30.0)
         from devicelab.inventory import DeviceEntry, Inventory
