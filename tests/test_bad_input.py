@@ -26,6 +26,7 @@ import pytest
 
 from quant import CalibConfig, artifact, load_model, quantize
 from quant.files import write_manifest
+from tests.test_artifact_encodings import _set as _set_entry, entry  # one way to edit an encoding
 
 ROOT = Path(__file__).resolve().parents[1]
 A = "model.layers.0.self_attn.q_proj.output"
@@ -142,10 +143,6 @@ def edit_encodings(art: Path, fn, remanifest: bool = True) -> None:
         write_manifest(art, "manifest.json")
 
 
-def entry(enc, name):
-    return enc["param_encodings"].get(name) or enc["activation_encodings"][name]
-
-
 def edit_aimet(exp: Path, graph: str, fn) -> None:
     p = exp / f"{graph}.encodings"
     enc = json.loads(p.read_text())
@@ -171,16 +168,6 @@ def with_exp(change):
         change(e)
         return {"e": str(e)}
     return setup
-
-
-def _set_entry(name, key, value, index=0):
-    def fn(enc):
-        e = entry(enc, name)
-        if isinstance(e[key], list):
-            e[key][index] = value
-        else:
-            e[key] = value
-    return fn
 
 
 def _first_aimet(key, value):
