@@ -237,20 +237,24 @@ def atomic_folder(out: str | Path, what: str = "output folder"):
     existing folder is replaced by swapping, so either the old or the new folder is whole at every instant."""
     out = Path(out)
     check_replaceable(out, overwrite=True, what=what)
+    tmp = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    except OSError as e:
-        raise FileCheckError(f"{what} {out} cannot be written: {e.strerror or e} ({e.filename or out.parent})") \
-            from None
-    try:
+        # Ctrl-C between mkdtemp's return and the assignment would leave the temporary folder behind
+        with _sigint_deferred():
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+            except OSError as e:
+                raise FileCheckError(f"{what} {out} cannot be written: {e.strerror or e} "
+                                     f"({e.filename or out.parent})") from None
         yield tmp
         apply_umask(tmp)
         with _sigint_deferred():
             check_replaceable(out, overwrite=True, what=what)  # nothing else appeared there meanwhile
             _swap_into_place(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -139,6 +139,21 @@ def test_ctrl_c_while_writing_or_swapping_leaves_one_whole_folder(tmp_path, monk
     assert whole(out) == "b" and siblings(tmp_path) == ["art"]
     monkeypatch.setattr(files, "_swap_into_place", real_swap)
 
+    # a real SIGINT the moment the temporary folder exists, before the writer holds its name: held, then
+    # raised with the folder removed (CI once found a `.art.tmp-` left by a Ctrl-C in that window)
+    real_mkdtemp = files.tempfile.mkdtemp
+
+    def mkdtemp_then_sigint(*args, **kwargs):
+        made = real_mkdtemp(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return made
+
+    monkeypatch.setattr(files.tempfile, "mkdtemp", mkdtemp_then_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        ours(out, "c")
+    monkeypatch.setattr(files.tempfile, "mkdtemp", real_mkdtemp)
+    assert whole(out) == "b" and siblings(tmp_path) == ["art"]
+
     if not exchange:  # the fallback's window between its two renames: the old folder comes back
         real_rename = Path.rename
 
