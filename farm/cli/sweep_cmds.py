@@ -81,7 +81,9 @@ def _options(args, read_only: bool = False, store_needed: bool = True):
 def cmd_sweep(args) -> int:
     from ..orchestrate.progress import table
     from ..plan.spec import GRID_LIMIT, load_sweep
-    from ..orchestrate.sweep import load_result, print_summary, run_sweep, summary_rows
+    from ..orchestrate.results import load_result
+    from ..orchestrate.summary import print_summary, summary_rows
+    from ..orchestrate.sweep import run_sweep
 
     sweep = load_sweep(args.file, max_trials=None if args.yes or args.dry_run else GRID_LIMIT)
     if args.resources:
@@ -126,12 +128,9 @@ def cmd_sweep(args) -> int:
 
 
 def _local_gpus() -> int:
-    try:
-        import torch
+    import torch
 
-        return torch.cuda.device_count()
-    except ImportError:
-        return 0
+    return torch.cuda.device_count()
 
 
 def _warn_unrunnable(r, num_cpus: int | None) -> None:
@@ -267,7 +266,7 @@ def cmd_gc(args) -> int:
 def cmd_status(args) -> int:
     from ..orchestrate.progress import table
     from ..plan.spec import load_sweep
-    from ..orchestrate.sweep import numerics_mismatch, numerics_note, sweep_status
+    from ..orchestrate.summary import numerics_mismatch, numerics_note, sweep_status
 
     is_file = Path(args.sweep).exists() or args.sweep.endswith((".yaml", ".yml"))
     # a sweep file's status needs no store yet (every trial pending); a sweep name does

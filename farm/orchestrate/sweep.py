@@ -1,5 +1,6 @@
-"""A sweep from start to end: what is already done, what to run, running it on Ray, logging to MLflow,
-and the summary. The data folder holds everything local:
+"""A sweep from start to end: the controller that owns a running sweep's state and runs its loop, with
+MLflow and the progress line as callbacks (farm.orchestrate.callbacks). The data folder holds everything
+local:
 
     <data>/mlflow.db, <data>/mlartifacts/     the default MLflow store
     <data>/trials/<trial id>/result.json      a finished trial (the record of "done")
@@ -13,7 +14,6 @@ is missing (another tracking server, a crash between the two writes) it is logge
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import sys
@@ -22,12 +22,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.layout import DataLayout
-from .progress import Progress, fmt_duration, table
 from ..core.ids import FLOAT_METHOD, flatten
+from ..core.layout import DataLayout
 from ..plan.spec import Sweep, Trial
+from .callbacks import Callback, ProgressCallback, TrackingCallback
+from .results import load_result, primary_metric, result_path, save_result  # noqa: F401  (importers of sweep)
+from .summary import (numerics_mismatch, numerics_note, print_summary, ratio_cell, summary_rows,  # noqa: F401
+                      sweep_status, sweep_trial)
 
 DEFAULT_DATA = "runs/farm"
+
 
 
 def data_dir_default() -> Path:
@@ -79,35 +83,6 @@ class Outcome:
         return not self.failed and not self.interrupted and not self.device_failed
 
 
-# ---------------------------------------------------------------- result files
-
-def result_path(data_dir: Path, trial_id: str) -> Path:
-    return DataLayout(data_dir).result(trial_id)
-
-
-def load_result(data_dir: Path, trial_id: str) -> dict | None:
-    p = result_path(data_dir, trial_id)
-    try:
-        return json.loads(p.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def save_result(data_dir: Path, result: dict) -> None:
-    p = result_path(data_dir, result["trial_id"])
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
-    tmp.replace(p)
-
-
-def primary_metric(result: dict) -> tuple[str | None, float | None]:
-    for k, v in (result.get("metrics") or {}).items():
-        if k.startswith("ppl/"):
-            return k, v
-    return None, None
-
-
 @contextmanager
 def sweep_lock(data_dir: Path, name: str):
     lock = DataLayout(data_dir).sweep_lock(name)
@@ -145,51 +120,27 @@ def _label(trial: Trial, varying: list[str]) -> str:
     return f"{trial.short} {trial.config['scheme']} {trial.config['method']} {' '.join(parts)}".rstrip()
 
 
+
 # ---------------------------------------------------------------- running
 
-def run_sweep(sweep: Sweep, opts: Options | None = None) -> Outcome:
+def default_callbacks(sweep: Sweep, opts: Options) -> list[Callback]:
+    """MLflow, then the progress line: a run is written before the line says the trial is done."""
     from .tracking import Tracker
 
+    tracker = Tracker(opts.uri, sweep.name, DataLayout(Path(opts.data_dir)).artifacts)
+    return [TrackingCallback(tracker), ProgressCallback(opts.out, opts.live)]
+
+
+def run_sweep(sweep: Sweep, opts: Options | None = None, callbacks: list[Callback] | None = None) -> Outcome:
+    """Run what is missing of ``sweep``. ``callbacks``: the whole list, in calling order (default:
+    :func:`default_callbacks`; to add one, ``[*default_callbacks(sweep, opts), mine]``)."""
     opts = opts or Options()
-    out = opts.out or sys.stderr
     _check_local_resources(sweep, opts)
     data = Path(opts.data_dir)
     data.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
     with sweep_lock(data, sweep.name), _sigterm_as_interrupt():
-        tracker = Tracker(opts.uri, sweep.name, DataLayout(data).artifacts)
-        parent = tracker.start_parent(sweep)
-        outcome = Outcome(sweep, {}, {}, [], [], parent_run_id=parent)
-        runs: dict = {}  # trial id -> MLflow run id of the attempt in flight
-        try:
-            _run(sweep, opts, tracker, outcome, runs, out)
-        except KeyboardInterrupt:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-            outcome.interrupted = True
-        except BaseException:
-            tracker.kill(list(runs.values()), note="the sweep stopped on an error")
-            tracker.client.set_terminated(parent, status="FAILED")
-            raise
-        try:
-            if outcome.interrupted:
-                tracker.kill(list(runs.values()))
-                tracker.kill_stale("interrupted (Ctrl-C)")  # one caught between create_run and bookkeeping
-                print(f"\ninterrupted: {len(runs)} trial(s) stopped and marked KILLED; run the same command "
-                      "again to finish the rest", file=out)
-            elif sweep.spec.register_best:
-                try:
-                    outcome.registered = tracker.register_best({t.id: t for t in sweep.trials}, outcome.results,
-                                                               primary_metric)
-                except Exception as e:  # the registry is a convenience: never lose a finished sweep over it
-                    print(f"model registry: skipped ({type(e).__name__}: {e})", file=out)
-            outcome.wall_s = time.time() - t0
-            counts = {"total": len(sweep.trials), "finished": len(outcome.results),
-                      "failed": len(outcome.failed), "executed": len(outcome.executed)}
-            tracker.end_parent("KILLED" if outcome.interrupted else "FINISHED", counts, outcome.wall_s)
-        finally:
-            if outcome.interrupted:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-    return outcome
+        cbs = default_callbacks(sweep, opts) if callbacks is None else list(callbacks)
+        return SweepController(sweep, opts, cbs).run()
 
 
 def _check_local_resources(sweep: Sweep, opts: Options) -> None:
@@ -210,116 +161,59 @@ def _check_local_resources(sweep: Sweep, opts: Options) -> None:
                          "has them with --address, or lower resources: in the sweep file")
 
 
-def _run(sweep: Sweep, opts: Options, tracker, outcome: Outcome, runs: dict, out) -> None:
-    from ..work import stages
-    from . import scheduler
-
-    data = Path(opts.data_dir)
-    spec = sweep.spec
-    state = SweepRun(sweep, tracker, outcome, runs, data, spec.resources.model_dump())
-    state.devices_file = opts.devices_file
-    stale = tracker.kill_stale()
-    if stale:
-        print(f"marked {stale} run(s) left RUNNING by an earlier driver as KILLED", file=out)
-    logged = tracker.finished_trials()
-    for tid, trial in state.trials.items():
-        res = load_result(data, tid)
-        if res is None:
-            continue
-        outcome.results[tid] = res
-        if tid not in logged:  # done earlier but not logged in this store: log it, run nothing
-            rid = tracker.start_trial(trial, state.resources, res.get("started_at"), {"from_cache": "true"})
-            tracker.log_steps(rid, res.get("steps", []))
-            tracker.finish_trial(rid, res)
-            tracker.log_devices(rid, res.get("devices", {}))
-            outcome.logged_from_cache.append(tid)
-            logged[tid] = rid
-        state.finished_runs[tid] = logged[tid]
-    todo = [t for t in sweep.trials if t.id not in outcome.results]
-    device_todo = state.devices_missing() if spec.devices else {}
-    if not todo and not device_todo:
-        print(f"sweep {sweep.name}: all {len(sweep.trials)} trials are done; nothing to run", file=out)
-        return
-    owned = scheduler.connect(opts.address, opts.num_cpus, worker_logs=opts.worker_logs)
-    runner = None
-    try:
-        outcome.cluster = scheduler.cluster_summary()
-        scheduler.check_feasible(spec.resources.model_dump())
-        slots = int(outcome.cluster["cpus"] // max(spec.resources.cpu, 1e-9)) or 1
-        if spec.resources.gpu:
-            slots = min(slots, int(outcome.cluster["gpus"] // spec.resources.gpu) or 1)
-        if spec.concurrency.max_trials:
-            slots = min(slots, spec.concurrency.max_trials)
-        gpus = outcome.cluster["gpus"]
-        print(f"sweep {sweep.name}: {len(sweep.trials)} trials, {len(outcome.results)} done, {len(todo)} to run "
-              f"on {outcome.cluster['nodes']} node(s) / {outcome.cluster['cpus']:g} CPU"
-              f"{f' / {gpus:g} GPU' if gpus else ''}; MLflow {opts.uri}", file=out)
-        state.progress = Progress(len(sweep.trials), len(outcome.results), slots, out, opts.live)
-        if spec.devices:
-            from ..plan.devices import plan_devices
-            from .device_tasks import DeviceJobs
-
-            plan = plan_devices(spec.devices, opts.devices_file)
-            for note in plan.notes():
-                state.progress.note(note)
-            state.device_jobs = DeviceJobs(plan.jobs, str(data), spec.retries, opts.exporter, opts.compiler,
-                                           on_note=state.progress.note)
-            for tid, res in outcome.results.items():  # finished earlier: their models join the sessions
-                state.submit_devices(tid, res, device_todo.get(tid, set()))
-        runner = scheduler.Runner(str(data), state.resources, spec.retries, spec.concurrency.max_trials,
-                                  spec.save_artifacts)
-        runner.add([scheduler.Job(t.id, t.config, stages.plan(t.config)) for t in todo])
-        while runner.active or state.devices_active:
-            events = runner.poll(0.5) if runner.active else []
-            for tid, kind, payload in events:  # first: a trial that just finished joins the sessions
-                state.handle(tid, kind, payload)
-            if state.device_jobs is not None:  # sessions start once no trial is left to train
-                for tid, kind, payload in state.device_jobs.poll(0 if runner.active else 0.5,
-                                                                 training_done=not runner.active):
-                    state.handle(tid, kind, payload)
-            state.progress.redraw()
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if runner is not None:
-            runner.cancel()
-        if state.device_jobs is not None:
-            state.device_jobs.cancel()
-        raise
-    finally:
-        if state.progress is not None:
-            state.progress.close()
-        scheduler.shutdown(owned)
-
-
 @dataclass
 class Attempt:
     """One attempt of a trial as the driver saw it start: the worker's attempt key (a retry has another),
-    the training steps already logged for it (its result then carries only the rest), and which attempt of
-    the trial it is."""
+    how many of its training steps went to the callbacks (its result then carries them all; a callback
+    logs only the rest), and which attempt of the trial it is."""
 
     key: str | None
-    steps_logged: int
+    steps: int
     count: int
 
 
-class SweepRun:
-    """The state of a running sweep, which every worker event updates: the trials by id, the MLflow run of
-    each attempt in flight (``runs``) and of each finished trial (``finished_runs``), what was logged of
-    each attempt, the outcome, the progress line and the device stages in flight.
+class SweepController:
+    """A running sweep's state and its loop. The state: the trials by id, the outcome, each trial's
+    current :class:`Attempt`, the slots, the trial runner (farm.orchestrate.scheduler.Runner) and the
+    device jobs (farm.orchestrate.device_tasks.DeviceJobs). Everything around it (MLflow, the progress
+    line) is a callback (farm.orchestrate.callbacks), called in list order after the state has changed.
 
-    Events: ``started``, ``step``, ``finished``, ``failed`` from trials (farm.orchestrate.scheduler), ``device`` from a
-    device stage (farm.work.device_job, farm.orchestrate.device_tasks), whose metrics go into the finished trial's run."""
+    Events (``handle``): ``started``, ``step``, ``finished``, ``failed`` from trials (the scheduler),
+    ``device`` from a device target (farm.orchestrate.device_tasks)."""
 
-    def __init__(self, sweep: Sweep, tracker, outcome: Outcome, runs: dict, data: Path, resources: dict):
-        self.sweep, self.tracker, self.outcome, self.runs, self.data = sweep, tracker, outcome, runs, data
-        self.resources = resources
+    def __init__(self, sweep: Sweep, opts: Options, callbacks: list[Callback], outcome: Outcome | None = None):
+        self.sweep, self.opts, self.callbacks = sweep, opts, list(callbacks)
+        self.data = Path(opts.data_dir)
+        self.resources = sweep.spec.resources.model_dump()
+        self.devices_file = opts.devices_file
+        self.outcome = outcome or Outcome(sweep, {}, {}, [], [])
         self.trials = {t.id: t for t in sweep.trials}
         self.attempts: dict[str, Attempt] = {}  # trial id -> its current attempt
-        self.finished_runs: dict = {}  # trial id -> MLflow run id of its finished run
-        self.progress: Progress | None = None
-        self.device_jobs = None  # farm.orchestrate.device_tasks.DeviceJobs when the sweep has devices:
-        self.devices_file: str | None = None  # Options.devices_file
+        self.slots = 1  # trials that run at once (set once the cluster is known)
+        self.runner = None
+        self.device_jobs = None  # DeviceJobs when the sweep has devices:
 
+    # ------------------------------------------------------------ callbacks
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def note(self, msg: str) -> None:
+        self._call("on_note", msg)
+
+    def _end(self, status: str) -> None:
+        """``on_sweep_end`` for every callback, even after one raised: each closes what it opened. The first
+        error is raised after all ran, unless the sweep is failing already (that error wins)."""
+        first = None
+        for cb in self.callbacks:
+            try:
+                cb.on_sweep_end(self, status)
+            except Exception as e:
+                first = first or e
+        if first is not None and status != "error":
+            raise first
+
+    # ------------------------------------------------------------ state
     @property
     def devices_active(self) -> bool:
         return self.device_jobs is not None and self.device_jobs.active
@@ -327,6 +221,101 @@ class SweepRun:
     def label(self, tid: str) -> str:
         return _label(self.trials[tid], self.sweep.varying)
 
+    def in_flight(self) -> list[str]:
+        """Trials this invocation started that have neither a result nor an error."""
+        return [tid for tid in self.attempts if tid not in self.outcome.results and tid not in self.outcome.failed]
+
+    # ------------------------------------------------------------ the loop
+    def run(self) -> Outcome:
+        t0 = time.time()
+        status = "error"
+        try:
+            try:
+                self._call("setup")
+                self._restore()
+                self._loop()
+            except KeyboardInterrupt:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+                self.outcome.interrupted = True
+            status = "interrupted" if self.outcome.interrupted else "finished"
+        finally:
+            self.outcome.wall_s = time.time() - t0
+            try:
+                self._end(status)
+            finally:
+                if self.outcome.interrupted:
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
+        return self.outcome
+
+    def _restore(self) -> None:
+        for tid in self.trials:
+            res = load_result(self.data, tid)
+            if res is not None:
+                self.outcome.results[tid] = res
+                self._call("on_trial_restore", tid, res)
+
+    def _loop(self) -> None:
+        from ..work import stages
+        from . import scheduler
+
+        spec, outcome, opts = self.sweep.spec, self.outcome, self.opts
+        todo = [t for t in self.sweep.trials if t.id not in outcome.results]
+        device_todo = self.devices_missing() if spec.devices else {}
+        if not todo and not device_todo:
+            self.note(f"sweep {self.sweep.name}: all {len(self.sweep.trials)} trials are done; nothing to run")
+            return
+        owned = scheduler.connect(opts.address, opts.num_cpus, worker_logs=opts.worker_logs)
+        try:
+            outcome.cluster = scheduler.cluster_summary()
+            scheduler.check_feasible(self.resources)
+            slots = int(outcome.cluster["cpus"] // max(spec.resources.cpu, 1e-9)) or 1
+            if spec.resources.gpu:
+                slots = min(slots, int(outcome.cluster["gpus"] // spec.resources.gpu) or 1)
+            if spec.concurrency.max_trials:
+                slots = min(slots, spec.concurrency.max_trials)
+            self.slots = slots
+            gpus = outcome.cluster["gpus"]
+            self.note(f"sweep {self.sweep.name}: {len(self.sweep.trials)} trials, {len(outcome.results)} done, "
+                      f"{len(todo)} to run on {outcome.cluster['nodes']} node(s) / {outcome.cluster['cpus']:g} CPU"
+                      f"{f' / {gpus:g} GPU' if gpus else ''}")
+            self._call("on_sweep_start")
+            if spec.devices:
+                from ..plan.devices import plan_devices
+                from .device_tasks import DeviceJobs
+
+                plan = plan_devices(spec.devices, self.devices_file)
+                for note in plan.notes():
+                    self.note(note)
+                self.device_jobs = DeviceJobs(plan.jobs, str(self.data), spec.retries, opts.exporter,
+                                              opts.compiler, on_note=self.note)
+                for tid, res in outcome.results.items():  # finished earlier: their models join the sessions
+                    self.submit_devices(tid, res, device_todo.get(tid, set()))
+            self.runner = scheduler.Runner(str(self.data), self.resources, spec.retries, spec.concurrency.max_trials,
+                                           spec.save_artifacts)
+            self.runner.add([scheduler.Job(t.id, t.config, stages.plan(t.config)) for t in todo])
+            while self.runner.active or self.devices_active:
+                events = self.runner.poll(0.5) if self.runner.active else []
+                for tid, kind, payload in events:  # first: a trial that just finished joins the sessions
+                    self.handle(tid, kind, payload)
+                if self.device_jobs is not None:  # sessions start once no trial is left to train
+                    for tid, kind, payload in self.device_jobs.poll(0 if self.runner.active else 0.5,
+                                                                    training_done=not self.runner.active):
+                        self.handle(tid, kind, payload)
+                self._call("on_poll")
+        except BaseException as e:
+            # Ctrl-C, or a callback that raised: stop the work in flight (on a cluster this driver does not
+            # own, nothing else would); what finished is saved already
+            if isinstance(e, KeyboardInterrupt):
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if self.runner is not None:
+                self.runner.cancel()
+            if self.device_jobs is not None:
+                self.device_jobs.cancel()
+            raise
+        finally:
+            scheduler.shutdown(owned)
+
+    # ------------------------------------------------------------ events
     def handle(self, tid: str, kind: str, payload: dict) -> None:
         if kind in ("started", "step") and (tid in self.outcome.results or tid in self.outcome.failed):
             # Progress events and results travel separately, so on a starved machine a trial's "started" can
@@ -336,50 +325,50 @@ class SweepRun:
 
     def _on_started(self, tid: str, payload: dict) -> None:
         prev = self.attempts.get(tid)
-        count = prev.count + 1 if prev else 1
-        self.attempts[tid] = Attempt(payload.get("attempt"), 0, count)
-        node = payload.get("node_ip") or payload.get("host", "")
-        if tid not in self.runs:
-            self.runs[tid] = self.tracker.start_trial(self.trials[tid], self.resources, payload.get("time"),
-                                                      {"node": node, "node_id": payload.get("node_id", "")})
-        else:  # Ray re-ran the trial after its worker died
-            self.tracker.client.set_tag(self.runs[tid], "attempts", str(count))
-            self.progress.note(f"retry  {self.label(tid)}: attempt {count} after the worker died")
-        self.progress.started(tid)
+        self.attempts[tid] = Attempt(payload.get("attempt"), 0, prev.count + 1 if prev else 1)
+        self._call("on_trial_start", tid, payload)
 
     def _on_step(self, tid: str, payload: dict) -> None:
         att = self.attempts.get(tid)
-        if tid in self.runs and att and payload.get("attempt") == att.key:
-            self.tracker.log_steps(self.runs[tid], [payload])
-            att.steps_logged += 1
+        if att and payload.get("attempt") == att.key:  # not a step of an attempt that Ray gave up on
+            self._call("on_trial_step", tid, payload)
+            att.steps += 1
+
+    def _ensure_started(self, tid: str, payload: dict) -> None:
+        """A result that overtook its "started" event: the callbacks hear of the start first, from the result
+        (the late event is dropped by handle)."""
+        if tid not in self.attempts:
+            self.attempts[tid] = Attempt(payload.get("attempt"), 0, 1)
+            node = payload.get("node") or {}
+            self._call("on_trial_start", tid, {"attempt": payload.get("attempt"), "time": payload.get("started_at"),
+                                               **{k: v for k, v in node.items() if k in ("node_ip", "node_id", "host")}})
 
     def _on_finished(self, tid: str, payload: dict) -> None:
         save_result(self.data, payload)  # first: from here on the trial counts as done
         self.outcome.results[tid] = payload
         self.outcome.executed.append(tid)
-        att = self.attempts.get(tid)
-        if tid not in self.runs:
-            self.runs[tid] = self.tracker.start_trial(self.trials[tid], self.resources, payload.get("started_at"))
-        logged = att.steps_logged if att and att.key == payload.get("attempt") else 0
-        self.tracker.log_steps(self.runs[tid], payload.get("steps", [])[logged:])
-        # the worker's on-disk count: it also sees attempts whose "started" event never arrived
-        self.tracker.finish_trial(self.runs[tid], payload, {"attempts": payload.get("attempt_count", 1)})
-        self.finished_runs[tid] = self.runs[tid]
-        del self.runs[tid]  # only now: an interrupt inside finish_trial must still find the run to close
-        name, value = primary_metric(payload)
-        note = f"{name}={value:.3f}" if name else ""
-        self.progress.finished(tid, self.label(tid), payload.get("timing", {}).get("total_s"), True, note)
+        self._ensure_started(tid, payload)
+        self._call("on_trial_result", tid, payload)
         if self.device_jobs is not None:
             self.submit_devices(tid, payload)
 
     def _on_failed(self, tid: str, payload: dict) -> None:
         self.outcome.failed[tid] = payload["error"]
         self.outcome.executed.append(tid)
-        if tid not in self.runs:
-            self.runs[tid] = self.tracker.start_trial(self.trials[tid], self.resources)
-        self.tracker.fail_trial(self.runs[tid], payload["error"], payload.get("traceback", ""), payload.get("kind", ""))
-        del self.runs[tid]
-        self.progress.finished(tid, self.label(tid), None, False, payload["error"])
+        self._ensure_started(tid, payload)
+        self._call("on_trial_error", tid, payload)
+
+    def _on_device(self, tid: str, summary: dict) -> None:
+        from .device_metrics import metrics_and_tags
+
+        res = self.outcome.results[tid]
+        res.setdefault("devices", {})[summary["label"]] = summary
+        save_result(self.data, res)
+        if not summary.get("ok"):
+            _, tags = metrics_and_tags(summary)
+            lbl = summary["label"]
+            self.outcome.device_failed[f"{tid}/{lbl}"] = tags.get(f"device/{lbl}/error", "failed")
+        self._call("on_device_result", tid, summary)
 
     # ------------------------------------------------------------ device stages
     def devices_missing(self) -> dict:
@@ -412,190 +401,27 @@ class SweepRun:
 
         source = self._device_source(tid, result)
         if source is None:
-            self.progress.note(f"device {self.label(tid)}: skipped (no artifact: save_artifacts: false)")
+            self.note(f"device {self.label(tid)}: skipped (no artifact: save_artifacts: false)")
             return
         cfg = self.trials[tid].config
         role = self.sweep.baselines.get(tid, "quantized")
         self.device_jobs.add(tid, source, quant_key(cfg), role, f"{cfg['model']}/{cfg['layers']}", needs)
 
-    def _on_device(self, tid: str, summary: dict) -> None:
-        from .device_metrics import metrics_and_tags
 
-        res = self.outcome.results[tid]
-        res.setdefault("devices", {})[summary["label"]] = summary
-        save_result(self.data, res)
-        rid = self.finished_runs.get(tid)
-        if rid is not None:
-            self.tracker.log_devices(rid, {summary["label"]: summary})
-        metrics, tags = metrics_and_tags(summary)
-        lbl = summary["label"]
-        if summary.get("ok"):
-            shown = [f"{k.rsplit('/', 1)[1]}={v:.4g}" for k, v in metrics.items()
-                     if k.endswith(("/prefill_ms", "/decode_tok_s", "/energy_mj_per_tok"))]
-            for base, by_graph in (summary.get("ratios") or {}).items():
-                for graph in ("prefill", "decode"):
-                    r = by_graph.get(graph)
-                    if r:
-                        shown.append(f"{graph} x{base}={r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
-            self.progress.note(f"device {self.label(tid)} on {lbl}: {' '.join(shown)}")
-        else:
-            err = self.outcome.device_failed[f"{tid}/{lbl}"] = tags.get(f"device/{lbl}/error", "failed")
-            self.progress.note(f"device {self.label(tid)} on {lbl}: FAILED {err}")
+class SweepRun(SweepController):
+    """The controller wired as before callbacks: a tracker (its parent run started), the dict of its runs
+    in flight, the outcome, and a progress line set afterwards as ``.progress``. Tests feed it events
+    through ``handle``."""
 
+    def __init__(self, sweep: Sweep, tracker, outcome: Outcome, runs: dict, data: Path, resources: dict):
+        self._line = ProgressCallback()
+        super().__init__(sweep, Options(data_dir=Path(data)), [TrackingCallback(tracker, runs), self._line], outcome)
+        self.resources = resources
 
-# ---------------------------------------------------------------- tables
+    @property
+    def progress(self):
+        return self._line.progress
 
-def summary_rows(sweep: Sweep, results: dict, states: dict | None = None) -> tuple[list[dict], list[str]]:
-    """One row per trial: id, the varying settings, status, the primary metric, its ratio to FP, time."""
-    states = states or {}
-    fp = {}
-    for tid, res in results.items():
-        cfg = sweep_trial(sweep, tid)
-        if cfg and cfg["method"] == FLOAT_METHOD:
-            name, value = primary_metric(res)
-            fp[(cfg["model"], cfg["layers"], name)] = value
-    varying = [k for k in sweep.varying]
-    cols = ["trial"] + varying + ["status"]
-    metric_names = sorted({primary_metric(r)[0] for r in results.values() if primary_metric(r)[0]})
-    devices = _latency_columns(results)
-    cols += metric_names + (["vs fp"] if fp else []) + [c for c, _, _ in devices] + ["time"]
-    rows = []
-    for t in sweep.trials:
-        flat = flatten({k: v for k, v in t.config.items() if k != "eval"})
-        row = {"trial": t.short, **{k: flat.get(k) for k in varying}}
-        res = results.get(t.id)
-        if res:
-            row["status"] = "done"
-            name, value = primary_metric(res)
-            if name:
-                row[name] = value
-                base = fp.get((t.config["model"], t.config["layers"], name))
-                if base:
-                    row["vs fp"] = f"{value / base:.3f}"
-            row["time"] = fmt_duration(res.get("timing", {}).get("total_s"))
-            for col, lbl, graph in devices:
-                summary = (res.get("devices") or {}).get(lbl, {})
-                if graph.startswith("x"):  # a ratio column: x<baseline>/<graph>
-                    base, g = graph[1:].split("/")
-                    r = (summary.get("ratios") or {}).get(base, {}).get(g)
-                    if r:
-                        row[col] = ratio_cell(r)
-                    continue
-                rec = next((r for r in summary.get("records", []) if r["workload"]["graph"] == graph), None)
-                if rec is not None:
-                    row[col] = f"{rec['median_ms']:.4g}" if graph == "prefill" else f"{rec['tokens_per_s']:.4g}"
-        else:
-            row["status"] = states.get(t.id, "pending")
-        rows.append(row)
-    return rows, cols
-
-
-def _latency_columns(results: dict) -> list[tuple[str, str, str]]:
-    """(column, device label, graph) for the device stages that measured latency (an emulator's times
-    are not latency: left out)."""
-    seen: dict = {}
-    for res in results.values():
-        for lbl, summary in (res.get("devices") or {}).items():
-            for rec in summary.get("records", []):
-                if rec.get("latency_meaningful") and rec["status"] == "ok":
-                    seen[(lbl, rec["workload"]["graph"])] = True
-    ratios: dict = {}
-    for res in results.values():
-        for lbl, summary in (res.get("devices") or {}).items():
-            for base, by_graph in (summary.get("ratios") or {}).items():
-                for g in by_graph:
-                    if g in ("prefill", "decode") and (lbl, "prefill") in seen:
-                        ratios[(lbl, base, g)] = True
-    cols = []
-    for lbl, graph in sorted(seen, key=lambda k: (k[0], k[1] != "prefill")):
-        cols.append((f"{lbl} prefill ms" if graph == "prefill" else f"{lbl} tok/s", lbl, graph))
-    for lbl, base, g in sorted(ratios, key=lambda k: (k[0], k[1] != "fp", k[2] != "prefill")):
-        cols.append((f"{g} vs {base}", lbl, f"x{base}/{g}"))
-    return cols
-
-
-def ratio_cell(r: dict) -> str:
-    """``0.832 [0.810, 0.851]``: a time ratio with its interval; ``~1`` marks an interval that holds 1 (no
-    difference that the session could tell from noise)."""
-    cell = f"{r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-    return cell + (" ~1" if r["ci_low"] <= 1.0 <= r["ci_high"] else "")
-
-
-def sweep_trial(sweep: Sweep, tid: str) -> dict | None:
-    for t in sweep.trials:
-        if t.id == tid:
-            return t.config
-    return None
-
-
-def print_summary(outcome: Outcome, file=None) -> None:
-    file = file or sys.stdout
-    states = {tid: "FAILED" for tid in outcome.failed}
-    if outcome.interrupted:
-        states.update({t.id: "KILLED" for t in outcome.sweep.trials if t.id not in outcome.results
-                       and t.id not in outcome.failed})
-    rows, cols = summary_rows(outcome.sweep, outcome.results, states)
-    print(table(rows, cols), file=file)
-    n_done = len(outcome.results)
-    print(f"\n{n_done}/{len(outcome.sweep.trials)} trials done ({len(outcome.executed)} run now, "
-          f"{len(outcome.failed)} failed) in {fmt_duration(outcome.wall_s)}", file=file)
-    for tid, err in outcome.failed.items():
-        print(f"  FAILED {tid[:8]}: {err}", file=file)
-    for key, err in outcome.device_failed.items():
-        tid, lbl = key.split("/", 1)
-        print(f"  FAILED {tid[:8]} on device {lbl}: {err}", file=file)
-    for reg in outcome.registered:
-        metric = [k for k in reg if k.startswith("ppl/")]
-        extra = f" ({metric[0]}={reg[metric[0]]:.3f})" if metric else ""
-        print(f"registered {reg['name']} v{reg['version']} @best = trial {reg['trial'][:8]}{extra}", file=file)
-
-
-def sweep_status(sweep: Sweep, opts: Options) -> tuple[list[dict], list[str], dict]:
-    """The state of every trial: done (result file), else the newest MLflow run's status, else pending."""
-    from .tracking import Tracker
-
-    results = {t.id: r for t in sweep.trials if (r := load_result(opts.data_dir, t.id)) is not None}
-    states = {}
-    other_numerics: dict = {}  # numerics version -> trial runs in MLflow made with it (not this code's)
-    db = DataLayout(opts.data_dir).mlflow_db
-    if opts.tracking_uri or db.exists():
-        tracker = Tracker(opts.uri, sweep.name)
-        for run in reversed(tracker.trial_runs()):  # oldest first, so the newest wins
-            found = run.data.params.get("numerics")
-            if numerics_mismatch(found):
-                other_numerics[found or "none"] = other_numerics.get(found or "none", 0) + 1
-            tid = run.data.tags.get("trial_id")
-            if tid and tid not in results:
-                states[tid] = run.info.status
-                if run.info.status == "RUNNING":  # training logs live: show how far it got
-                    hist = tracker.client.get_metric_history(run.info.run_id, "train/loss")
-                    if hist:
-                        last = max(hist, key=lambda m: m.step)
-                        states[tid] = f"RUNNING step {last.step} loss {last.value:.4g}"
-    rows, cols = summary_rows(sweep, results, states)
-    counts = {"total": len(sweep.trials), "done": len(results)}
-    for s in states.values():
-        s = s.split()[0].lower()
-        counts[s] = counts.get(s, 0) + 1
-    counts["pending"] = len(sweep.trials) - len(results) - len(states)
-    if other_numerics:  # {version: runs}; `farm status` prints it as a note
-        counts["other_numerics"] = other_numerics
-    return rows, cols, counts
-
-
-def numerics_mismatch(found) -> str | None:
-    """Why a result's numerics version (an MLflow param, a string) is not this code's; None when it is."""
-    from quant.numerics import mismatch
-
-    return mismatch(found)
-
-
-def numerics_note(other: dict) -> str | None:
-    """One line for `farm status`: the trial runs of the sweep that another numerics version made."""
-    if not other:
-        return None
-    from quant import numerics
-
-    parts = ", ".join(f"{n} with {'no version' if v == 'none' else f'version {v}'}" for v, n in sorted(other.items()))
-    return (f"not comparable: {sum(other.values())} trial run(s) in MLflow were made by other arithmetic ({parts}); "
-            f"this code is numerics version {numerics.NUMERICS_VERSION} and counts only its own results")
+    @progress.setter
+    def progress(self, value) -> None:
+        self._line.progress = value

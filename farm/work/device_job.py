@@ -30,10 +30,8 @@ def default_exporter(source, out_dir: Path, prefill: int, ctx: int, device_table
     """``source``: an artifact folder, or :func:`float_source` for the float model (the FP32 baseline).
     ``device_table``: export the artifact as the phone runs it (its scheme + ``:device``; the HTP refuses
     the plain asymmetric per-channel weights), for targets that compile."""
-    try:
-        from quant.export import export_artifact, export_model
-    except ImportError as e:
-        raise RuntimeError(f"the device stage needs quant.export, which this installation lacks ({e})") from None
+    from quant.export import export_artifact, export_model
+
     if isinstance(source, dict):
         from quant import load_model
 
@@ -45,11 +43,8 @@ def default_exporter(source, out_dir: Path, prefill: int, ctx: int, device_table
 
 
 def default_compiler(export_dir: Path, target: str) -> Path:
-    try:
-        from devicelab.compile import compile_export
-    except ImportError as e:
-        raise RuntimeError(f"phones need a compiled model, but devicelab.compile.compile_export is not "
-                           f"available here ({e})") from None
+    from devicelab.compile import compile_export
+
     return compile_export(export_dir, target=target, progress=False)
 
 
