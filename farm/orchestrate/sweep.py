@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -118,7 +117,6 @@ def _label(trial: Trial, varying: list[str]) -> str:
     flat = flatten({k: v for k, v in trial.config.items() if k != "eval"})
     parts = [f"{k.split('.')[-1]}={flat[k]}" for k in varying if k in flat and k not in ("scheme", "method")]
     return f"{trial.short} {trial.config['scheme']} {trial.config['method']} {' '.join(parts)}".rstrip()
-
 
 
 # ---------------------------------------------------------------- running
