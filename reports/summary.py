@@ -4,7 +4,8 @@ per token; and the Pareto view of the same rows (quality against latency and ene
 
 A row stands for the best finished trial of its group (lowest primary metric; the earliest on a tie) when
 a sweep varies more than the identity (a scaling study): its ``trials`` cell says of how many. The best
-value of each column is taken among the quantized rows: FP is the reference, not a contender.
+value of each column is taken among the quantized rows the sweep asked for: FP, and a W8A16 trial the sweep
+added only as a device baseline, are references, not contenders.
 
 Device numbers are measured values with intervals. Where a measurement session timed the models together,
 the summary shows each one's time ratio to the FP32 and W8A16 baselines of the same session with its
@@ -19,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from farm.core.vocab import FLOAT_METHOD  # the one farm module a report imports (docs/architecture.md)
+from farm.core.vocab import BASELINE, FLOAT_METHOD  # the one farm module a report imports (docs/architecture.md)
 
 from . import fmt
 from .device_metrics import Interval
@@ -80,6 +81,12 @@ def _is_fp(row: dict) -> bool:
     return row.get("method") == FLOAT_METHOD or row.get("scheme") == "fp"
 
 
+def is_reference(row: dict) -> bool:
+    """FP, or a trial added only as a device baseline (tagged by the sweep): never the column's best."""
+    trial = row.get("_trial")
+    return _is_fp(row) or bool(trial is not None and trial.tags.get(BASELINE))
+
+
 def summary(trials: list[TrialRun], metric: str | None, fp: dict, link=None) -> Summary:
     """``fp``: the FP value of ``metric`` per (model, layers); ``link(trial)``: its MLflow UI URL or None."""
     accs = accuracy_keys(trials)
@@ -106,8 +113,8 @@ def summary(trials: list[TrialRun], metric: str | None, fp: dict, link=None) -> 
             for graph, base in RATIO_COLUMNS:
                 r[("device", d, "ratio", graph, base)] = res[d].ratios.get((graph, base)) if d in res else None
         rows.append(r)
-    rows.sort(key=lambda r: (sort_key(r["model"]), sort_key(r["layers"]), not _is_fp(r), sort_key(r["scheme"]),
-                             sort_key(r["method"])))
+    rows.sort(key=lambda r: (sort_key(r["model"]), sort_key(r["layers"]), not _is_fp(r), not is_reference(r),
+                             sort_key(r["scheme"]), sort_key(r["method"])))
 
     columns = ["model"] + (["layers"] if layered else []) + ["scheme", "method"] + (["trials"] if multi else [])
     columns.append("trial")
@@ -136,7 +143,7 @@ def summary(trials: list[TrialRun], metric: str | None, fp: dict, link=None) -> 
                 headers[key], formats[key] = f"{d} {graph} vs {base}", fmt.interval
                 if separable_best(rows, key, "min"):
                     best[key] = "min"
-    table = Table(rows, columns, headers, formats, best, best_among=lambda r: not _is_fp(r), css="summary")
+    table = Table(rows, columns, headers, formats, best, best_among=lambda r: not is_reference(r), css="summary")
     return Summary(rows, table, [d for d in devices if any(c[:2] == ("device", d) for c in columns
                                                            if isinstance(c, tuple))], metric)
 
@@ -144,7 +151,7 @@ def summary(trials: list[TrialRun], metric: str | None, fp: dict, link=None) -> 
 def separable_best(rows: list[dict], key, sense: str) -> bool:
     """Whether the best quantized row of column ``key`` is told apart from every other by its interval
     (values without an interval count as exact)."""
-    vals = [r[key] for r in rows if r.get(key) is not None and not _is_fp(r)]
+    vals = [r[key] for r in rows if r.get(key) is not None and not is_reference(r)]
     if len(vals) < 2:
         return False
     top = (min if sense == "min" else max)(vals)

@@ -230,7 +230,8 @@ def _summary(c: _Context) -> list:
     return [Heading("Summary"),
             Para("One row per model, scheme and method" + (
                  " (the best trial of each by the metric; `trials` says of how many)" if multi else "")
-                 + ". Bold: the best value of the column among the quantized rows; a device column's best "
+                 + ". Bold: the best value of the column among the quantized rows the sweep asked for (FP and "
+                 "a W8A16 device baseline the sweep added are references); a device column's best "
                  "only when its interval overlaps no other row's. Devices: prefill latency in ms (median "
                  "[95% interval]), decode tokens/s, energy in mJ per token, and where one session timed the "
                  "models together, each one's time ratio to the FP32 and W8A16 baselines of that session "

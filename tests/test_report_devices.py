@@ -257,3 +257,42 @@ def test_each_trial_links_to_its_run_on_an_mlflow_server(store, tmp_path):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_a_baseline_the_sweep_added_is_a_reference_not_the_columns_best(tmp_path):
+    """The W8A16 trial that `baselines:` adds (tagged farm_baseline by the Tracker) beats the W8A8 trials on
+    perplexity, as it should, but the bold goes to the best W8A8 trial the grid asked for; a W8A16 trial the
+    grid itself asks for is a contender like any other."""
+    from farm.core.vocab import BASELINE
+    from farm.orchestrate.tracking import Tracker
+    from farm.plan.spec import load_sweep
+
+    ppl = {("fp", "none"): 20.0, ("w8a16", "rtn"): 20.2, ("w8a8", "rtn"): 31.0, ("w8a8", "smoothquant"): 26.0}
+    for grid_has_w8a16 in (False, True):
+        root = tmp_path / str(grid_has_w8a16)
+        root.mkdir()
+        extra = "\n  - {scheme: w8a16, method: rtn}" if grid_has_w8a16 else ""
+        (root / "b.yaml").write_text(
+            "name: b\nbase: {model: smollm2-135m, layers: 1, samples: 2, seqlen: 32}\n"
+            "grid: {method: [rtn, smoothquant]}\ninclude:\n  - {scheme: fp}" + extra + "\n"
+            "baselines: [w8a16]\n")
+        sweep = load_sweep(root / "b.yaml")
+        assert len(sweep.trials) == 4
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        tr = Tracker(uri, "b", artifact_root=root / "artifacts")
+        tr.start_parent(sweep)
+        tagged = {}
+        for t in sweep.trials:
+            rid = tr.start_trial(t, {"cpu": 1})
+            tagged[(t.config["scheme"], t.config["method"])] = tr.client.get_run(rid).data.tags.get(BASELINE)
+            tr.finish_trial(rid, {"metrics": {"ppl/wiki/seq32": ppl[(t.config["scheme"], t.config["method"])]},
+                                  "recipe": {}})
+        assert tagged == {("fp", "none"): None, ("w8a16", "rtn"): None if grid_has_w8a16 else "w8a16",
+                          ("w8a8", "rtn"): None, ("w8a8", "smoothquant"): None}
+        rows = md_table(sweep_report("b", uri, root / "out").read_text(), "Summary")
+        body = {(r[1], r[2]): r[4] for r in rows[1:]}
+        if grid_has_w8a16:
+            assert body[("w8a16", "rtn")] == "**20.2**" and body[("w8a8", "smoothquant")] == "26"
+        else:
+            assert body[("w8a16", "rtn")] == "20.2" and body[("w8a8", "smoothquant")] == "**26**"
+            assert [r[1] for r in rows[1:3]] == ["fp", "w8a16"]  # the references first

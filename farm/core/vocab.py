@@ -15,6 +15,9 @@ ROLE_TRIAL = "trial"  # one execution of a trial
 ROLE_NIGHTLY = "nightly"  # the experiment <suite>.nightly
 ROLE_NIGHT = "night"  # one night run
 TRIAL_ID = "trial_id"  # tag: the trial's id (the hash of its normalized config)
+# tag: "fp" or "w8a16" on a trial the sweep added only as a device baseline (not asked for by its grid): a
+# reference like FP, so a report does not count it among the contenders
+BASELINE = "farm_baseline"
 
 # a device job's numbers in its trial's run: device/<label>/<name>, <label> the sweep's device target
 DEVICE_PREFIX = "device/"

@@ -25,7 +25,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
 from ..core.ids import FLOAT_METHOD, flatten  # noqa: E402
 from ..core.layout import DataLayout  # noqa: E402
-from ..core.vocab import ROLE, ROLE_NIGHT, ROLE_NIGHTLY, ROLE_PARENT, ROLE_SWEEP, ROLE_TRIAL, TRIAL_ID  # noqa: E402
+from ..core.vocab import BASELINE, ROLE, ROLE_NIGHT, ROLE_NIGHTLY, ROLE_PARENT, ROLE_SWEEP, ROLE_TRIAL, TRIAL_ID  # noqa: E402
 from ..plan.spec import Sweep, Trial  # noqa: E402
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -169,6 +169,8 @@ class Tracker:
                     "scheme": cfg["scheme"], "method": cfg["method"], "model": cfg["model"],
                     "numerics_version": str(cfg.get("numerics", "")),
                     **{k: str(v) for k, v in (tags or {}).items()}}
+        if trial.origin and trial.origin[0] == "baselines":  # added by `baselines:`, not by the grid
+            all_tags[BASELINE] = trial.origin[1]
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags,
                                      start_time=int((start_time or time.time()) * 1000))
         rid = run.info.run_id
