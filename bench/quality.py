@@ -68,6 +68,14 @@ def _full_config(method: str, hp: dict, epochs: int) -> dict | None:
     return json.loads(json.dumps(asdict(method_config(method, _overrides(method, hp, epochs)))))
 
 
+CALIB_BUDGET = ("calib_samples", "epochs", "seed", "rotate_seed", "calib_corpus")
+
+
+def _eval_budget(budget: dict) -> dict:
+    """What the float row depends on: the model and the evaluation windows, not the calibration."""
+    return {k: v for k, v in budget.items() if k not in CALIB_BUDGET}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -109,6 +117,8 @@ def main(argv=None) -> int:
     print(f"# budget: {json.dumps(budget)}  hp: {json.dumps(hp)}", file=sys.stderr)
 
     def same_run(r):  # a row is reused only if the budget and every hyper-parameter match
+        if r["method"] == "fp":  # the float model reads no calibration: its row serves every budget
+            return _eval_budget(r.get("budget") or {}) == _eval_budget(budget)
         return r.get("budget") == budget and r.get("config") == _full_config(r["method"], hp, args.epochs)
 
     done = {(r["scheme"], r["method"], r.get("rotate", "none")): r for r in rowfile.read(args.rows, same_run)}

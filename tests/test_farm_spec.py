@@ -212,3 +212,83 @@ def test_trial_ids_survive_a_new_hyper_parameter_at_its_neutral_value(tmp_path):
     other = {t.config["scheme"]: t for t in load_sweep(changed).trials}
     assert other["fp"].id == plain["fp"] and other["w8a8"].id != plain["w8a8"]
     assert other["w8a8"].config["method_config"]["train_float"] == "16bit"
+
+
+ROT = BASE.replace("  scheme: [fp, w8a8, w4a8]\n  method: [rtn, smoothquant]\n",
+                   "  scheme: [fp, w8a8]\n  method: [smoothquant]\n  rotate: [none, hadamard]\n"
+                   "  rotate_seed: [0, 1]\n  split: [test, validation]\n")
+
+
+def test_rotate_and_split_are_grid_axes_kept_out_of_old_ids(tmp_path):
+    from farm.core.ids import quant_key
+    from farm.work.stages import plan
+
+    sweep = load_sweep(write(tmp_path, ROT))
+    # fp ignores rotation (2 splits); rotate_seed means nothing unrotated: none x 2 splits + hadamard x 2 seeds
+    # x 2 splits = 6 quantized trials; 16 combinations in all
+    assert len(sweep.trials) == 8 and sweep.duplicates == 8
+    by = {(t.config["scheme"], (t.config.get("rotate") or {}).get("kind"), (t.config.get("rotate") or {}).get("seed"),
+           t.config["eval"]["perplexity"].get("split", "test")): t for t in sweep.trials}
+    assert len(by) == 8 and ("fp", None, None, "validation") in by
+    plain, rot0, rot1 = by[("w8a8", None, None, "test")], by[("w8a8", "hadamard", 0, "test")], \
+        by[("w8a8", "hadamard", 1, "test")]
+    assert "rotate" not in plain.config and "split" not in plain.config["eval"]["perplexity"]
+    assert rot0.config["rotate"] == {"kind": "hadamard", "seed": 0}
+    # the defaults hash as the same trial (and quantize stage key) as a file without these fields
+    old = {t.config["scheme"]: t for t in load_sweep(write(tmp_path, BASE.replace(
+        "method: [rtn, smoothquant]", "method: [smoothquant]"), "old.yaml")).trials}
+    assert plain.id == old["w8a8"].id and quant_key(plain.config) == quant_key(old["w8a8"].config)
+    assert by[("fp", None, None, "test")].id == old["fp"].id
+    # rotation (and its seed) is a new quantized model; the split is only another evaluation of one
+    assert len({quant_key(t.config) for t in (plain, rot0, rot1)}) == 3
+    assert quant_key(by[("w8a8", "hadamard", 0, "validation")].config) == quant_key(rot0.config)
+    assert by[("w8a8", "hadamard", 0, "validation")].id != rot0.id
+    # the float statistics SmoothQuant starts from are those of the rotated model: their own stage key
+    stats = {"plain": dict((n, k) for n, k, _ in plan(plain.config)),
+             "rot0": dict((n, k) for n, k, _ in plan(rot0.config))}
+    assert stats["plain"]["calib_tokens"] == stats["rot0"]["calib_tokens"]
+    assert stats["plain"]["activation_stats"] != stats["rot0"]["activation_stats"]
+    assert set(sweep.varying) >= {"scheme", "rotate.kind", "rotate.seed", "split"}
+
+
+@pytest.mark.parametrize("edit, needle, path, words", [
+    (("  rotate: [none, hadamard]", "  rotate: [none, hadamrd]"), "hadamrd", "grid.rotate[1]",
+     "'none', 'random' or 'hadamard', got 'hadamrd'"),
+    (("  split: [test, validation]", "  split: [test, train]"), "train", "grid.split[1]",
+     "'test', 'validation' or 'all', got 'train'"),
+    (("  layers: 1", "  layers: 1\n  rotate_seed: one"), "rotate_seed: one", "base.rotate_seed",
+     "valid integer, got 'one'"),
+])
+def test_bad_rotate_or_split_names_the_field(tmp_path, edit, needle, path, words):
+    text = ROT.replace(*edit)
+    assert text != ROT
+    msg = _error(tmp_path, text)
+    assert f":{_line_of(text, needle)}: {path}:" in msg, msg
+    assert words in msg, msg
+
+
+def test_a_rotated_sweep_trial_is_what_quant_gives(tmp_path):
+    """One real trial (1 layer, 2 windows of 32): the worker rotates, records it, and its perplexity is
+    quant's for the same settings, and not that of the same trial unrotated."""
+    import copy
+
+    from quant import CalibConfig, evaluate_perplexity, load_model, quantize
+
+    from farm.work.trial import execute_trial
+
+    text = BASE.replace("  scheme: [fp, w8a8, w4a8]\n  method: [rtn, smoothquant]\n",
+                        "  scheme: [w8a8]\n  rotate: [hadamard]\n  split: [validation]\n")
+    (t,) = load_sweep(write(tmp_path, text)).trials
+    out = execute_trial(t.id, t.config, tmp_path / "data", save_artifact=False)
+    assert out["recipe"]["rotation"]["kind"] == "hadamard" and out["recipe"]["rotation"]["seed"] == 0
+    got = out["eval"]["perplexity"]
+    assert got["windows"] == 2
+
+    plain = load_model("smollm2-135m", num_layers=1)
+    rotated = copy.deepcopy(plain)
+    ppl = {}
+    for name, lm, rot in (("hadamard", rotated, {"kind": "hadamard", "seed": 0}), ("none", plain, None)):
+        quantize(lm, "w8a8", "rtn", CalibConfig(2, 32, 0, "news"), progress=False, rotate=rot)
+        ppl[name] = evaluate_perplexity(lm, 32, limit=2, progress=False, split="validation").ppl
+    assert got["ppl"] == ppl["hadamard"]
+    assert abs(got["ppl"] / ppl["none"] - 1) > 1e-4  # rotation changes what 8 bits round

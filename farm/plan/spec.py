@@ -11,6 +11,10 @@ A sweep file::
       samples: 32                      # calibration windows
       seqlen: 512
       seed: 0
+      calib_corpus: news+pydoc         # calibration text (quant.data: news, pydoc, gen:<model>, a+b, a file)
+      rotate: hadamard                 # none | random | hadamard: folded into the weights first (quant.rotation)
+      rotate_seed: 0
+      split: test                      # the evaluation split: test | validation | all (quant.data.split_bounds)
       epochs: 2                        # method hyper-parameters: epochs, iterations, lr, or method_config.<key>
     methods:                           # per-method hyper-parameters
       smoothquant: {alpha: 0.7}
@@ -27,7 +31,12 @@ A sweep file::
 Method hyper-parameters given in ``base`` or the grid apply to the trials whose method has them (RTN has
 no epochs), so one grid can mix methods; a key that no method of the sweep knows is an error. Keys
 under ``methods.<name>`` must be known to that method. Trials that normalize to the same config (FP
-ignores the method and the calibration) are run once.
+ignores the method, the calibration and the rotation; ``rotate_seed`` means nothing without ``rotate``)
+are run once.
+
+Defaults are left out of the config a trial id hashes: ``rotate: none`` adds no ``rotate`` key and
+``split: test`` no ``split`` key, so the ids (and the quantize stage keys) of sweeps written before those
+fields existed do not change.
 """
 
 from __future__ import annotations
@@ -69,6 +78,9 @@ class TrialFields(_Strict):
     seqlen: int = Field(512, ge=2)
     seed: int = 0
     calib_corpus: str = "news"
+    rotate: Literal["none", "random", "hadamard"] = "none"  # quant.rotation.KINDS
+    rotate_seed: int = 0
+    split: Literal["test", "validation", "all"] = "test"  # evaluation split (quant.data.split_bounds)
     epochs: int | None = Field(None, ge=0)
     iterations: int | None = Field(None, ge=0)
     lr: float | None = Field(None, gt=0)
@@ -338,7 +350,7 @@ def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int
             raise _err(loc, ("methods", mname), f"unknown method {mname!r}; available: {', '.join(methods.METHODS)}")
         keys = method_keys(mname)
         for k in hp:
-            if keys is not None and k not in keys:
+            if k not in keys:
                 raise _err(loc, ("methods", mname, k), f"method {mname!r} has no hyper-parameter {k!r}; "
                            f"known: {', '.join(sorted(keys))}")
 
@@ -441,7 +453,8 @@ def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int
         ppl = spec.eval.perplexity
         eval_cfg = {"perplexity": None if ppl is None else {
             "corpus": ppl.corpus, "seqlen": ppl.seqlen or f["seqlen"], "limit": ppl.limit,
-            "batch_size": ppl.batch_size}, "suite": list(spec.eval.suite), "suite_limit": spec.eval.suite_limit}
+            "batch_size": ppl.batch_size, **({} if f["split"] == "test" else {"split": f["split"]})},
+            "suite": list(spec.eval.suite), "suite_limit": spec.eval.suite_limit}
         # the numerics version is part of the id: a result of older arithmetic is never a cache hit
         config = {"model": f["model"], "layers": f["layers"], "scheme": scheme.name, "eval": eval_cfg,
                   "numerics": numerics.NUMERICS_VERSION}
@@ -452,11 +465,10 @@ def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int
             if mname not in methods.METHODS:
                 raise _err(loc, p["method"], f"unknown method {mname!r}; available: {', '.join(methods.METHODS)}")
             keys = method_keys(mname)
-            over = {k: v for k, (v, _) in mc_base.items() if keys is None or k in keys}
+            over = {k: v for k, (v, _) in mc_base.items() if k in keys}
             over.update(spec.methods.get(mname, {}))
-            over.update({k: v for k, (v, _) in mc_combo.items() if keys is None or k in keys})
-            if keys is not None:
-                mc_known |= set(over)
+            over.update({k: v for k, (v, _) in mc_combo.items() if k in keys})
+            mc_known |= set(over)
             try:
                 mcfg = config_dict(build_method_config(mname, over))
             except (ValueError, TypeError) as e:
@@ -470,6 +482,8 @@ def _expand(loc: Located, spec: SweepFile, name: str, text: str, max_trials: int
             config.update(method=mname, method_config=mcfg, plugin=spec.plugins.methods.get(mname),
                           calib={"samples": f["samples"], "seqlen": f["seqlen"], "seed": f["seed"],
                                  "corpus": f["calib_corpus"]})
+            if f["rotate"] != "none":  # absent when off: the ids of unrotated trials stay what they were
+                config["rotate"] = {"kind": f["rotate"], "seed": f["rotate_seed"]}
         tid = config_hash(config)
         if origin[0] == "baselines":
             baselines.setdefault(tid, origin[1])
@@ -503,7 +517,10 @@ def varying_keys(trials: list[Trial]) -> list[str]:
     """Flattened config keys whose value differs between trials (the columns worth showing). Float trials
     have no method or calibration, so those keys are compared among the quantized trials only."""
     def row(t):
-        return flatten({k: v for k, v in t.config.items() if k not in ("eval", "plugin") and v not in (None, {})})
+        r = flatten({k: v for k, v in t.config.items() if k not in ("eval", "plugin") and v not in (None, {})})
+        if (t.config.get("eval") or {}).get("perplexity"):  # the split is the one eval setting a grid varies
+            r["split"] = t.config["eval"]["perplexity"].get("split", "test")
+        return r
 
     quantized = [row(t) for t in trials if t.config["method"] != FLOAT_METHOD]
     everything = [row(t) for t in trials]
@@ -511,8 +528,8 @@ def varying_keys(trials: list[Trial]) -> list[str]:
     for r in everything:
         keys += [k for k in r if k not in keys]
 
-    def varies(rows, k):
-        return len({json.dumps(r[k], sort_keys=True, default=str) for r in rows if k in r}) > 1
+    def varies(rows, k):  # a key some rows lack (rotate: off) differs from a present one
+        return len({json.dumps(r.get(k), sort_keys=True, default=str) for r in rows}) > 1
 
     def varies_within_a_method(k):  # methods differ in their defaults: only a grid over a value counts
         by_method: dict = {}
@@ -520,6 +537,6 @@ def varying_keys(trials: list[Trial]) -> list[str]:
             by_method.setdefault(t.config["method"], []).append(r)
         return any(varies(rows, k) for rows in by_method.values())
 
-    return [k for k in keys if (varies(everything, k) if k in ("model", "layers", "scheme", "method")
+    return [k for k in keys if (varies(everything, k) if k in ("model", "layers", "scheme", "method", "split")
                                 else varies_within_a_method(k) if k.startswith("method_config.")
                                 else varies(quantized, k))]

@@ -58,16 +58,20 @@ def _stats_inputs(config: dict) -> dict | None:
     if config["method"] == FLOAT_METHOD or not config.get("calib") \
             or not methods.uses_activation_stats(config["method"]):
         return None
-    return {"model": config["model"], "layers": config["layers"], **config["calib"],
-            "version": stats.STATS_VERSION}
+    out = {"model": config["model"], "layers": config["layers"], **config["calib"], "version": stats.STATS_VERSION}
+    if config.get("rotate"):  # the statistics of the rotated model, the one the trial smooths
+        out["rotate"] = config["rotate"]
+    return out
 
 
 def _run_stats(inputs: dict, workdir: Path) -> dict:
     """Activation statistics of the float model; quant.stats caches them, trials then read that cache."""
-    from quant import CalibConfig, load_model
+    from quant import CalibConfig, load_model, rotation
     from quant.stats import activation_stats
 
     lm = load_model(inputs["model"], num_layers=inputs["layers"])
+    if inputs.get("rotate"):  # quant.stats keys on the weights, so this is the entry the trial then reads
+        rotation.rotate(lm.model, rotation.config_of(inputs["rotate"]))
     calib = CalibConfig(inputs["samples"], inputs["seqlen"], inputs["seed"], inputs["corpus"])
     st = activation_stats(lm, calib, progress=False)
     return {"quant_stats_key": st.key, "windows": st.windows, "tokens": st.tokens}

@@ -64,8 +64,9 @@ def _quantize(config: dict, device: str, on_step: Callable | None):
     c = config["calib"]
     calib = CalibConfig(c["samples"], c["seqlen"], c["seed"], c["corpus"])
     mcfg = build_method_config(config["method"], config["method_config"])
+    # a rotated trial's config carries {"kind", "seed"}; unrotated ones have no key (None: no rotation)
     res = quantize(lm, scheme=config["scheme"], method=config["method"], calib=calib, method_config=mcfg,
-                   progress=False, on_step=on_step)
+                   progress=False, on_step=on_step, rotate=config.get("rotate"))
     return lm, res.recipe, t_load
 
 
@@ -76,7 +77,8 @@ def _evaluate(lm, config: dict) -> tuple[dict, dict]:
     ev = config["eval"]
     if ev.get("perplexity"):
         p = ev["perplexity"]
-        r = evaluate_perplexity(lm, p["seqlen"], p["corpus"], p["limit"], p["batch_size"], progress=False)
+        r = evaluate_perplexity(lm, p["seqlen"], p["corpus"], p["limit"], p["batch_size"], progress=False,
+                                split=p.get("split", "test"))  # absent: the default, kept out of the id
         metrics[r.metric_name] = r.ppl
         metrics["eval/nll"] = r.nll
         metrics["eval/tokens_per_s"] = r.tokens_per_s
