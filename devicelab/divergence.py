@@ -156,3 +156,19 @@ class Agreement:
 def compiled_targets(export: str | Path) -> list[Path]:
     """The export's compiled folders (``farm compile``), each with its ``compile.json``."""
     return sorted(p.parent for p in Path(export).glob("compiled-*/compile.json"))
+
+
+def htp_vs_cpu(export: str | Path | Export, windows, threshold_db: float = 10.0) -> dict:
+    """Every quantized tensor of the prefill graph on the HTP emulator against onnxruntime's CPU over
+    ``windows`` (token-id rows): ``Agreement.summary`` plus ``worst_sqnr_db``, the lowest finite SQNR."""
+    exp = export if isinstance(export, Export) else read_export(export)
+    cpu = Capture(exp, "onnx")
+    htp = Capture(exp, "qnn-htp", names=cpu.names)
+    agr = Agreement("onnx", "qnn-htp")
+    for ids in windows:
+        agr.add(cpu(ids), htp(ids))
+    out = agr.summary(threshold_db)
+    finite = [r["sqnr_db"] for r in out["tensors"] if math.isfinite(r["sqnr_db"])]
+    out["worst_sqnr_db"] = min(finite) if finite else math.inf
+    out["windows"] = len(windows)
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..orchestrate.nightly import DEFAULT_ALIAS, DEFAULT_PAIRS, DEFAULT_SUITE, run_nightly
@@ -23,6 +24,9 @@ def add_commands(sub) -> dict:
                    help="latency: flag a median slowdown above this fraction (default 0.05)")
     n.add_argument("--ppl-tolerance", type=float, default=DEFAULT_PPL_TOLERANCE,
                    help="accuracy: flag a perplexity rise above this fraction (default 0.01)")
+    n.add_argument("--htp", action=argparse.BooleanOptionalAction, default=None,
+                   help="the HTP-agreement bar: the suite's W8A8 RTN trial on the QNN HTP emulator against the CPU "
+                        "(default: where onnxruntime-qnn is installed)")
     n.add_argument("--devices", default=None, help="devices file (default $MQFARM_DEVICES or ./devices.yaml)")
     n.add_argument("--out", default=None, help="report folder (default DATA/reports/<suite>.nightly)")
     n.add_argument("--data", default=None,
@@ -37,4 +41,4 @@ def cmd_nightly(args) -> int:
     opts = Options(data_dir=Path(args.data) if args.data else data_dir_default(), tracking_uri=args.tracking_uri)
     return run_nightly(args.suite, opts, accept=args.accept, alias=args.baseline, device=args.device,
                        pairs=args.pairs, threshold=args.threshold, ppl_tolerance=args.ppl_tolerance,
-                       devices_file=args.devices, out_dir=args.out)
+                       devices_file=args.devices, out_dir=args.out, htp_check=args.htp)

@@ -9,7 +9,11 @@ baseline night:
 
 * latency: the baseline's and the candidate's export measured on ONE device in one session, interleaved
   A/B/A/B (``Pool.compare``, one timed run per variant per round), decided by ``farm.orchestrate.regression``;
-* accuracy: each perplexity against a relative tolerance.
+* accuracy: each perplexity against a relative tolerance;
+* the deployed arithmetic (where onnxruntime-qnn is installed, or ``htp_check=True``): the suite's small
+  W8A8 RTN trial exported under the device table, compiled for SM8650 and run on the QNN HTP emulator
+  against onnxruntime's CPU (:func:`htp_agreement`); an absolute bar, not a comparison with the baseline:
+  every quantized tensor at ``HTP_SQNR_BAR`` dB or more and the logits' top-1 at ``HTP_TOP1_BAR`` or more.
 
 Trials are matched by their *slot*, ``<model>.L<layers>.<scheme>.<method>`` (the scheme without role
 overrides): what a nightly watches is "SmolLM2 W8A8 RTN", whatever hyper-parameters, calibration or code
@@ -84,9 +88,10 @@ def run_nightly(suite_file: str, opts, *, accept: bool = False, alias: str = DEF
                 device: str | None = None, pairs: int = DEFAULT_PAIRS,
                 threshold: float = regression.DEFAULT_THRESHOLD,
                 ppl_tolerance: float = regression.DEFAULT_PPL_TOLERANCE, devices_file: str | None = None,
-                out_dir: str | None = None, pool_factory=None, out=None) -> int:
+                out_dir: str | None = None, pool_factory=None, out=None, htp_check: bool | None = None) -> int:
     """One night; returns the exit status. ``pool_factory(inventory)`` builds the pool of the A/B runs
-    (tests; default ``devicelab.pool.Pool``). Progress and the verdicts go to ``out`` (stderr)."""
+    (tests; default ``devicelab.pool.Pool``). Progress and the verdicts go to ``out`` (stderr).
+    ``htp_check``: the HTP-agreement bar (:func:`htp_checks`); None: where onnxruntime-qnn is installed."""
     out = out or sys.stderr
     try:
         _check_args(pairs, threshold, ppl_tolerance, alias)
@@ -107,6 +112,7 @@ def run_nightly(suite_file: str, opts, *, accept: bool = False, alias: str = DEF
     try:
         night.run_suite()
         night.open_run()
+        night.check_htp(htp_check)
         baseline = night.baseline(alias)
         if baseline is None:
             night.state.to("baseline")
@@ -284,6 +290,7 @@ class Night:
                 continue
             self.slots[slot_of(t.config)] = {"trial_id": t.id, "run_id": finished.get(t.id, ""), "config": t.config,
                                              "metrics": _accuracy_metrics(res),
+                                             "artifact_dir": str(res.get("artifact_dir") or ""),
                                              "devices": self._devices_of(res)}
         if problems:
             self.open_run()
@@ -317,6 +324,18 @@ class Night:
         entry = self.layout.stage_entry("export", stages["export"]["key"])
         meta = json.loads((entry / "meta.json").read_text())
         return entry / meta["summary"]["folder"]
+
+    # ------------------------------------------------------------ the deployed arithmetic
+    def check_htp(self, enabled: bool | None) -> None:
+        if enabled is None:
+            enabled = htp_available()
+            if not enabled:
+                self.note("HTP agreement not checked: onnxruntime-qnn is not installed here "
+                          "(pip install 'mobilequant-farm[device]')")
+                return
+        if enabled:
+            for v in htp_checks(self.slots, self.note):
+                self._add(v)
 
     # ------------------------------------------------------------ MLflow
     def open_run(self) -> None:
@@ -420,6 +439,9 @@ class Night:
         for slot, entry in self.slots.items():
             for k, v in entry["metrics"].items():
                 metrics[f"{slot}/{k}"] = v
+            for k in ("top1", "worst_sqnr_db"):
+                if (entry.get("htp") or {}).get(k) is not None:
+                    metrics[f"{slot}/htp/{k}"] = entry["htp"][k]
             for lbl, dev in entry["devices"].items():
                 for k in ("prefill_ms", "decode_ms_per_tok"):
                     if dev.get(k) is not None:
@@ -465,6 +487,87 @@ class Night:
             print(f"  {self.error}")
         for what, paths in self.reports.items():
             print(f"  {what} report: {paths[1]}")
+
+
+# ---------------------------------------------------------------- the HTP agreement bar
+
+HTP_TOP1_BAR = 0.95  # logits' top-1, HTP emulator vs onnxruntime's CPU
+HTP_SQNR_BAR = 10.0  # dB, every quantized tensor (the bar of ExecuTorch's Qualcomm debugger)
+HTP_MAX_LAYERS = 3  # deeper, a quantized model's top-1 between two runtimes that are not bit-exact falls
+#                     whatever the runtime (docs/deploy.md: SmolLM2's simulation in float32 vs float64)
+HTP_PREFILL, HTP_WINDOWS = 64, 1
+
+
+def htp_available() -> bool:
+    try:
+        import onnxruntime_qnn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def htp_slot(config: dict) -> bool:
+    """The suite's trials the bar applies to: W8A8 (any overrides) with RTN, at most HTP_MAX_LAYERS layers."""
+    layers = config.get("layers")
+    return (str(config.get("scheme", "")).split(":", 1)[0] == "w8a8" and config.get("method") == "rtn"
+            and bool(layers) and int(layers) <= HTP_MAX_LAYERS)
+
+
+def htp_agreement(artifact_dir: str | Path, prefill: int = HTP_PREFILL, windows: int = HTP_WINDOWS) -> dict:
+    """The artifact exported under the device table (what the phone runs), compiled for SM8650 (the HTP
+    must take every node), and every quantized tensor of its prefill graph on the HTP emulator against
+    onnxruntime's CPU on ``windows`` evaluation windows: top-1, the worst SQNR, the first tensor below
+    HTP_SQNR_BAR. The export lives in a temporary folder: a 2-layer one is seconds to rebuild."""
+    import tempfile
+
+    from devicelab.compile import compile_export
+    from devicelab.divergence import htp_vs_cpu
+    from devicelab.exported import read_export
+    from quant.export import export_artifact
+
+    from ..work.measure import eval_windows
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mqfarm-htp-") as tmp:
+        folder = export_artifact(artifact_dir, Path(tmp) / "export", prefill=prefill, ctx=2 * prefill,
+                                 device_table=True, progress=False)
+        compile_export(folder, "sm8650", graphs=("prefill",), progress=False)
+        exp = read_export(folder)
+        s = htp_vs_cpu(exp, eval_windows(exp, windows), HTP_SQNR_BAR)
+    first = s["first_below"]
+    return {"scheme": exp.index.get("scheme"), "prefill": prefill, "windows": windows, "top1": s["top1"],
+            "worst_sqnr_db": s["worst_sqnr_db"], "first_below": first["tensor"] if first else None,
+            "tensors": len(s["tensors"]), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def htp_verdicts(slot: str, res: dict, run_id: str = "") -> list[regression.Verdict]:
+    """The bar as verdicts: ``baseline`` is the bar itself, ``change`` the candidate's distance to it."""
+    out = []
+    for metric, bar in (("htp/top1", HTP_TOP1_BAR), ("htp/worst_sqnr_db", HTP_SQNR_BAR)):
+        value = float(res[metric.split("/", 1)[1]])
+        out.append(regression.Verdict(slot, metric, "accuracy", bar, value, value / bar - 1.0, 0.0,
+                                      not value >= bar, candidate_run=run_id))
+    return out
+
+
+def htp_checks(slots: dict, note, runner=htp_agreement) -> list[regression.Verdict]:
+    """The bar on every slot :func:`htp_slot` picks; each slot's result is kept as ``slots[slot]["htp"]``."""
+    verdicts = []
+    for slot, entry in slots.items():
+        if not htp_slot(entry["config"]):
+            continue
+        if not entry.get("artifact_dir"):
+            raise NightlyError(f"HTP agreement of {slot}: the trial left no artifact folder")
+        try:
+            res = runner(entry["artifact_dir"])
+        except Exception as e:  # a graph the HTP refuses, a broken emulator: the night could not check it
+            raise NightlyError(f"HTP agreement of {slot} ({entry['artifact_dir']}): {type(e).__name__}: {e}") from e
+        entry["htp"] = res
+        where = f"first below {HTP_SQNR_BAR:g} dB: {res['first_below']}" if res["first_below"] else "none below"
+        note(f"HTP agreement {slot} ({res['scheme']}, {res['windows']} x {res['prefill']} tokens, {res['seconds']} s): "
+             f"top-1 {res['top1']:.3f} (bar {HTP_TOP1_BAR}), worst {res['worst_sqnr_db']:.1f} dB; {where}")
+        verdicts += htp_verdicts(slot, res, entry.get("run_id", ""))
+    return verdicts
 
 
 def _accuracy_metrics(result: dict) -> dict:
