@@ -166,3 +166,20 @@ def test_farm_eval_suite_cli(tmp_path, capsys):
         assert value == pytest.approx(m[f"lmeval/{task}/{metric}"], rel=1e-6, abs=1e-4)
     rc, _, err = _run(capsys, "eval", str(out), "--suite", "mq_nope")
     assert rc == 2 and "unknown lm-eval task(s): mq_nope" in err and "mq_lambada" in err
+
+
+def test_the_bootstrap_runs_in_process(w8a8_lm, monkeypatch):
+    """lm-eval bootstraps a perplexity's stderr in a pool of forked processes by default; forked from a
+    process that runs threads (a Ray trial worker) the pool hung a sweep for good. run_suite keeps the
+    bootstrap in-process (same estimator, same seeds) and leaves DISABLE_MULTIPROC as it found it."""
+    import multiprocessing
+
+    def refuse(*a, **k):
+        raise AssertionError("lm-eval forked a multiprocessing.Pool")
+
+    monkeypatch.setattr(multiprocessing, "Pool", refuse)
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    res = harness.run_suite(w8a8_lm, "mq_lambada", limit=3, max_length=64, progress=False, bootstrap_iters=100)
+    assert res["lmeval/mq_lambada/n"] == 3
+    assert math.isfinite(res["lmeval/mq_lambada/perplexity_stderr"]) and res["lmeval/mq_lambada/perplexity_stderr"] > 0
+    assert "DISABLE_MULTIPROC" not in os.environ

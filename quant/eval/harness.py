@@ -177,6 +177,24 @@ def _flatten(results: dict, out: dict[str, float]) -> None:
         out[f"lmeval/{task}/n"] = float(n.get("effective", n.get("original", 0)))
 
 
+@contextlib.contextmanager
+def _no_fork_pool():
+    """lm-eval bootstraps stderrs in a ``multiprocessing.Pool`` of forked processes unless
+    ``DISABLE_MULTIPROC`` is set. Forking a process that already runs threads (torch's pools, Ray's core
+    worker, tqdm's monitor) can copy a lock held by another thread, and the pool's child then never
+    starts: a farm trial hung in ``Pool.terminate`` for good. The in-process bootstrap computes the same
+    estimator, so it is forced for the call and the variable restored afterwards."""
+    old = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = old
+
+
 def run_suite(lm, suite: str | list[str] = DEFAULT_SUITE, limit: int | float | None = None,
               batch_size: int = DEFAULT_BATCH_SIZE, max_length: int | None = None,
               progress: bool = True, bootstrap_iters: int = 1000,
@@ -196,7 +214,7 @@ def run_suite(lm, suite: str | list[str] = DEFAULT_SUITE, limit: int | float | N
     t0, c0 = time.perf_counter(), time.process_time()
     hflm = make_lm(lm, batch_size=batch_size, max_length=max_length)
     standard = [t for t in specs if not t.endswith(".yaml")]
-    with _Quiet(not progress), contextlib.redirect_stdout(sys.stderr):  # lm-eval prints to stdout
+    with _Quiet(not progress), contextlib.redirect_stdout(sys.stderr), _no_fork_pool():  # lm-eval prints to stdout
         try:
             res = lm_eval.simple_evaluate(model=hflm, tasks=specs, task_manager=tm, limit=limit, num_fewshot=0,
                                           bootstrap_iters=bootstrap_iters, log_samples=False)
