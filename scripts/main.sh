@@ -5,6 +5,6 @@
 # A second run does no work; `farm ui` then shows the runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+MQ_NO_BROWSER=1 bash scripts/setup.sh  # the report is written, not opened: no chromium needed here
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 exec .venv/bin/farm sweep sweeps/demo.yaml "$@"

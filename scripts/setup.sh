@@ -27,8 +27,9 @@ step() {  # step "what it does" command...: one line, and the command's full out
 
 # The report tests open the HTML reports in a real headless browser, Debian's chromium (reports/browser.py).
 # Checked on every call: it lives outside the venv, so the venv's stamp says nothing about it.
+# MQ_NO_BROWSER=1 (scripts/main.sh): the caller needs no browser, so none is installed.
 CHROMIUM=${MQ_CHROMIUM:-chromium}
-if ! command -v "$CHROMIUM" >/dev/null 2>&1; then
+if [ "${MQ_NO_BROWSER:-0}" != 1 ] && ! command -v "$CHROMIUM" >/dev/null 2>&1; then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "[setup] error: $CHROMIUM is missing and there is no apt-get here; install chromium, then run again" >&2
     exit 1

@@ -11,8 +11,11 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # MQFARM_TEST_THREADS: fewer threads when the suite shares the machine (oversubscribed OpenMP threads
-# spin against each other and run element-wise ops many times slower)
-torch.set_num_threads(int(os.environ.get("MQFARM_TEST_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
+# spin against each other and run element-wise ops many times slower). Under pytest-xdist each worker gets
+# its share of the cores, so N workers never run N x cores threads.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+torch.set_num_threads(int(os.environ.get("MQFARM_TEST_THREADS", 0))
+                      or max(1, min(2, (os.cpu_count() or 1) // max(1, _workers))))
 
 ARCH_MODELS = ["smollm2-135m", "gemma3-270m"]
 

@@ -43,15 +43,15 @@ def test_bad_windows():
 
 @pytest.mark.slow
 def test_real_model_numbers():
-    """SmolLM2 on 12 windows x 512: FP in the expected range, W8A16 near-lossless, W8A8 RTN degrading."""
-    fp = evaluate_perplexity(load_model("smollm2-135m"), 512, limit=12, progress=False).ppl
-    assert 15 < fp < 30  # observed 23.12
+    """SmolLM2 on 6 windows x 512: FP in the expected range, W8A16 near-lossless, W8A8 RTN degrading."""
+    fp = evaluate_perplexity(load_model("smollm2-135m"), 512, limit=6, progress=False).ppl
+    assert 15 < fp < 30  # observed 22.02
     lm = load_model("smollm2-135m")
-    quantize(lm, "w8a16", "rtn", CalibConfig(8, 512), progress=False)
-    w8a16 = evaluate_perplexity(lm, 512, limit=12, progress=False).ppl
-    # observed +1.01% (numerics version 1, QuantizeLinear's division); +0.75% with the earlier x * (1/s)
+    quantize(lm, "w8a16", "rtn", CalibConfig(4, 512), progress=False)
+    w8a16 = evaluate_perplexity(lm, 512, limit=6, progress=False).ppl
+    # observed +0.68% (numerics version 2; +1.01% on 12 windows with 8 calibration windows)
     assert abs(w8a16 / fp - 1) < 0.015
     lm = load_model("smollm2-135m")
-    quantize(lm, "w8a8", "rtn", CalibConfig(8, 512), progress=False)
-    w8a8 = evaluate_perplexity(lm, 512, limit=12, progress=False).ppl
-    assert w8a8 / fp > 1.3  # observed 1.9: per-tensor static A8 meets the outlier channels
+    quantize(lm, "w8a8", "rtn", CalibConfig(4, 512), progress=False)
+    w8a8 = evaluate_perplexity(lm, 512, limit=6, progress=False).ppl
+    assert w8a8 / fp > 1.3  # observed 1.86: per-tensor static A8 meets the outlier channels
