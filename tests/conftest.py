@@ -27,6 +27,12 @@ def pytest_addoption(parser):
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
+    """Files that hold a ``slow`` test are collected first (each file keeps its own order). Under
+    pytest-xdist's ``--dist loadfile`` the workers take files in collection order, so the long files start
+    first and the short ones fill in at the end: the workers finish together instead of one waiting on a
+    long file that started last (longest-first scheduling). ``--reverse`` then reverses the whole order."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: file and test order kept otherwise
     if config.getoption("--reverse"):
         items.reverse()
 

@@ -91,6 +91,7 @@ def _netruns(standin):
     return [p for p in standin.phases() if p[0] == "load"]
 
 
+@pytest.mark.slow
 def test_bench_and_eval_on_a_compiled_smollm2_w8a8(adb_server, sdk, smol, tmp_path, capsys):
     """`farm eval EXPORT --device s24` and `farm bench EXPORT --device s24` through the command line, the
     devices file and the real adb server. Inputs have exactly the graph's sizes (float32 raw, 4 x numel,

@@ -56,6 +56,7 @@ def _entries(data: Path, stage: str) -> list:
     return sorted(p.name for p in d.iterdir() if (p / "meta.json").exists()) if d.exists() else []
 
 
+@pytest.mark.slow
 def test_a_sweep_with_devices_puts_device_metrics_into_each_trial_run(env):
     root, data = env
     p = write_sweep(root, "devsweep", HEAD + """\

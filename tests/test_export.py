@@ -80,6 +80,7 @@ def test_prefill_graph_agrees_with_simulation(name, scheme):
     assert e_export <= 0.25 * e_quant, (e_export, e_quant)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_fp_export_equals_float_model(name):
     lm = load_model(name, num_layers=2)

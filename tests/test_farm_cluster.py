@@ -3,6 +3,7 @@ trials run on both nodes."""
 
 from __future__ import annotations
 
+import pytest
 from mlflow import MlflowClient
 
 from farm.plan.spec import load_sweep
@@ -10,6 +11,7 @@ from farm.orchestrate.sweep import Options, run_sweep
 from tests.farm_env import contained_env, write_sweep
 
 
+@pytest.mark.slow
 def test_a_sweep_joins_a_two_node_cluster_and_uses_both_nodes():
     import ray
     from ray.cluster_utils import Cluster

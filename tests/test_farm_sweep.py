@@ -166,6 +166,7 @@ grid:
     assert len(cache.computed("quantize")) >= 4
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_running_each_missing_trial_once(env):
     root, data = env
     counter = root / "resume.count"

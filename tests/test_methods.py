@@ -142,6 +142,7 @@ def _mq(tmp_path, on_step=None, **over):
     return lm, res
 
 
+@pytest.mark.slow
 def test_mobilequant_resume_after_interrupt_continues_the_same_run(tmp_path):
     """Interrupted in epoch 2 and resumed: epoch 1 is not redone, the first resumed step sees exactly the
     checkpointed state (same loss as the uninterrupted run to float rounding: re-allocated tensors may take

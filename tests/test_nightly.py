@@ -183,6 +183,7 @@ def _by_metric(record: dict) -> dict:
     return {(v["slot"], v["metric"]): v for v in record["verdicts"]}
 
 
+@pytest.mark.slow
 def test_first_night_sets_the_baseline_and_says_so(first_night, after_baseline):
     data = after_baseline.data
     status, text, rec = first_night

@@ -80,6 +80,7 @@ def test_device_table_adds_model_level_quantizers(name, small_ids, float_logits)
     assert 0 < _rel(on, only_layers) < 2 * err_plain and err_dev <= err_plain
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ARCH_MODELS)
 def test_sixteen_bits_matches_float(name, small_ids, float_logits):
     ids, _ = small_ids[name]

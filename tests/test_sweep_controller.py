@@ -95,6 +95,7 @@ def _runs(uri, name, role="trial"):
     return c.search_runs([c.get_experiment_by_name(name).experiment_id], f"tags.farm_role = '{role}'")
 
 
+@pytest.mark.slow
 def test_a_recording_callback_hears_each_trial_start_steps_and_end_in_order(env):
     data = env / "rec-data"
     p = write_sweep(env, "rec", HEAD + """\

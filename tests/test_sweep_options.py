@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
 from mlflow import MlflowClient
 
 from farm.cli import main
@@ -53,6 +54,7 @@ def test_resources_override_the_sweep_file_and_keep_trial_ids(tmp_path, capsys):
         assert capsys.readouterr().err.strip() == f"farm sweep: error: {msg}"
 
 
+@pytest.mark.slow
 def test_a_gpu_sweep_runs_on_this_machine_with_resources_overridden(tmp_path, capsys):
     with contained_env() as root:
         p = write(root, BASE + f"""\
