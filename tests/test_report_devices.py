@@ -261,8 +261,8 @@ def test_each_trial_links_to_its_run_on_an_mlflow_server(store, tmp_path):
 
 def test_a_baseline_the_sweep_added_is_a_reference_not_the_columns_best(tmp_path):
     """The W8A16 trial that `baselines:` adds (tagged farm_baseline by the Tracker) beats the W8A8 trials on
-    perplexity, as it should, but the bold goes to the best W8A8 trial the grid asked for; a W8A16 trial the
-    grid itself asks for is a contender like any other."""
+    perplexity, as it should, but the bold goes to the best W8A8 trial the grid asked for, and it is not
+    registered as the best W8A16 model; a W8A16 trial the grid itself asks for is a contender like any other."""
     from farm.core.vocab import BASELINE
     from farm.orchestrate.tracking import Tracker
     from farm.plan.spec import load_sweep
@@ -296,3 +296,9 @@ def test_a_baseline_the_sweep_added_is_a_reference_not_the_columns_best(tmp_path
         else:
             assert body[("w8a16", "rtn")] == "20.2" and body[("w8a8", "smoothquant")] == "**26**"
             assert [r[1] for r in rows[1:3]] == ["fp", "w8a16"]  # the references first
+        # the registry: the best W8A8 always; a W8A16 entry only where the grid asked for W8A16
+        results = {t.id: {"metrics": {"ppl/wiki/seq32": ppl[(t.config["scheme"], t.config["method"])]}}
+                   for t in sweep.trials}
+        reg = tr.register_best({t.id: t for t in sweep.trials}, results,
+                               lambda r: ("ppl/wiki/seq32", r["metrics"]["ppl/wiki/seq32"]))
+        assert [r["name"] for r in reg] == (["b.smollm2-135m.w8a16"] if grid_has_w8a16 else []) + ["b.smollm2-135m.w8a8"]

@@ -245,12 +245,16 @@ class Tracker:
 
     # ------------------------------------------------------------ model registry
     def register_best(self, trials: dict, results: dict, metric_of) -> list[dict]:
-        """For each (model, scheme), point alias ``best`` at the trial with the lowest primary metric."""
+        """For each (model, scheme), point alias ``best`` at the trial with the lowest primary metric. A
+        baseline the sweep added (``baselines:``, the W8A16 reference of a device stage) is a reference, as in
+        the reports: it is never registered, so no registry entry stands for a model nobody asked for."""
         finished = self.finished_trials()
         groups: dict = {}
         for tid, trial in trials.items():  # sweep order, so ties go to the first trial of the file
             res, cfg = results.get(tid), trial.config
             if res is None or cfg["method"] == FLOAT_METHOD or tid not in finished:
+                continue
+            if trial.origin and trial.origin[0] == "baselines":
                 continue
             name, value = metric_of(res)
             if value is None:
